@@ -1,0 +1,56 @@
+"""curvature: matrix-free Hessian spectra of neural-network losses in JAX.
+
+Build an operator from a loss, parameters and data (:func:`hessian`, :func:`gauss_newton`), then
+estimate: :func:`eigsh` / :func:`lanczos` / :func:`power_iteration` for eigenpairs, :func:`trace`,
+:func:`diagonal` and :func:`frobenius_norm_squared` with standard errors, and
+:func:`spectral_density` (stochastic Lanczos quadrature). Plotting helpers live in
+:mod:`curvature.plotting` (imports matplotlib only when used).
+"""
+
+from curvature.density import SpectralDensity as SpectralDensity
+from curvature.density import spectral_density as spectral_density
+from curvature.krylov import EigshResult as EigshResult
+from curvature.krylov import LanczosResult as LanczosResult
+from curvature.krylov import eigsh as eigsh
+from curvature.krylov import lanczos as lanczos
+from curvature.krylov import tridiagonal as tridiagonal
+from curvature.operators import Layout as Layout
+from curvature.operators import LinearOperator as LinearOperator
+from curvature.operators import dense as dense
+from curvature.operators import from_matrix as from_matrix
+from curvature.operators import gauss_newton as gauss_newton
+from curvature.operators import hessian as hessian
+from curvature.power import PowerIterationResult as PowerIterationResult
+from curvature.power import power_iteration as power_iteration
+from curvature.stochastic_trace import DiagonalResult as DiagonalResult
+from curvature.stochastic_trace import TraceResult as TraceResult
+from curvature.stochastic_trace import diagonal as diagonal
+from curvature.stochastic_trace import frobenius_norm_squared as frobenius_norm_squared
+from curvature.stochastic_trace import rademacher as rademacher
+from curvature.stochastic_trace import trace as trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DiagonalResult",
+    "EigshResult",
+    "LanczosResult",
+    "Layout",
+    "LinearOperator",
+    "PowerIterationResult",
+    "SpectralDensity",
+    "TraceResult",
+    "dense",
+    "diagonal",
+    "eigsh",
+    "frobenius_norm_squared",
+    "from_matrix",
+    "gauss_newton",
+    "hessian",
+    "lanczos",
+    "power_iteration",
+    "rademacher",
+    "spectral_density",
+    "trace",
+    "tridiagonal",
+]

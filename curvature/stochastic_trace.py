@@ -1,0 +1,170 @@
+"""Stochastic trace and diagonal estimation.
+
+* Hutchinson (1989): $\\mathrm{tr}(A) = E[z^T A z]$ for Rademacher $z$; the standard error is the
+  sample standard deviation over probes divided by $\\sqrt{m}$.
+* Hutch++ (Meyer, Musco, Musco & Woodruff 2021): spend a third of the matvecs on a sketch
+  $Q = \\mathrm{orth}(A S)$, take $\\mathrm{tr}(Q^T A Q)$ exactly (another third) and estimate the
+  remainder $\\mathrm{tr}((I - QQ^T) A (I - QQ^T))$ by Hutchinson with the last third. Its error
+  decays as $1/m$ instead of $1/\\sqrt{m}$ when the spectrum decays fast. The standard error is that
+  of the Hutchinson part, conditional on the sketch (the exact part has no variance given ``Q``).
+* Diagonal (Bekas, Kokiopoulou & Saad 2007): $\\mathrm{diag}(A) = E[z \\odot A z]$, with a
+  standard error per entry.
+
+Probes go through ``lax.map`` in groups of ``probe_batch_size`` (vmapped within a group).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from curvature.krylov import _check_finite, _check_key
+from curvature.operators import LinearOperator, apply_rows
+
+__all__ = ["DiagonalResult", "TraceResult", "diagonal", "frobenius_norm_squared", "trace"]
+
+_METHODS = ("hutch++", "hutchinson")
+
+
+class TraceResult(NamedTuple):
+    """A trace estimate: ``value`` +- ``standard_error``, from ``num_matvecs`` matvecs."""
+
+    value: jax.Array
+    standard_error: jax.Array
+    num_matvecs: jax.Array
+
+
+class DiagonalResult(NamedTuple):
+    """A diagonal estimate ``(n,)`` with a standard error per entry."""
+
+    diagonal: jax.Array
+    standard_error: jax.Array
+    num_matvecs: jax.Array
+
+
+def rademacher(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """The +-1 probes used by every estimator here: ``trace(method="hutchinson")``,
+    :func:`diagonal`, :func:`frobenius_norm_squared` and ``spectral_density`` draw
+    ``rademacher(key, (num_probes, n), op.dtype)`` from the key they are given, so estimators called
+    with the same key share their probes."""
+    return jax.random.rademacher(key, shape, jnp.int8).astype(dtype)
+
+
+def _mean_and_error(samples: jax.Array, axis: int = 0):
+    m = samples.shape[axis]
+    return jnp.mean(samples, axis=axis), jnp.std(samples, axis=axis, ddof=1) / jnp.sqrt(m)
+
+
+@functools.partial(jax.jit, static_argnames=("num_matvecs", "method", "probe_batch_size"))
+def _trace(op, key, *, num_matvecs, method, probe_batch_size):
+    n, dtype = op.size, op.dtype
+    if method == "hutchinson":
+        z = rademacher(key, (num_matvecs, n), dtype)
+        samples = jnp.sum(z * apply_rows(op, z, probe_batch_size), axis=1)
+        value, error = _mean_and_error(samples)
+        return TraceResult(value, error, jnp.asarray(num_matvecs))
+    sketch = num_matvecs // 3
+    key_s, key_g = jax.random.split(key)
+    s = rademacher(key_s, (sketch, n), dtype)
+    q, _ = jnp.linalg.qr(apply_rows(op, s, probe_batch_size).T)  # (n, sketch)
+    exact = jnp.sum(q.T * apply_rows(op, q.T, probe_batch_size))
+    g = rademacher(key_g, (num_matvecs - 2 * sketch, n), dtype)
+    g = g - (g @ q) @ q.T
+    samples = jnp.sum(g * apply_rows(op, g, probe_batch_size), axis=1)
+    value, error = _mean_and_error(samples)
+    return TraceResult(exact + value, error, jnp.asarray(num_matvecs))
+
+
+def trace(
+    op: LinearOperator,
+    /,
+    *,
+    num_matvecs: int,
+    key: jax.Array,
+    method: str = "hutch++",
+    probe_batch_size: int | None = None,
+) -> TraceResult:
+    """Estimate ``tr(A)`` with its standard error from ``num_matvecs`` matvecs.
+
+    Args:
+      method: ``"hutch++"`` (default; needs ``num_matvecs >= 4``) or ``"hutchinson"``
+        (``num_matvecs >= 2``). See the module docstring for both and their standard errors.
+      probe_batch_size: vmap this many probes at once (more memory, shared forward passes).
+    """
+    _check_key(key)
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    minimum = 4 if method == "hutch++" else 2
+    if not isinstance(num_matvecs, int) or num_matvecs < minimum:
+        raise ValueError(
+            f"{method} needs num_matvecs >= {minimum} for a standard error, got {num_matvecs!r}"
+        )
+    if method == "hutch++" and num_matvecs // 3 > op.size:
+        raise ValueError(f"hutch++ sketch of {num_matvecs // 3} exceeds the dimension n={op.size}")
+    result = _trace(
+        op, key, num_matvecs=num_matvecs, method=method, probe_batch_size=probe_batch_size
+    )
+    _check_finite(result.value, "trace")
+    return result
+
+
+@functools.partial(jax.jit, static_argnames=("num_matvecs", "probe_batch_size"))
+def _diagonal(op, key, *, num_matvecs, probe_batch_size):
+    z = rademacher(key, (num_matvecs, op.size), op.dtype)
+    d, error = _mean_and_error(z * apply_rows(op, z, probe_batch_size))
+    return DiagonalResult(d, error, jnp.asarray(num_matvecs))
+
+
+def diagonal(
+    op: LinearOperator,
+    /,
+    *,
+    num_matvecs: int,
+    key: jax.Array,
+    probe_batch_size: int | None = None,
+) -> DiagonalResult:
+    """Estimate ``diag(A)`` (flat, ``(n,)``; ``op.unravel`` gives per-parameter maps).
+
+    Each entry is the mean of ``z_i (A z)_i`` over Rademacher probes, with its standard error. The
+    variance of entry ``i`` is ``sum_{j != i} A_ij^2``: small for diagonally dominant operators.
+    """
+    _check_key(key)
+    if not isinstance(num_matvecs, int) or num_matvecs < 2:
+        raise ValueError(
+            f"diagonal needs num_matvecs >= 2 for a standard error, got {num_matvecs!r}"
+        )
+    result = _diagonal(op, key, num_matvecs=num_matvecs, probe_batch_size=probe_batch_size)
+    _check_finite(result.diagonal, "diagonal")
+    return result
+
+
+@functools.partial(jax.jit, static_argnames=("num_matvecs", "probe_batch_size"))
+def _frobenius(op, key, *, num_matvecs, probe_batch_size):
+    z = rademacher(key, (num_matvecs, op.size), op.dtype)
+    samples = jnp.sum(apply_rows(op, z, probe_batch_size) ** 2, axis=1)
+    value, error = _mean_and_error(samples)
+    return TraceResult(value, error, jnp.asarray(num_matvecs))
+
+
+def frobenius_norm_squared(
+    op: LinearOperator,
+    /,
+    *,
+    num_matvecs: int,
+    key: jax.Array,
+    probe_batch_size: int | None = None,
+) -> TraceResult:
+    """Estimate ``||A||_F^2 = tr(A^T A) = E ||A z||^2`` (Rademacher ``z``) with its standard error.
+
+    Pass the same ``key`` for two operators to compare them on shared probes (e.g. ``H`` and
+    ``H - G``), which cancels much of the noise in their ratio.
+    """
+    _check_key(key)
+    if not isinstance(num_matvecs, int) or num_matvecs < 2:
+        raise ValueError(f"num_matvecs must be >= 2 for a standard error, got {num_matvecs!r}")
+    result = _frobenius(op, key, num_matvecs=num_matvecs, probe_batch_size=probe_batch_size)
+    _check_finite(result.value, "frobenius_norm_squared")
+    return result

@@ -1,0 +1,96 @@
+"""Bad input gets an error that names the problem."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_problem
+
+import curvature as cv
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem("relu", "mse", dtype=jnp.float32)
+
+
+def test_nonfinite_loss(problem):
+    params, data, _, loss, _ = problem
+    bad = dict(data, x=np.asarray(data["x"]).copy())
+    bad["x"][3, 1] = np.nan
+    with pytest.raises(ValueError, match="mean loss is not finite"):
+        cv.hessian(loss, params, bad)
+
+
+def test_nonfinite_parameters_name_the_leaf(problem):
+    params, data, _, loss, _ = problem
+    bad = jax.tree_util.tree_map(lambda x: x, params)
+    bad[1] = dict(bad[1], w=bad[1]["w"].at[0, 0].set(jnp.inf))
+    with pytest.raises(ValueError, match=r"params leaf \[1\]\['w'\] has 1 non-finite"):
+        cv.hessian(loss, bad, data)
+
+
+def test_nonscalar_loss(problem):
+    params, data, model, _, _ = problem
+
+    def per_example(p, batch):
+        return jnp.sum((model(p, batch) - batch["y"]) ** 2, axis=-1)
+
+    with pytest.raises(ValueError, match=r"must return a scalar.*shape \(13,\)"):
+        cv.hessian(per_example, params, data)
+    with pytest.raises(ValueError, match=r"must return a scalar.*shape \(4,\)"):
+        cv.hessian(per_example, params, data, batch_size=4)
+
+
+def test_data_leading_sizes_differ(problem):
+    params, data, _, loss, _ = problem
+    with pytest.raises(ValueError, match=r"different leading.*\['x'\]: 13.*\['y'\]: 12"):
+        cv.hessian(loss, params, dict(data, y=data["y"][:12]))
+
+
+def test_bad_batch_size(problem):
+    params, data, _, loss, _ = problem
+    with pytest.raises(ValueError, match="batch_size"):
+        cv.hessian(loss, params, data, batch_size=0)
+
+
+def test_solver_arguments(problem):
+    params, data, _, loss, _ = problem
+    op = cv.hessian(loss, params, data)
+    key = jax.random.key(0)
+    with pytest.raises(
+        ValueError, match=f"k={op.size + 1} exceeds the operator's dimension n={op.size}"
+    ):
+        cv.eigsh(op, k=op.size + 1, key=key)
+    with pytest.raises(ValueError, match="num_steps=3 is smaller than k=5"):
+        cv.eigsh(op, k=5, num_steps=3, key=key)
+    with pytest.raises(ValueError, match="exceeds the operator's dimension"):
+        cv.lanczos(op, num_steps=op.size + 1, key=key)
+    with pytest.raises(ValueError, match="which must be one of"):
+        cv.eigsh(op, k=2, which="largest", key=key)
+    with pytest.raises(ValueError, match="k=.*exceeds"):
+        cv.power_iteration(op, k=op.size + 1, key=key)
+    with pytest.raises(ValueError, match="hutch\\+\\+ needs num_matvecs >= 4"):
+        cv.trace(op, num_matvecs=3, key=key)
+    with pytest.raises(ValueError, match="method must be one of"):
+        cv.trace(op, num_matvecs=10, key=key, method="hutch")
+    with pytest.raises(TypeError, match="PRNG key is required"):
+        cv.trace(op, num_matvecs=10, key=None)
+    with pytest.raises(ValueError, match=f"shape \\({op.size},\\)"):
+        op @ jnp.ones(op.size + 1)
+
+
+def test_gauss_newton_arguments(problem):
+    params, data, model, _, _ = problem
+    with pytest.raises(ValueError, match="unknown output loss 'l2'"):
+        cv.gauss_newton(model, params, data, loss="l2")
+    with pytest.raises(ValueError, match="integer labels"):
+        cv.gauss_newton(model, params, data, loss="cross_entropy")
+    with pytest.raises(TypeError, match="needs targets"):
+        cv.gauss_newton(lambda p, b: model(p, {"x": b}), params, data["x"], loss="mse")
+
+
+def test_nonfinite_matvec_is_reported():
+    op = cv.from_matrix(jnp.array([[1.0, jnp.nan], [jnp.nan, 1.0]]))
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        cv.eigsh(op, k=1, num_steps=2, key=jax.random.key(0))

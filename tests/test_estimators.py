@@ -1,0 +1,124 @@
+"""Trace, diagonal, Frobenius and SLQ estimators against exact values, judged by their own
+standard errors over many seeds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import dense_hessian, make_problem
+
+import curvature as cv
+
+SEEDS = 100
+
+
+@pytest.fixture(scope="module")
+def problem():
+    with jax.enable_x64(True):
+        params, data, _, loss, _ = make_problem("tanh", "cross_entropy")
+        op = cv.hessian(loss, params, data)
+        yield op, np.asarray(dense_hessian(loss, params, data))
+
+
+def coverage(estimates, errors, exact):
+    """Share of runs within 3 standard errors, and the bias in units of its standard error."""
+    estimates, errors = np.asarray(estimates), np.asarray(errors)
+    within = np.abs(estimates - exact) <= 3 * errors + 1e-12 * np.abs(exact).max()
+    bias_z = np.abs(estimates.mean(0) - exact) / (
+        np.sqrt(np.mean(errors**2, 0) / len(estimates)) + 1e-300
+    )
+    return within.mean(), bias_z
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_within_stated_error(x64, problem, method):
+    op, h = problem
+    runs = [
+        cv.trace(op, num_matvecs=30, key=jax.random.key(s), method=method) for s in range(SEEDS)
+    ]
+    share, bias_z = coverage([r.value for r in runs], [r.standard_error for r in runs], np.trace(h))
+    assert share >= 0.9, share
+    assert bias_z < 4, bias_z  # an estimator biased by a few standard errors fails here
+    assert all(int(r.num_matvecs) == 30 for r in runs)
+
+
+def test_hutchpp_beats_hutchinson_on_decaying_spectrum(x64):
+    n = 200
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(n, n)))
+    matrix = q @ np.diag(np.arange(1, n + 1, dtype=float) ** -2.0) @ q.T
+    op, exact = cv.from_matrix(jnp.asarray(matrix)), np.trace(matrix)
+
+    def rms(method):
+        est = [
+            cv.trace(op, num_matvecs=60, key=jax.random.key(s), method=method).value
+            for s in range(40)
+        ]
+        return float(np.sqrt(np.mean((np.asarray(est) - exact) ** 2)))
+
+    hutchinson, hutchpp = rms("hutchinson"), rms("hutch++")
+    assert hutchinson >= 10 * hutchpp, (hutchinson, hutchpp)
+
+
+def test_diagonal_within_stated_error(x64, problem):
+    op, h = problem
+    runs = [cv.diagonal(op, num_matvecs=30, key=jax.random.key(s)) for s in range(SEEDS // 2)]
+    share, bias_z = coverage(
+        [r.diagonal for r in runs], [r.standard_error for r in runs], np.diag(h)
+    )
+    assert share >= 0.9, share
+    assert np.mean(bias_z < 4) >= 0.95
+    assert runs[0].diagonal.shape == (op.size,)
+
+
+def test_frobenius_within_stated_error(x64, problem):
+    op, h = problem
+    runs = [
+        cv.frobenius_norm_squared(op, num_matvecs=20, key=jax.random.key(s)) for s in range(SEEDS)
+    ]
+    share, bias_z = coverage(
+        [r.value for r in runs], [r.standard_error for r in runs], np.sum(h**2)
+    )
+    assert share >= 0.9 and bias_z < 4, (share, bias_z)
+
+
+def test_slq_trace_equals_hutchinson_with_same_probes(x64, problem, key):
+    op, _ = problem
+    slq = cv.spectral_density(op, num_probes=6, num_steps=20, key=key)
+    hutch = cv.trace(op, num_matvecs=6, key=key, method="hutchinson")
+    value, error = slq.trace()
+    assert value == pytest.approx(float(hutch.value), rel=1e-10)
+    assert error == pytest.approx(float(hutch.standard_error), rel=1e-8)
+    assert np.allclose(np.asarray(slq.weights).sum(1), 1.0, atol=1e-12)
+
+
+def test_slq_full_steps_reproduces_moments_and_mass(x64, problem, key):
+    op, h = problem
+    num_probes, n = 4, op.size
+    slq = cv.spectral_density(op, num_probes=num_probes, num_steps=n, key=key)
+    z = np.asarray(cv.rademacher(key, (num_probes, n), jnp.float64))
+    evals, evecs = np.linalg.eigh(h)
+    for power in range(8):
+        exact = np.mean(np.einsum("pi,ij,pj->p", z, np.linalg.matrix_power(h, power), z)) / n
+        got, _ = slq.moment(power)
+        assert got == pytest.approx(exact, rel=1e-8, abs=1e-12 * np.abs(evals).max() ** power)
+    # With a full basis the quadrature is the probe's exact spectral measure.
+    # (The threshold sits below the exact zero eigenvalues of softmax's shift invariance.)
+    overlaps = (z @ evecs) ** 2 / n
+    threshold = -1e-6 * np.abs(evals).max()
+    mass, _ = slq.mass_below(threshold)
+    assert mass == pytest.approx(np.mean(overlaps[:, evals < threshold].sum(1)), abs=1e-8)
+    assert 0 < mass < 1  # a tanh network's Hessian is indefinite
+
+
+def test_density_integrates_to_one(x64, problem, key):
+    op, _ = problem
+    slq = cv.spectral_density(op, num_probes=3, num_steps=25, key=key)
+    nodes = np.asarray(slq.nodes)
+    for sigma in (0.01, 0.1 * np.ptp(nodes)):
+        grid, values = slq.density(sigma=sigma, num_points=4000)
+        assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=1e-4)
+        assert np.all(values >= 0)
+    grid, values = slq.density(np.linspace(-1, 1, 11), sigma=0.5)
+    assert grid.shape == values.shape == (11,)
+    with pytest.raises(ValueError, match="sigma"):
+        slq.density(sigma=0.0)
