@@ -1,0 +1,219 @@
+"""Data sources that need no network: scikit-learn's bundled digits, synthetic sources, and a
+user's local ``.npz`` or MNIST-style idx files.
+
+Every source returns a :class:`Dataset` of float32 inputs and int32 labels, split into train and
+test deterministically (a fixed permutation seed) and standardised with statistics of the
+training inputs only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pathlib
+import struct
+from typing import NamedTuple
+
+import numpy as np
+
+SOURCES = ("digits", "teacher", "mixture", "npz", "idx")
+
+
+class DataError(ValueError):
+    """A data source or file that cannot be used, with the reason."""
+
+
+class Dataset(NamedTuple):
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    name: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def load(cfg) -> Dataset:
+    """The dataset that ``cfg`` (the ``data`` section of a config) names."""
+    source = cfg.source
+    if source == "digits":
+        x, y = _digits()
+        x_tr, y_tr, x_te, y_te = _split(x, y, cfg.test_fraction, cfg.split_seed)
+    elif source == "teacher":
+        x, y = _teacher(cfg)
+        x_tr, y_tr, x_te, y_te = _split(x, y, cfg.test_fraction, cfg.split_seed)
+    elif source == "mixture":
+        x, y = _mixture(cfg)
+        x_tr, y_tr, x_te, y_te = _split(x, y, cfg.test_fraction, cfg.split_seed)
+    elif source == "npz":
+        x_tr, y_tr, x_te, y_te = _npz(cfg.path)
+    elif source == "idx":
+        x_tr, y_tr, x_te, y_te = _idx(cfg.path)
+    else:
+        raise DataError(f"config key data.source: unknown source {source!r}; use one of {SOURCES}")
+    if cfg.num_train and cfg.num_train < len(x_tr):
+        x_tr, y_tr = x_tr[: cfg.num_train], y_tr[: cfg.num_train]
+    if cfg.num_test and cfg.num_test < len(x_te):
+        x_te, y_te = x_te[: cfg.num_test], y_te[: cfg.num_test]
+    x_tr, x_te = np.asarray(x_tr, np.float32), np.asarray(x_te, np.float32)
+    if cfg.standardize:
+        x_tr, x_te = _standardize(x_tr, x_te)
+    if cfg.image_shape:
+        shape = tuple(cfg.image_shape)
+        if int(np.prod(shape)) != int(np.prod(x_tr.shape[1:])):
+            raise DataError(
+                f"config key data.image_shape: {shape} does not hold inputs of shape {x_tr.shape[1:]}"
+            )
+        x_tr, x_te = x_tr.reshape((-1,) + shape), x_te.reshape((-1,) + shape)
+    y_tr, y_te = np.asarray(y_tr, np.int32), np.asarray(y_te, np.int32)
+    num_classes = int(max(y_tr.max(), y_te.max())) + 1
+    return Dataset(x_tr, y_tr, x_te, y_te, num_classes, source)
+
+
+def _split(x, y, test_fraction, seed):
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"config key data.test_fraction must lie in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(len(x))
+    num_test = int(round(test_fraction * len(x)))
+    test, train = order[:num_test], order[num_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def _standardize(x_train, x_test):
+    flat = x_train.reshape(len(x_train), -1)
+    mean, std = flat.mean(0), flat.std(0)
+    std = np.where(std > 1e-6, std, 1.0)  # constant pixels (digits' borders) stay at zero
+
+    def apply(x):
+        return ((x.reshape(len(x), -1) - mean) / std).reshape(x.shape).astype(np.float32)
+
+    return apply(x_train), apply(x_test)
+
+
+def _digits():
+    from sklearn.datasets import load_digits  # ships its data with the package: no download
+
+    bunch = load_digits()
+    return bunch.data.astype(np.float32), bunch.target.astype(np.int32)
+
+
+def _teacher(cfg):
+    """Gaussian inputs labelled by the argmax of a random one-hidden-layer tanh teacher."""
+    rng = np.random.default_rng(cfg.synthetic_seed)
+    x = rng.normal(size=(cfg.num_examples, cfg.input_dim)).astype(np.float32)
+    w1 = rng.normal(size=(cfg.input_dim, cfg.teacher_width)) / np.sqrt(cfg.input_dim)
+    w2 = rng.normal(size=(cfg.teacher_width, cfg.num_classes)) / np.sqrt(cfg.teacher_width)
+    return x, np.argmax(np.tanh(x @ w1) @ w2, axis=1).astype(np.int32)
+
+
+def _mixture(cfg):
+    """One isotropic Gaussian per class, means at distance ``separation`` scale."""
+    rng = np.random.default_rng(cfg.synthetic_seed)
+    means = (
+        rng.normal(size=(cfg.num_classes, cfg.input_dim)) * cfg.separation / np.sqrt(cfg.input_dim)
+    )
+    y = rng.integers(0, cfg.num_classes, size=cfg.num_examples).astype(np.int32)
+    x = means[y] + rng.normal(size=(cfg.num_examples, cfg.input_dim))
+    return x.astype(np.float32), y
+
+
+def _require_file(path: str, what: str) -> pathlib.Path:
+    if not path:
+        raise DataError(f"config key data.path is empty; the {what} source reads a local path")
+    p = pathlib.Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"config key data.path: {p} does not exist")
+    return p
+
+
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz(path):
+    p = _require_file(path, "npz")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            missing = [k for k in _NPZ_KEYS if k not in f.files]
+            if missing:
+                raise DataError(
+                    f"{p} lacks the arrays {missing}; an npz data file needs {list(_NPZ_KEYS)} "
+                    f"(it has {sorted(f.files)})"
+                )
+            arrays = {k: np.asarray(f[k]) for k in _NPZ_KEYS}
+    except (OSError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{p} is not a readable .npz file: {err}") from err
+    _check_pairs(p, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
+    return tuple(arrays[k] for k in _NPZ_KEYS)
+
+
+def _check_pairs(where, x_tr, y_tr, x_te, y_te):
+    for name, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
+        if x.ndim < 2:
+            raise DataError(f"{where}: x_{name} has shape {x.shape}; need (examples, features...)")
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(
+                f"{where}: y_{name} has shape {y.shape}; need ({len(x)},) labels to match x_{name}"
+            )
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{where}: y_{name} has dtype {y.dtype}; labels must be integers")
+        if y.min() < 0:
+            raise DataError(f"{where}: y_{name} has negative labels")
+        if not np.all(np.isfinite(x)):
+            raise DataError(f"{where}: x_{name} has non-finite values")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(
+            f"{where}: x_train {x_tr.shape[1:]} and x_test {x_te.shape[1:]} differ per example"
+        )
+
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: pathlib.Path) -> np.ndarray:
+    """An array from an MNIST-style idx file, gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an idx file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    count = int(np.prod(dims)) if dims else 1
+    body = raw[4 + 4 * ndim :]
+    if len(body) != count * dtype.itemsize:
+        raise DataError(
+            f"{path}: header says {dims} of {dtype}, but the file holds {len(body)} bytes"
+        )
+    return np.frombuffer(body, dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+_IDX_NAMES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+def _idx(path):
+    folder = _require_file(path, "idx")
+    if not folder.is_dir():
+        raise DataError(
+            f"config key data.path: {folder} must be a folder holding the four idx files"
+        )
+    arrays = {}
+    for key, stem in _IDX_NAMES.items():
+        found = [folder / stem, folder / (stem + ".gz")]
+        found = [f for f in found if f.exists()]
+        if not found:
+            raise DataError(f"{folder} lacks {stem} (or {stem}.gz)")
+        arrays[key] = read_idx(found[0])
+    x_tr, y_tr = arrays["x_train"], arrays["y_train"].astype(np.int64)
+    x_te, y_te = arrays["x_test"], arrays["y_test"].astype(np.int64)
+    _check_pairs(folder, x_tr, y_tr, x_te, y_te)
+    return x_tr, y_tr, x_te, y_te

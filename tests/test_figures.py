@@ -1,0 +1,206 @@
+"""Figures drawn from a small saved run: the drawn data equals the stored numbers."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("flax")
+from test_experiments import ROOT, load_config, quiet  # noqa: E402
+
+import curvature as cv  # noqa: E402
+from curvature import plotting  # noqa: E402
+from experiments import figures, report  # noqa: E402
+from experiments import run as run_lib  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("figs")
+    config = load_config()
+    with config.unlocked():
+        config.seeds = (0, 1)
+        config.activations = ("relu", "softplus:4")
+    run_lib.run(config, workdir, progress=quiet())
+    return workdir, report.load_run(workdir)
+
+
+def lines_by_gid(fig):
+    return {line.get_gid(): line for ax in fig.axes for line in ax.lines if line.get_gid()}
+
+
+def test_eigenvalue_lines_equal_the_metrics(saved_run):
+    _, run = saved_run
+    fig = figures.eigenvalue_figure(run)
+    lines = lines_by_gid(fig)
+    for activation, members in report.by_activation(run).items():
+        records = [m["records"] for m in members]
+        steps = [r["step"] for r in records[0]]
+        for j in range(3):
+            want = np.mean([[r["hessian"]["top"][j] for r in recs] for recs in records], axis=0)
+            line = lines[f"eig/{activation}/top{j}"]
+            assert np.array_equal(line.get_xdata(), steps)
+            assert np.allclose(line.get_ydata(), want, rtol=1e-12)
+        bottom = lines[f"eig/{activation}/bottom0"].get_ydata()
+        assert np.allclose(
+            bottom, np.mean([[r["hessian"]["bottom"][0] for r in recs] for recs in records], axis=0)
+        )
+    # Plain gradient descent: 2/eta = 10 lies far above these eigenvalues, so it is stated in
+    # words on each panel rather than squashing the curves.
+    edges = [
+        t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "edge_of_stability"
+    ]
+    assert edges == ["2/η = 10 (above)"] * 2
+
+
+def test_trace_and_training_lines_equal_the_metrics(saved_run):
+    _, run = saved_run
+    trace = lines_by_gid(figures.trace_figure(run))
+    training = lines_by_gid(figures.training_figure(run))
+    for activation, members in report.by_activation(run).items():
+        recs = [m["records"] for m in members]
+        assert np.allclose(
+            trace[f"trace/{activation}/H"].get_ydata(),
+            np.mean([[r["hessian"]["trace"] for r in x] for x in recs], 0),
+        )
+        assert np.allclose(
+            trace[f"trace/{activation}/G"].get_ydata(),
+            np.mean([[r["gauss_newton"]["trace"] for r in x] for x in recs], 0),
+        )
+        assert np.allclose(
+            trace[f"residual/{activation}"].get_ydata(),
+            np.mean([[r["residual"]["relative_frobenius"] for r in x] for x in recs], 0),
+        )
+        assert np.allclose(
+            training[f"train_loss/{activation}"].get_ydata(),
+            np.mean([[r["train_loss"] for r in x] for x in recs], 0),
+        )
+
+
+def test_density_integrates_to_one_on_the_shared_grid(saved_run):
+    workdir, run = saved_run
+    fig, sigma = figures.density_figure(run)
+    drawn = fig._curvature_density
+    grid = drawn["grid"]
+    assert sigma == pytest.approx(drawn["sigma"]) and sigma > 0
+    assert len(drawn["values"]) == 4  # two activations, two panels
+    for values in drawn["values"].values():
+        assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=1e-3)
+    # The drawn curve is the stored SLQ measure, pooled over seeds and smoothed.
+    with (
+        np.load(workdir / "members" / "relu-seed0" / "spectra" / "step_000000.npz") as a,
+        np.load(workdir / "members" / "relu-seed1" / "spectra" / "step_000000.npz") as b,
+    ):
+        pooled = cv.SpectralDensity(
+            np.concatenate([a["slq_nodes"], b["slq_nodes"]]),
+            np.concatenate([a["slq_weights"], b["slq_weights"]]),
+            a["dimension"],
+        )
+    _, want = pooled.density(grid, sigma=sigma)
+    assert np.allclose(drawn["values"][("initialisation (step 0)", "relu")], want)
+    line = lines_by_gid(fig)["density/initialisation (step 0)/relu"]
+    assert np.allclose(line.get_ydata(), np.maximum(want, 1e-5))
+    assert fig.axes[0].get_yscale() == "log" and "σ" in fig._suptitle.get_text()
+
+
+def test_figures_are_legible_at_paper_size(saved_run):
+    _, run = saved_run
+    for make in (
+        figures.eigenvalue_figure,
+        figures.trace_figure,
+        figures.training_figure,
+        lambda r: figures.density_figure(r)[0],
+    ):
+        fig = make(run)
+        width, _ = fig.get_size_inches()
+        assert width <= 7.0
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            assert ax.get_xlabel() and ax.get_ylabel() or ax is not fig.axes[0]
+            assert ax.xaxis.label.get_fontsize() >= 7
+            # No two tick labels of an axis overlap.
+            boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+            assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+        # Series differ in line style (or marker), not only in colour: greyscale keeps them apart.
+        styles = {
+            (line.get_linestyle(), line.get_marker())
+            for ax in fig.axes
+            for line in ax.lines
+            if line.get_label() and not line.get_label().startswith("_")
+        }
+        assert len(styles) >= 2
+
+
+def test_draw_all_writes_png_pdf_and_report(saved_run):
+    workdir, _ = saved_run
+    paths = figures.draw_all(workdir)
+    names = {p.name for p in paths}
+    for stem in ("density", "eigenvalues", "trace", "training"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names
+        assert (workdir / "figures" / f"{stem}.png").stat().st_size > 10_000
+    text = (workdir / "report.md").read_text()
+    assert "![density](figures/density.png)" in text and "| relu | 2 |" in text
+    assert "<img src='figures/eigenvalues.png'" in (workdir / "report.html").read_text()
+
+
+def test_plot_and_compare_commands_redraw_without_recomputing(saved_run, tmp_path):
+    workdir, _ = saved_run
+    before = {p: p.stat().st_mtime_ns for p in (workdir / "members").rglob("*") if p.is_file()}
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments", "plot", f"--workdir={workdir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "density.png" in out.stdout
+    after = {p: p.stat().st_mtime_ns for p in (workdir / "members").rglob("*") if p.is_file()}
+    assert before == after  # no measurement touched
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments",
+            "compare",
+            f"--workdir={tmp_path}",
+            f"--runs={workdir},{workdir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "compare.png").exists() and "relu" in (tmp_path / "compare.md").read_text()
+
+
+def test_library_density_helper_draws_onto_a_given_axis():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    op = cv.from_matrix(np.diag(np.linspace(-1.0, 3.0, 40)))
+    import jax
+
+    d = cv.spectral_density(op, num_probes=3, num_steps=10, key=jax.random.key(0))
+    fig, ax = plt.subplots()
+    grid, values = plotting.plot_density(ax, d, sigma=0.1, rug=True, label="diag")
+    assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=1e-3)
+    assert np.allclose(ax.lines[0].get_ydata(), np.maximum(values, 1e-5))
+    assert ax.get_yscale() == "log" and "σ = 0.1" in ax.get_ylabel()
+    plt.close(fig)
+
+
+def test_importing_the_library_needs_neither_matplotlib_nor_flax():
+    code = "import sys, curvature; assert not {'matplotlib', 'flax', 'optax'} & set(sys.modules), sorted(sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode
+        == 0
+    )
