@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvature.krylov import _check_finite, _check_key, _check_steps, _lanczos_run, tridiagonal
-from curvature.operators import LinearOperator
+from curvature.operators import LinearOperator, positive_int
 from curvature.stochastic_trace import rademacher
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -59,13 +59,19 @@ class SpectralDensity(NamedTuple):
         n = int(self.dimension)
         return mean * n, error * n
 
-    def mass_below(self, threshold: float = 0.0) -> tuple[float, float]:
-        """Fraction of the spectral mass strictly below ``threshold`` (e.g. negative eigenvalues).
+    def mass_below(self, threshold: float | None = None) -> tuple[float, float]:
+        """Fraction of the spectral mass strictly below ``threshold``, with its standard error.
 
-        Ritz values interior to the spectrum are only approximate, so this is a smoothed count:
-        trust it to about the spacing of the nodes.
+        The default, ``-sqrt(eps) * max |node|``, counts negative eigenvalues and not the
+        (often large) cluster of exact zeros of network Hessians (softmax shift invariance, dead
+        ReLUs, over-parameterisation), which SLQ places at a node of round-off size and random
+        sign. Pass ``0.0`` for the literal count. Ritz values interior to the spectrum are only
+        approximate, so this is a smoothed count: trust it to about the spacing of the nodes.
         """
-        per_probe = np.sum(np.asarray(self.weights) * (np.asarray(self.nodes) < threshold), axis=1)
+        nodes = np.asarray(self.nodes)
+        if threshold is None:
+            threshold = -np.sqrt(np.finfo(nodes.dtype).eps) * np.abs(nodes).max(initial=0.0)
+        per_probe = np.sum(np.asarray(self.weights) * (nodes < threshold), axis=1)
         return _mean_error(per_probe)
 
     def density(
@@ -130,9 +136,8 @@ def spectral_density(
     (probes run one after another in one compiled ``lax.map``).
     """
     _check_key(key)
-    _check_steps(op, num_steps)
-    if not isinstance(num_probes, int) or num_probes < 1:
-        raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
+    num_steps = _check_steps(op, num_steps)
+    num_probes = positive_int(num_probes, "num_probes")
     result = _slq(
         op, key, num_probes=num_probes, num_steps=num_steps, reorthogonalize=reorthogonalize
     )

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from curvature.operators import LinearOperator, apply_rows
+from curvature.operators import LinearOperator, apply_rows, positive_int
 
 __all__ = ["EigshResult", "LanczosResult", "eigsh", "lanczos", "tridiagonal"]
 
@@ -60,7 +60,10 @@ class EigshResult(NamedTuple):
         ``"LM"`` by descending magnitude, ``"BE"`` descending (the largest first, the smallest last).
       eigenvectors: ``(n, k)`` orthonormal columns (``op.unravel(v[:, i])`` gives a pytree).
       residual_norms: ``(k,)`` recomputed ``||A v_i - lambda_i v_i||`` (``k`` extra matvecs).
-      converged: ``(k,)`` whether ``residual_norm <= tol * max_j |theta_j|``.
+      converged: ``(k,)`` whether ``residual_norm <= tol * max_j |theta_j|``: relative to the
+        operator's scale, not to each eigenvalue, so a small eigenvalue (say the bottom of a
+        Hessian) can be "converged" with a residual larger than itself; compare
+        ``residual_norms`` with ``|eigenvalues|`` before trusting its sign.
       num_matvecs: matvecs used, the residual check included.
     """
 
@@ -132,14 +135,14 @@ def _lanczos_run(
     return LanczosResult(alphas, betas[:-1], basis[:num_steps], betas[-1], restarts)
 
 
-def _check_steps(op: LinearOperator, num_steps: int) -> None:
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+def _check_steps(op: LinearOperator, num_steps: int) -> int:
+    num_steps = positive_int(num_steps, "num_steps")
     if num_steps > op.size:
         raise ValueError(
             f"num_steps={num_steps} exceeds the operator's dimension n={op.size}; a Krylov basis "
             "has at most n vectors"
         )
+    return num_steps
 
 
 def _check_key(key) -> None:
@@ -164,7 +167,7 @@ def lanczos(
     Use :func:`tridiagonal` to form ``T``.
     """
     _check_key(key)
-    _check_steps(op, num_steps)
+    num_steps = _check_steps(op, num_steps)
     return _lanczos(op, key, num_steps=num_steps, reorthogonalize=reorthogonalize)
 
 
@@ -236,13 +239,14 @@ def eigsh(
     _check_key(key)
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = positive_int(k, "k")
     if k > op.size:
         raise ValueError(f"k={k} exceeds the operator's dimension n={op.size}")
     if num_steps is None:
         num_steps = min(op.size, max(4 * k, 40))
-    _check_steps(op, num_steps)
+    num_steps = _check_steps(op, num_steps)
+    if probe_batch_size is not None:
+        probe_batch_size = positive_int(probe_batch_size, "probe_batch_size")
     if num_steps < k:
         raise ValueError(
             f"num_steps={num_steps} is smaller than k={k}: Lanczos gives at most num_steps Ritz pairs"
@@ -264,6 +268,10 @@ def eigsh(
 
 
 def _check_finite(values: jax.Array, name: str) -> None:
+    """One host sync after a whole run (never inside one); skipped under tracing, so every
+    estimator can itself be called inside ``jax.jit``."""
+    if isinstance(values, jax.core.Tracer):
+        return
     if not bool(jnp.all(jnp.isfinite(values))):
         raise FloatingPointError(
             f"{name} produced non-finite values {values}: the operator's matvec returned NaN or "

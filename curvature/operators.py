@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -75,7 +76,9 @@ class Layout:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(jnp.result_type(*self.dtypes))
+        """The flat vectors' dtype: the parameters' common dtype, at least float32, so that
+        Krylov vectors, eigh and QR never run in bfloat16 or float16."""
+        return np.dtype(np.promote_types(jnp.result_type(*self.dtypes), np.float32))
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -263,8 +266,19 @@ def from_matrix(matrix: jax.Array) -> LinearOperator:
     matrix = jnp.asarray(matrix)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"from_matrix needs a square matrix, got shape {matrix.shape}")
+    if jnp.issubdtype(matrix.dtype, jnp.complexfloating):
+        raise TypeError("from_matrix needs a real symmetric matrix; got a complex one")
     if not jnp.issubdtype(matrix.dtype, jnp.floating):
         matrix = matrix.astype(jnp.result_type(float))
+    if not isinstance(matrix, jax.core.Tracer):
+        host = np.asarray(matrix, np.float64)
+        asym = np.abs(host - host.T).max(initial=0.0)
+        scale = np.abs(host).max(initial=0.0)
+        if asym > np.sqrt(np.finfo(matrix.dtype).eps) * scale:
+            raise ValueError(
+                f"from_matrix needs a symmetric matrix; max |A - A^T| = {asym:.3g} "
+                f"against max |A| = {scale:.3g}"
+            )
     layout = Layout(
         jax.tree_util.tree_structure(0), ((matrix.shape[0],),), (np.dtype(matrix.dtype),)
     )
@@ -285,8 +299,9 @@ def dense(op: LinearOperator, *, max_size: int = 20_000) -> jax.Array:
 
 @jax.jit
 def _dense(op):
-    eye = jnp.eye(op.size, dtype=op.dtype)
-    return jax.vmap(op.apply, in_axes=1, out_axes=1)(eye)
+    # Rows A e_i in groups of 64 tangents: bounded memory for the model's activations.
+    rows = jax.lax.map(op.apply, jnp.eye(op.size, dtype=op.dtype), batch_size=64)
+    return rows.T
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,58 +329,69 @@ def _num_examples(data: PyTree) -> int:
     return n
 
 
-def _split_data(data: PyTree, batch_size: int | None) -> dict:
-    """``{"chunks": (m, b, ...) or None, "rest": (r, ...) or None}`` with ``m b + r = n``."""
-    n = _num_examples(data)
-    data = jax.tree_util.tree_map(jnp.asarray, data)
-    if batch_size is None or batch_size >= n:
-        return {"chunks": None, "rest": data}
-    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    m, r = divmod(n, batch_size)
-    chunks = jax.tree_util.tree_map(
-        lambda x: x[: m * batch_size].reshape((m, batch_size) + x.shape[1:]), data
-    )
-    rest = jax.tree_util.tree_map(lambda x: x[m * batch_size :], data) if r else None
-    return {"chunks": chunks, "rest": rest}
+def positive_int(value, name: str) -> int:
+    """``value`` as a Python int if it is a positive integer (numpy integers too), else an error."""
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if out < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return out
 
 
-def _leading(tree) -> int:
-    return jax.tree_util.tree_leaves(tree)[0].shape[0]
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """Static chunking of ``num_examples`` into ``m`` chunks of ``batch_size`` plus a remainder.
+
+    Chunks are cut inside the compiled matvec with ``dynamic_slice``: the data are stored once,
+    never copied into a chunked layout.
+    """
+
+    num_examples: int
+    batch_size: int
+
+    @classmethod
+    def of(cls, data: PyTree, batch_size: int | None) -> Batching:
+        n = _num_examples(data)
+        if batch_size is not None:
+            batch_size = positive_int(batch_size, "batch_size")
+        return cls(n, n if batch_size is None else min(batch_size, n))
+
+    def first(self, data: PyTree) -> PyTree:
+        return jax.tree_util.tree_map(lambda x: x[: self.batch_size], data)
 
 
-def data_mean(f: Callable[[PyTree], PyTree], split: dict) -> PyTree:
+def data_mean(f: Callable[[PyTree], PyTree], data: PyTree, batching: Batching) -> PyTree:
     """``sum_j (b_j / n) f(batch_j)``: the example-weighted mean of per-batch means.
 
-    Full chunks are scanned (one compiled body whatever their number); the remainder is one more
-    call with its own shape.
+    Full chunks are scanned (one compiled body whatever their number); a shorter last chunk is
+    one more call with its own static shape.
     """
-    chunks, rest = split["chunks"], split["rest"]
-    m, b = (jax.tree_util.tree_leaves(chunks)[0].shape[:2]) if chunks is not None else (0, 0)
-    r = _leading(rest) if rest is not None else 0
-    n = m * b + r
+    n, b = batching.num_examples, batching.batch_size
+    m, r = divmod(n, b)
+    if m == 1 and r == 0:
+        return f(data)
     total = None
-    if chunks is not None:
-        first = jax.tree_util.tree_map(lambda x: x[0], chunks)
+    if m == 1:
+        total = f(batching.first(data))
+    elif m > 1:
         zeros = jax.tree_util.tree_map(
-            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(f, first)
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(f, batching.first(data))
         )
 
-        def body(acc, batch):
-            return jax.tree_util.tree_map(lambda a, y: a + y, acc, f(batch)), None
+        def body(acc, i):
+            batch = jax.tree_util.tree_map(
+                lambda x: jax.lax.dynamic_slice_in_dim(x, i * b, b), data
+            )
+            return jax.tree_util.tree_map(jnp.add, acc, f(batch)), None
 
-        total, _ = jax.lax.scan(body, zeros, chunks)
-        total = jax.tree_util.tree_map(lambda t: t * (b / n), total)
-    if rest is not None:
-        part = jax.tree_util.tree_map(lambda y: y * (r / n), f(rest))
-        total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
+        total, _ = jax.lax.scan(body, zeros, jnp.arange(m))
+    total = jax.tree_util.tree_map(lambda t: t * (b / n), total)
+    if r:
+        rest = f(jax.tree_util.tree_map(lambda x: x[m * b :], data))
+        total = jax.tree_util.tree_map(lambda t, y: t + y * (r / n), total, rest)
     return total
-
-
-def _first_batch(split: dict) -> PyTree:
-    if split["chunks"] is not None:
-        return jax.tree_util.tree_map(lambda x: x[0], split["chunks"])
-    return split["rest"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,8 +402,13 @@ def _is_traced(tree) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
+@jax.jit
+def _leaves_finite(params):
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)])
+
+
 def _check_finite_params(params: PyTree) -> None:
-    if _is_traced(params):
+    if _is_traced(params) or bool(np.all(_leaves_finite(params))):  # one device sync
         return
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         arr = np.asarray(x)
@@ -415,22 +446,24 @@ def _check_finite_value(value: jax.Array, what: str) -> None:
 class _HessianMatvec:
     loss: Callable
     layout: Layout
+    batching: Batching
     name = "hessian"
 
     def __call__(self, operands, v):
         params = operands["params"]
         tangent = self.layout.unravel(v)
+        grad = jax.grad(self.loss)
 
         def hvp(batch):
-            grad = jax.grad(self.loss)
-            return jax.jvp(lambda p: grad(p, batch), (params,), (tangent,))[1]
+            # Raveled per chunk, so chunks accumulate in the operator's dtype (>= float32).
+            return self.layout.ravel(jax.jvp(lambda p: grad(p, batch), (params,), (tangent,))[1])
 
-        return self.layout.ravel(data_mean(hvp, operands["data"]))
+        return data_mean(hvp, operands["data"], self.batching)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _mean_loss(loss, params, split):
-    return data_mean(lambda batch: loss(params, batch), split)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _mean_loss(loss, params, data, batching):
+    return data_mean(lambda batch: loss(params, batch).astype(jnp.float32), data, batching)
 
 
 def hessian(
@@ -467,13 +500,15 @@ def hessian(
              [0., 4.]], dtype=float32)
     """
     layout = Layout.of(params)
-    split = _split_data(data, batch_size)
+    batching = Batching.of(data, batch_size)
+    data = jax.tree_util.tree_map(jnp.asarray, data)
     if check:
         _check_finite_params(params)
-        _check_scalar(loss, (params, _first_batch(split)), "loss(params, batch)")
-        if not _is_traced(split):
-            _check_finite_value(_mean_loss(loss, params, split), "the mean loss")
-    return LinearOperator(_HessianMatvec(loss, layout), {"params": params, "data": split}, layout)
+        _check_scalar(loss, (params, batching.first(data)), "loss(params, batch)")
+        if not _is_traced(data):
+            _check_finite_value(_mean_loss(loss, params, data, batching), "the mean loss")
+    matvec = _HessianMatvec(loss, layout, batching)
+    return LinearOperator(matvec, {"params": params, "data": data}, layout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,32 +530,45 @@ def _targets(batch):
     )
 
 
-def _mse_value(out, batch):
+def _mse_targets(out, batch):
+    # Shape checks run at trace time (static shapes), so they hold with check=False too.
     y = _targets(batch)
     if y.shape != out.shape:
         raise ValueError(
             f"mse: targets of shape {y.shape} do not match outputs of shape {out.shape}"
         )
+    return y
+
+
+def _mse_value(out, batch):
+    y = _mse_targets(out, batch)
     return 0.5 * jnp.mean(jnp.sum(((out - y) ** 2).reshape(out.shape[0], -1), axis=1))
 
 
 def _mse_hvp(out, u, batch):
+    _mse_targets(out, batch)
     return u / out.shape[0]
 
 
-def _ce_value(out, batch):
+def _ce_labels(out, batch):
     y = _targets(batch)
     if out.ndim != 2 or y.shape != out.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
         raise ValueError(
             "cross_entropy needs logits of shape (batch, classes) and integer labels of shape "
             f"(batch,); got logits {out.shape} and labels {y.shape} of dtype {y.dtype}"
         )
+    return y
+
+
+def _ce_value(out, batch):
+    y = _ce_labels(out, batch)
     logz = jax.nn.logsumexp(out, axis=-1)
     return jnp.mean(logz - jnp.take_along_axis(out, y[:, None], axis=-1)[:, 0])
 
 
 def _ce_hvp(out, u, batch):
     # Hessian of the mean softmax cross-entropy w.r.t. logits: (diag(p) - p p^T) / B per example.
+    _ce_labels(out, batch)
     p = jax.nn.softmax(out, axis=-1)
     return (p * u - p * jnp.sum(p * u, axis=-1, keepdims=True)) / out.shape[0]
 
@@ -551,6 +599,7 @@ class _GaussNewtonMatvec:
     model: Callable
     loss: _OutputLoss
     layout: Layout
+    batching: Batching
     name = "gauss_newton"
 
     def __call__(self, operands, v):
@@ -560,14 +609,17 @@ class _GaussNewtonMatvec:
         def ggn(batch):
             out, jvp = jax.linearize(lambda p: self.model(p, batch), params)
             (vjp_out,) = jax.linear_transpose(jvp, params)(self.loss.hvp(out, jvp(tangent), batch))
-            return vjp_out
+            return self.layout.ravel(vjp_out)
 
-        return self.layout.ravel(data_mean(ggn, operands["data"]))
+        return data_mean(ggn, operands["data"], self.batching)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _mean_output_loss(model, loss, params, split):
-    return data_mean(lambda batch: loss.value(model(params, batch), batch), split)
+@functools.partial(jax.jit, static_argnums=(0, 1, 4))
+def _mean_output_loss(model, loss, params, data, batching):
+    def value(batch):
+        return loss.value(model(params, batch), batch).astype(jnp.float32)
+
+    return data_mean(value, data, batching)
 
 
 def gauss_newton(
@@ -608,15 +660,16 @@ def gauss_newton(
         raise TypeError(f"loss must be a name or a function loss(outputs, batch), got {loss!r}")
     out_loss = _OutputLoss(loss)
     layout = Layout.of(params)
-    split = _split_data(data, batch_size)
+    batching = Batching.of(data, batch_size)
+    data = jax.tree_util.tree_map(jnp.asarray, data)
     if check:
         _check_finite_params(params)
-        first = _first_batch(split)
+        first = batching.first(data)
         _check_scalar(
             lambda p, b: out_loss.value(model(p, b), b), (params, first), "the output loss"
         )
-        if not _is_traced(split):
-            _check_finite_value(_mean_output_loss(model, out_loss, params, split), "the mean loss")
-    return LinearOperator(
-        _GaussNewtonMatvec(model, out_loss, layout), {"params": params, "data": split}, layout
-    )
+        if not _is_traced(data):
+            value = _mean_output_loss(model, out_loss, params, data, batching)
+            _check_finite_value(value, "the mean loss")
+    matvec = _GaussNewtonMatvec(model, out_loss, layout, batching)
+    return LinearOperator(matvec, {"params": params, "data": data}, layout)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from curvature.krylov import _check_finite, _check_key
-from curvature.operators import LinearOperator, apply_rows
+from curvature.operators import LinearOperator, apply_rows, positive_int
 
 __all__ = ["PowerIterationResult", "power_iteration"]
 
@@ -43,8 +43,8 @@ class PowerIterationResult(NamedTuple):
     num_matvecs: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("k", "max_iters"))
-def _power(op, key, tol, *, k, max_iters):
+@functools.partial(jax.jit, static_argnames=("k",))
+def _power(op, key, tol, max_iters, *, k):
     n, dtype = op.size, op.dtype
     found_vecs = jnp.zeros((k, n), dtype)
     found_vals = jnp.zeros((k,), dtype)
@@ -109,14 +109,12 @@ def power_iteration(
     ``while_loop`` s).
     """
     _check_key(key)
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = positive_int(k, "k")
     if k > op.size:
         raise ValueError(f"k={k} exceeds the operator's dimension n={op.size}")
-    if not isinstance(max_iters, int) or max_iters < 1:
-        raise ValueError(f"max_iters must be a positive integer, got {max_iters!r}")
+    max_iters = positive_int(max_iters, "max_iters")
     if tol is None:
         tol = float(jnp.finfo(op.dtype).eps) ** 0.5
-    result = _power(op, key, jnp.asarray(tol, op.dtype), k=k, max_iters=max_iters)
+    result = _power(op, key, jnp.asarray(tol, op.dtype), jnp.asarray(max_iters, jnp.int32), k=k)
     _check_finite(result.eigenvalues, "power_iteration")
     return result

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from curvature.krylov import _check_finite, _check_key
-from curvature.operators import LinearOperator, apply_rows
+from curvature.operators import LinearOperator, apply_rows, positive_int
 
 __all__ = ["DiagonalResult", "TraceResult", "diagonal", "frobenius_norm_squared", "trace"]
 
@@ -51,6 +51,10 @@ def rademacher(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     ``rademacher(key, (num_probes, n), op.dtype)`` from the key they are given, so estimators called
     with the same key share their probes."""
     return jax.random.rademacher(key, shape, jnp.int8).astype(dtype)
+
+
+def _batch(probe_batch_size):
+    return None if probe_batch_size is None else positive_int(probe_batch_size, "probe_batch_size")
 
 
 def _mean_and_error(samples: jax.Array, axis: int = 0):
@@ -98,7 +102,9 @@ def trace(
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     minimum = 4 if method == "hutch++" else 2
-    if not isinstance(num_matvecs, int) or num_matvecs < minimum:
+    num_matvecs = positive_int(num_matvecs, "num_matvecs")
+    probe_batch_size = _batch(probe_batch_size)
+    if num_matvecs < minimum:
         raise ValueError(
             f"{method} needs num_matvecs >= {minimum} for a standard error, got {num_matvecs!r}"
         )
@@ -163,7 +169,9 @@ def frobenius_norm_squared(
     ``H - G``), which cancels much of the noise in their ratio.
     """
     _check_key(key)
-    if not isinstance(num_matvecs, int) or num_matvecs < 2:
+    num_matvecs = positive_int(num_matvecs, "num_matvecs")
+    probe_batch_size = _batch(probe_batch_size)
+    if num_matvecs < 2:
         raise ValueError(f"num_matvecs must be >= 2 for a standard error, got {num_matvecs!r}")
     result = _frobenius(op, key, num_matvecs=num_matvecs, probe_batch_size=probe_batch_size)
     _check_finite(result.value, "frobenius_norm_squared")

@@ -383,7 +383,7 @@ def write_report(workdir, run, sigma) -> list[pathlib.Path]:
         md.append("| " + " | ".join(report._fmt(row.get(t)) for t in titles) + " |")
     md += [
         "",
-        "Mean ± standard deviation over seeds at each run's last measurement. neg. mass: SLQ spectral mass below 0.",
+        "Mean ± standard deviation over seeds at each run's last measurement. neg. mass: SLQ spectral mass below −√eps·max|node| (negative eigenvalues; the exact zeros are not counted).",
         "",
     ]
     for name, caption in figures:

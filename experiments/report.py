@@ -100,7 +100,7 @@ def summary_markdown(rows: list[dict]) -> str:
         "",
         "Mean ± standard deviation over seeds of the last measurement of each run. H: loss Hessian on",
         "the measurement set; G: its Gauss-Newton part; R = H - G. tr by Hutch++, ‖·‖F² from shared",
-        "Rademacher probes, neg. mass: SLQ spectral mass below 0; η·λmax > 2 is past the edge of",
+        "Rademacher probes, neg. mass: SLQ spectral mass below -sqrt(eps)·max|node| (exact zeros excluded); η·λmax > 2 is past the edge of",
         "stability of gradient descent.",
     ]
     failed = [r for r in rows if r.get("failed")]

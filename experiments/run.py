@@ -193,7 +193,7 @@ def measure(config, fns, params, meas_data, test_data, keys) -> tuple[dict, dict
         ),
     )
     lam_max = float(top_values[0])
-    negative, negative_se = slq.mass_below(0.0)
+    negative, negative_se = slq.mass_below()  # below -sqrt(eps) * max|node|: zeros excluded
     hessian = {
         "top": _floats(top_values),
         "top_residuals": _floats(top_residuals),

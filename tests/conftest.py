@@ -51,10 +51,15 @@ def mlp(activation):
     return apply
 
 
+def make_problem(activation, loss_name, *, num_examples=13, sizes=(4, 6, 5, 3), seed=0, dtype=None):
+    """See :func:`_make_problem`; ``dtype`` defaults to float64 under x64 and float32 otherwise."""
+    if dtype is None:
+        dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    return _make_problem(activation, loss_name, num_examples, tuple(sizes), seed, jnp.dtype(dtype))
+
+
 @functools.cache
-def make_problem(
-    activation, loss_name, *, num_examples=13, sizes=(4, 6, 5, 3), seed=0, dtype=jnp.float64
-):
+def _make_problem(activation, loss_name, num_examples, sizes, seed, dtype):
     """An MLP with two hidden layers, data and the user-facing functions for both builders.
 
     Cached, so that tests share the same function objects and hence JAX's compilation caches.

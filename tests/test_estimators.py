@@ -21,13 +21,15 @@ def problem():
 
 
 def coverage(estimates, errors, exact):
-    """Share of runs within 3 standard errors, and the bias in units of its standard error."""
+    """Share of runs within 3 standard errors, the bias in units of its standard error, and the
+    spread of the estimates over seeds divided by the RMS of the stated standard errors (about 1
+    for an honest error bar: both a too-small and a too-large error bar fail)."""
     estimates, errors = np.asarray(estimates), np.asarray(errors)
     within = np.abs(estimates - exact) <= 3 * errors + 1e-12 * np.abs(exact).max()
-    bias_z = np.abs(estimates.mean(0) - exact) / (
-        np.sqrt(np.mean(errors**2, 0) / len(estimates)) + 1e-300
-    )
-    return within.mean(), bias_z
+    rms_error = np.sqrt(np.mean(errors**2, 0)) + 1e-300
+    bias_z = np.abs(estimates.mean(0) - exact) / (rms_error / np.sqrt(len(estimates)))
+    spread = np.std(estimates, axis=0, ddof=1) / rms_error
+    return within.mean(), bias_z, spread
 
 
 @pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
@@ -36,9 +38,12 @@ def test_trace_within_stated_error(x64, problem, method):
     runs = [
         cv.trace(op, num_matvecs=30, key=jax.random.key(s), method=method) for s in range(SEEDS)
     ]
-    share, bias_z = coverage([r.value for r in runs], [r.standard_error for r in runs], np.trace(h))
+    share, bias_z, spread = coverage(
+        [r.value for r in runs], [r.standard_error for r in runs], np.trace(h)
+    )
     assert share >= 0.9, share
     assert bias_z < 4, bias_z  # an estimator biased by a few standard errors fails here
+    assert 0.75 < spread < 1.33, spread  # the stated error is the actual error
     assert all(int(r.num_matvecs) == 30 for r in runs)
 
 
@@ -62,9 +67,10 @@ def test_hutchpp_beats_hutchinson_on_decaying_spectrum(x64):
 def test_diagonal_within_stated_error(x64, problem):
     op, h = problem
     runs = [cv.diagonal(op, num_matvecs=30, key=jax.random.key(s)) for s in range(SEEDS // 2)]
-    share, bias_z = coverage(
+    share, bias_z, spread = coverage(
         [r.diagonal for r in runs], [r.standard_error for r in runs], np.diag(h)
     )
+    assert 0.8 < np.median(spread) < 1.25, np.median(spread)
     assert share >= 0.9, share
     assert np.mean(bias_z < 4) >= 0.95
     assert runs[0].diagonal.shape == (op.size,)
@@ -75,10 +81,10 @@ def test_frobenius_within_stated_error(x64, problem):
     runs = [
         cv.frobenius_norm_squared(op, num_matvecs=20, key=jax.random.key(s)) for s in range(SEEDS)
     ]
-    share, bias_z = coverage(
+    share, bias_z, spread = coverage(
         [r.value for r in runs], [r.standard_error for r in runs], np.sum(h**2)
     )
-    assert share >= 0.9 and bias_z < 4, (share, bias_z)
+    assert share >= 0.9 and bias_z < 4 and 0.75 < spread < 1.33, (share, bias_z, spread)
 
 
 def test_slq_trace_equals_hutchinson_with_same_probes(x64, problem, key):
@@ -122,3 +128,27 @@ def test_density_integrates_to_one(x64, problem, key):
     assert grid.shape == values.shape == (11,)
     with pytest.raises(ValueError, match="sigma"):
         slq.density(sigma=0.0)
+
+
+def test_negative_mass_ignores_exact_zero_eigenvalues(key):
+    # A positive semi-definite operator with a large null space (like dead ReLUs): no negative
+    # mass by default, however the round-off signs of the zero node fall.
+    q, _ = np.linalg.qr(np.random.default_rng(2).normal(size=(60, 60)))
+    psd = q @ np.diag(np.concatenate([np.zeros(40), np.linspace(1, 5, 20)])) @ q.T
+    slq = cv.spectral_density(
+        cv.from_matrix(jnp.asarray((psd + psd.T) / 2, jnp.float32)),
+        num_probes=4,
+        num_steps=30,
+        key=key,
+    )
+    assert slq.mass_below()[0] == 0.0
+    # With negative eigenvalues it counts them (a quarter of the spectrum here).
+    shifted = q @ np.diag(np.concatenate([np.zeros(30), -np.ones(15), np.linspace(1, 5, 15)])) @ q.T
+    slq = cv.spectral_density(
+        cv.from_matrix(jnp.asarray((shifted + shifted.T) / 2, jnp.float32)),
+        num_probes=8,
+        num_steps=30,
+        key=key,
+    )
+    mass, error = slq.mass_below()
+    assert abs(mass - 0.25) <= 4 * error + 1e-6

@@ -46,7 +46,7 @@ def test_hvp_float32_close_to_float64_reference(activation, loss_name):
     for i in range(3):
         v = np.asarray(jax.random.normal(jax.random.key(i), (op.size,)), np.float32)
         out = np.asarray(op @ v, np.float64)
-        assert out.dtype == np.float64 and (op @ v).dtype == jnp.float32
+        assert (op @ v).dtype == jnp.float32
         ref = h @ v.astype(np.float64)
         assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
 
@@ -116,7 +116,7 @@ def test_residual_diagonal_vanishes_for_relu_only(x64):
         diag_share = float(jnp.abs(jnp.diag(r)).max() / jnp.abs(r).max())
         assert (diag_share < 1e-12) == expect_zero, (activation, diag_share)
         assert rel_err(cv.dense(2.0 * h), 2.0 * cv.dense(h)) < 1e-14
-        assert rel_err(cv.dense(-h + h), jnp.zeros_like(r) + 1.0) == pytest.approx(1.0)
+        assert float(jnp.abs(cv.dense(-h + h)).max()) <= 1e-12 * float(jnp.abs(cv.dense(h)).max())
 
 
 def test_unravel_roundtrip_and_matmat(x64):
@@ -140,3 +140,78 @@ def test_hessian_accepts_tuple_data_and_pytree_batches(x64):
     a = cv.dense(cv.hessian(tuple_loss, params, (data["x"], data["y"]), batch_size=4))
     b = cv.dense(cv.hessian(loss, params, data, batch_size=4))
     assert rel_err(a, b) < 1e-12
+
+
+def test_batch_size_larger_than_data_and_bad_values(x64):
+    params, data, _, loss, _ = make_problem("tanh", "mse")
+    h = dense_hessian(loss, params, data)
+    assert rel_err(cv.dense(cv.hessian(loss, params, data, batch_size=100)), h) < 1e-10
+    assert rel_err(cv.dense(cv.hessian(loss, params, data, batch_size=np.int64(4))), h) < 1e-10
+    for bad in (0, -3, 2.5, 20.0):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            cv.hessian(loss, params, data, batch_size=bad)
+
+
+def test_low_precision_parameters_run_the_algorithms_in_float32():
+    # bfloat16 parameters: the model runs in bfloat16, Krylov vectors, eigh and QR in float32.
+    diag = jnp.arange(1.0, 21.0)
+
+    def loss(w, batch):
+        return 0.5 * jnp.sum(diag.astype(w.dtype) * w * w) + 0.0 * jnp.sum(batch)
+
+    w = jnp.ones(20, jnp.bfloat16)
+    op = cv.hessian(loss, w, jnp.zeros((3, 1)))
+    assert op.dtype == jnp.float32
+    key = jax.random.key(0)
+    assert float(cv.eigsh(op, k=1, num_steps=20, key=key).eigenvalues[0]) == pytest.approx(
+        20.0, rel=1e-2
+    )
+    # Hutchinson with Rademacher probes is exact on a diagonal operator, up to bf16 rounding.
+    assert float(cv.trace(op, num_matvecs=4, key=key, method="hutchinson").value) == pytest.approx(
+        210.0, rel=1e-2
+    )
+    hpp = cv.trace(op, num_matvecs=30, key=key)
+    assert abs(float(hpp.value) - 210.0) <= 4 * float(hpp.standard_error)
+    res = cv.power_iteration(op, k=1, key=key, max_iters=2000)
+    assert float(res.eigenvalues[0]) == pytest.approx(20.0, rel=1e-2)
+    # Mixed float32 / bfloat16 leaves: chunks accumulate in float32.
+    mixed = {"a": jnp.ones(3, jnp.float32), "b": jnp.ones(2, jnp.bfloat16)}
+    mop = cv.hessian(
+        lambda p, b: (
+            jnp.sum(p["a"] ** 2) + jnp.sum(p["b"].astype(jnp.float32) ** 2) + 0 * jnp.sum(b)
+        ),
+        mixed,
+        jnp.zeros((5, 1)),
+        batch_size=2,
+    )
+    assert mop.dtype == jnp.float32
+    assert np.allclose(cv.dense(mop), 2 * np.eye(5))
+
+
+def test_estimators_run_inside_jit(x64):
+    params, data, _, loss, _ = make_problem("tanh", "mse")
+    key = jax.random.key(0)
+
+    @jax.jit
+    def measure(p):
+        op = cv.hessian(loss, p, data)
+        return (
+            cv.eigsh(op, k=2, num_steps=20, key=key).eigenvalues,
+            cv.trace(op, num_matvecs=12, key=key).value,
+            cv.power_iteration(op, k=1, key=key, max_iters=50).eigenvalues,
+            cv.spectral_density(op, num_probes=2, num_steps=10, key=key).nodes,
+        )
+
+    top, tr, _, _ = measure(params)
+    eager = cv.hessian(loss, params, data)
+    assert np.allclose(top, cv.eigsh(eager, k=2, num_steps=20, key=key).eigenvalues, rtol=1e-10)
+    assert float(tr) == pytest.approx(
+        float(cv.trace(eager, num_matvecs=12, key=key).value), rel=1e-10
+    )
+
+
+def test_from_matrix_rejects_what_lanczos_cannot_use():
+    with pytest.raises(ValueError, match="symmetric"):
+        cv.from_matrix(jnp.array([[1.0, 2.0], [0.0, 1.0]]))
+    with pytest.raises(TypeError, match="complex"):
+        cv.from_matrix(jnp.eye(2) * (1 + 1j))
