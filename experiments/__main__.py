@@ -48,14 +48,18 @@ def _main(argv):
             raise app.UsageError("compare needs --runs=DIR1,DIR2,...")
         from experiments import figures
 
-        for path in figures.compare(_RUNS.value, _WORKDIR.value, sigma=_SIGMA.value):
+        try:
+            written = figures.compare(_RUNS.value, _WORKDIR.value, sigma=_SIGMA.value)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        for path in written:
             print(f"wrote {path}")
         return 0
     if command == "run":
         if _CONFIG.value is None:
             raise app.UsageError("run needs --config=configs/NAME.py")
-        from experiments.config import ConfigError
-        from experiments.data import DataError
+        from experiments.errors import ConfigError, DataError
 
         try:
             statuses = run.run(
@@ -65,15 +69,20 @@ def _main(argv):
             print(f"error: {err}", file=sys.stderr)
             return 2
         print(report.write_summary(_WORKDIR.value))
+        _draw(_WORKDIR.value)
         failed = [k for k, v in statuses.items() if v.get("state") == "failed"]
         if failed:
+            stopped = ", ".join(failed)
             print(
-                f"{len(failed)} of {len(statuses)} runs stopped early: {', '.join(failed)}",
-                file=sys.stderr,
+                f"{len(failed)} of {len(statuses)} runs stopped early: {stopped}", file=sys.stderr
             )
-        _draw(_WORKDIR.value)
+            return 1
         return 0
-    print(report.write_summary(_WORKDIR.value))
+    try:
+        print(report.write_summary(_WORKDIR.value))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     _draw(_WORKDIR.value)
     return 0
 

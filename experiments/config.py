@@ -12,6 +12,7 @@ import ml_collections
 
 from experiments import data as data_lib
 from experiments import models
+from experiments.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LOSSES = ("cross_entropy", "mse")
@@ -69,10 +70,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.measure.slq_steps = 60
     c.measure.gauss_newton = True  # also measure G and R = H - G
     return c
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be run, naming its key."""
 
 
 def validate(config, num_params: int | None = None) -> None:

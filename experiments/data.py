@@ -15,11 +15,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from experiments.errors import DataError
+
 SOURCES = ("digits", "teacher", "mixture", "npz", "idx")
-
-
-class DataError(ValueError):
-    """A data source or file that cannot be used, with the reason."""
 
 
 class Dataset(NamedTuple):
@@ -77,6 +75,11 @@ def _split(x, y, test_fraction, seed):
         raise DataError(f"config key data.test_fraction must lie in (0, 1), got {test_fraction}")
     order = np.random.default_rng(seed).permutation(len(x))
     num_test = int(round(test_fraction * len(x)))
+    if num_test < 1 or num_test >= len(x):
+        raise DataError(
+            f"config key data.test_fraction: {test_fraction} of {len(x)} examples leaves "
+            f"{num_test} for testing and {len(x) - num_test} for training; both need at least 1"
+        )
     test, train = order[:num_test], order[num_test:]
     return x[train], y[train], x[test], y[test]
 
@@ -142,9 +145,9 @@ def _npz(path):
                     f"(it has {sorted(f.files)})"
                 )
             arrays = {k: np.asarray(f[k]) for k in _NPZ_KEYS}
-    except (OSError, ValueError) as err:
-        if isinstance(err, DataError):
-            raise
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as err:
         raise DataError(f"{p} is not a readable .npz file: {err}") from err
     _check_pairs(p, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
     return tuple(arrays[k] for k in _NPZ_KEYS)
@@ -152,6 +155,10 @@ def _npz(path):
 
 def _check_pairs(where, x_tr, y_tr, x_te, y_te):
     for name, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
+        if len(x) == 0:
+            raise DataError(f"{where}: x_{name} is empty")
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise DataError(f"{where}: x_{name} has dtype {x.dtype}; inputs must be numeric")
         if x.ndim < 2:
             raise DataError(f"{where}: x_{name} has shape {x.shape}; need (examples, features...)")
         if y.ndim != 1 or len(y) != len(x):
@@ -176,11 +183,16 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 def read_idx(path: pathlib.Path) -> np.ndarray:
     """An array from an MNIST-style idx file, gzipped or not."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path} cannot be read: {err}") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an idx file (bad magic number)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: the idx header is cut short")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     count = int(np.prod(dims)) if dims else 1

@@ -17,6 +17,7 @@ and ``report.md`` / ``report.html`` with the figures and the per-activation tabl
 from __future__ import annotations
 
 import html
+import io
 import pathlib
 
 import numpy as np
@@ -57,9 +58,7 @@ def _groups(run) -> list[tuple[str, list[dict]]]:
     return [(a, ms) for a, ms in report.by_activation(run).items() if ms]
 
 
-def _common_steps(members) -> list[int]:
-    sets = [{r["step"] for r in m["records"]} for m in members]
-    return sorted(set.intersection(*sets)) if sets else []
+_common_steps = report.common_steps
 
 
 def series(members, get) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
@@ -155,12 +154,24 @@ def density_figure(run, *, sigma: float | None = None, floor: float = 1e-5):
     return fig, sigma
 
 
+def _edge(config) -> tuple[float | None, str]:
+    """The edge of stability to draw: full-batch gradient descent (2/η) or heavy-ball momentum
+    ((2 + 2β)/η); none for minibatches or Adam, where no such line holds."""
+    train = config["train"]
+    if train["batch_size"] != 0:
+        return None, ""
+    if train["optimizer"] == "sgd":
+        return 2.0 / train["learning_rate"], "2/η"
+    if train["optimizer"] == "momentum":
+        return (2.0 + 2.0 * train["momentum"]) / train["learning_rate"], "(2+2β)/η"
+    return None, ""
+
+
 def eigenvalue_figure(run):
     plt = _pyplot()
     groups = _groups(run)
     config = run["config"]
-    plain_gd = config["train"]["optimizer"] == "sgd"
-    edge = 2.0 / config["train"]["learning_rate"]
+    edge, edge_label = _edge(config)
     top_k, bottom_k = config["measure"]["top_k"], config["measure"]["bottom_k"]
     with plt.rc_context(PAPER_RC):
         cols = min(len(groups), 3)
@@ -179,18 +190,22 @@ def eigenvalue_figure(run):
         highest = -np.inf
         for i, ((activation, members), ax) in enumerate(zip(groups, axes.ravel(), strict=False)):
             style = plotting.series_style(i)
-            steps, top, _ = series(members, lambda r: r["hessian"]["top"])
+            steps, top, per_seed = series(members, lambda r: r["hessian"]["top"])
             highest = max(highest, float(np.max(top)))
-            for j, line in enumerate(
-                plotting.plot_trajectories(ax, steps, top, label=f"top {top_k}", style=style)
-            ):
+            lines = plotting.plot_trajectories(ax, steps, top, label=f"top {top_k}", style=style)
+            for j, line in enumerate(lines):
                 line.set_gid(f"eig/{activation}/top{j}")
                 line.set_linewidth(1.4 if j == 0 else 0.7)
+            if len(members) > 1:  # each seed's largest eigenvalue, also past the common steps
+                for seed_steps, values in per_seed:
+                    ax.plot(
+                        seed_steps, values[:, 0], color=style["color"], linewidth=0.4, alpha=0.5
+                    )
             if "bottom" in members[0]["records"][0]["hessian"]:
                 _, bottom, _ = series(members, lambda r: r["hessian"]["bottom"])
-                lines = plotting.plot_trajectories(
-                    ax, steps, bottom, label=f"bottom {bottom_k}", style={**style, "linestyle": ":"}
-                )
+                hollow = {**style, "markerfacecolor": "none"}
+                label = f"bottom {bottom_k} (hollow)"
+                lines = plotting.plot_trajectories(ax, steps, bottom, label=label, style=hollow)
                 for j, line in enumerate(lines):
                     line.set_gid(f"eig/{activation}/bottom{j}")
                     line.set_linewidth(0.7)
@@ -202,16 +217,17 @@ def eigenvalue_figure(run):
                 ax.set_xlabel("training step")
             if ax is axes[ax.get_subplotspec().rowspan.start, 0]:
                 ax.set_ylabel("Hessian eigenvalue")
-        if plain_gd:
-            # The edge of stability of gradient descent; marked in words when far off the data.
+        if edge is not None:
+            # The edge of stability of full-batch (heavy-ball) gradient descent; in words when
+            # it lies far above the data.
             for ax in axes.ravel()[: len(groups)]:
                 if edge <= 1.5 * highest:
-                    ax.axhline(edge, color="0.3", linestyle="--", linewidth=0.8, label="2/η")
+                    ax.axhline(edge, color="0.3", linestyle="--", linewidth=0.8, label=edge_label)
                 else:
                     text = ax.text(
                         0.98,
                         0.97,
-                        f"2/η = {edge:.3g} (above)",
+                        f"{edge_label} = {edge:.3g} (above)",
                         transform=ax.transAxes,
                         ha="right",
                         va="top",
@@ -241,14 +257,13 @@ def trace_figure(run):
             line.set_gid(f"trace/{activation}/H")
             if has_gn:
                 _, tr_g, _ = series(members, lambda r: r["gauss_newton"]["trace"])
-                (line,) = plotting.plot_trajectories(
-                    ax, steps, tr_g, style={**style, "linestyle": ":", "marker": None}
-                )
+                thin = {**style, "markerfacecolor": "none", "linewidth": 0.7}
+                (line,) = plotting.plot_trajectories(ax, steps, tr_g, style=thin)
                 line.set_gid(f"trace/{activation}/G")
         ax.set_xlabel("training step")
         ax.set_ylabel("trace (Hutch++)")
         if has_gn:
-            ax.set_title("solid: tr H; dotted: tr G (Gauss-Newton part)")
+            ax.set_title("thick, filled markers: tr H; thin, hollow: tr G (Gauss-Newton)")
         ax.legend(frameon=False)
         if has_gn:
             ax = axes[0, 1]
@@ -308,9 +323,9 @@ def _save(fig, folder: pathlib.Path, name: str) -> list[pathlib.Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = folder / f"{name}.{ext}"
-        tmp = folder / f".{name}.tmp.{ext}"
-        fig.savefig(tmp)
-        tmp.replace(path)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=ext)
+        storage.atomic_write_bytes(path, buffer.getvalue())
         paths.append(path)
     plt.close(fig)
     return paths
@@ -324,9 +339,10 @@ def draw_all(workdir, *, sigma: float | None = None) -> list[pathlib.Path]:
         return []
     folder = workdir / "figures"
     paths = []
-    fig, sigma = density_figure(run, sigma=sigma)
+    fig, drawn_sigma = density_figure(run, sigma=sigma)
     if fig is not None:
         paths += _save(fig, folder, "density")
+        sigma = drawn_sigma
     for name, make in FIGURES.items():
         paths += _save(make(run), folder, name)
     paths += write_report(workdir, run, sigma)
@@ -337,7 +353,7 @@ def draw_all(workdir, *, sigma: float | None = None) -> list[pathlib.Path]:
 # The report.
 
 REPORT_COLUMNS = [
-    "train loss",
+    "loss",
     "test acc.",
     "λmax(H)",
     "tr H",
@@ -356,12 +372,17 @@ def write_report(workdir, run, sigma) -> list[pathlib.Path]:
     figures = [
         (
             "density",
-            f"Hessian spectral density at initialisation and at the last step; Gaussian kernel of standard deviation σ = {sigma:.3g} on one grid for all activations; ticks: Ritz nodes.",
+            f"Hessian spectral density at initialisation and at the last step; Gaussian kernel of standard deviation σ = {sigma or 0:.3g} on one grid for all activations; ticks: Ritz nodes.",
         ),
         (
             "eigenvalues",
-            "Top-k and bottom-k Hessian eigenvalues (Lanczos) against training step, mean over seeds"
-            + ("; dashed: 2/η." if config["train"]["optimizer"] == "sgd" else "."),
+            "Top-k and bottom-k (hollow markers) Hessian eigenvalues (Lanczos) against training step, "
+            "mean over seeds; thin lines: each seed's largest eigenvalue"
+            + (
+                f"; dashed line or note: the edge of stability {_edge(config)[1]}."
+                if _edge(config)[0]
+                else "."
+            ),
         ),
         (
             "trace",
@@ -370,14 +391,22 @@ def write_report(workdir, run, sigma) -> list[pathlib.Path]:
         ("training", "Training loss and test accuracy; thin lines: seeds, thick: mean."),
     ]
     title = f"curvature report: {workdir.name}"
+    model = config["model"]
+    arch = (
+        f"width {model['width']}, depth {model['depth']}"
+        if model["kind"] == "mlp"
+        else f"channels {model['channels']}"
+    )
+    batch = config["train"]["batch_size"] or "full"
     setup = (
-        f"{config['model']['kind'].upper()} (width {config['model']['width']}, depth {config['model']['depth']}) on "
-        f"{config['data']['source']}, {config['train']['optimizer']} η = {config['train']['learning_rate']}, "
+        f"{model['kind'].upper()} ({arch}) on {config['data']['source']}, "
+        f"{config['train']['optimizer']} η = {config['train']['learning_rate']} (batch {batch}), "
+        f"curvature on {config['measure']['num_examples'] or 'all'} training examples, "
         f"{config['train']['steps']} steps, loss {config['train']['loss']}, seeds {config['seeds']}, dtype {config['dtype']}, "
         f"matmul precision {prov.get('matmul_precision', '?')}, jax {prov.get('packages', {}).get('jax', '?')}, "
         f"git {str((prov.get('git') or {}).get('revision'))[:10]}."
     )
-    titles = ["activation", "seeds"] + REPORT_COLUMNS
+    titles = ["activation", "seeds", "failed", "final step"] + REPORT_COLUMNS
     md = [f"# {title}", "", setup, "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in rows:
         md.append("| " + " | ".join(report._fmt(row.get(t)) for t in titles) + " |")

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from experiments.errors import ConfigError
+
 ACTIVATIONS = (
     "relu",
     "leaky_relu",
@@ -124,7 +126,7 @@ def build(model_cfg, activation: str, input_shape, num_classes, seed: int):
         model = MLP(features, model_cfg.width, model_cfg.depth, num_classes, activation, rngs=rngs)
     elif model_cfg.kind == "cnn":
         if len(input_shape) not in (2, 3):
-            raise ValueError(
+            raise ConfigError(
                 f"config key model.kind='cnn' needs image inputs (H, W[, C]); got {input_shape}; "
                 "set data.image_shape"
             )

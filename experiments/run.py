@@ -90,12 +90,13 @@ def _trainer(loss_fn, optimizer_key: tuple, batch_size: int, num_train: int):
     full_batch = batch_size == 0 or batch_size >= num_train
     steps_per_epoch = max(1, num_train // batch_size) if not full_batch else 1
 
-    def minibatch(x, y, step, key):
+    def epoch_order(step, key):
+        return jax.random.permutation(jax.random.fold_in(key, step // steps_per_epoch), num_train)
+
+    def minibatch(x, y, step, order):
         if full_batch:
             return {"x": x, "y": y}
-        epoch, i = step // steps_per_epoch, step % steps_per_epoch
-        order = jax.random.permutation(jax.random.fold_in(key, epoch), num_train)
-        idx = jax.lax.dynamic_slice(order, (i * batch_size,), (batch_size,))
+        idx = jax.lax.dynamic_slice(order, ((step % steps_per_epoch) * batch_size,), (batch_size,))
         return {"x": x[idx], "y": y[idx]}
 
     @jax.jit
@@ -104,8 +105,12 @@ def _trainer(loss_fn, optimizer_key: tuple, batch_size: int, num_train: int):
             return (carry[2] < stop) & ~carry[3]
 
         def body(carry):
-            params, opt_state, step, _, _ = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, minibatch(x, y, step, key))
+            params, opt_state, step, _, _, order = carry
+            if not full_batch:  # a new permutation only when an epoch starts
+                order = jax.lax.cond(
+                    step % steps_per_epoch == 0, lambda: epoch_order(step, key), lambda: order
+                )
+            loss, grads = jax.value_and_grad(loss_fn)(params, minibatch(x, y, step, order))
             finite = jnp.isfinite(loss) & jnp.all(
                 jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
             )
@@ -114,10 +119,11 @@ def _trainer(loss_fn, optimizer_key: tuple, batch_size: int, num_train: int):
             keep = functools.partial(jnp.where, finite)
             params = jax.tree_util.tree_map(keep, new_params, params)
             opt_state = jax.tree_util.tree_map(keep, new_state, opt_state)
-            return params, opt_state, step + finite.astype(step.dtype), ~finite, loss
+            return params, opt_state, step + finite.astype(step.dtype), ~finite, loss, order
 
-        init = (params, opt_state, start, jnp.asarray(False), jnp.asarray(0.0, x.dtype))
-        params, opt_state, step, bad, loss = jax.lax.while_loop(cond, body, init)
+        order = epoch_order(start, key) if not full_batch else jnp.zeros((), jnp.int32)
+        init = (params, opt_state, start, jnp.asarray(False), jnp.asarray(0.0, x.dtype), order)
+        params, opt_state, step, bad, loss, _ = jax.lax.while_loop(cond, body, init)
         return params, opt_state, step, bad, loss
 
     return train
@@ -146,6 +152,16 @@ def _evaluator(loss_fn, model_fn):
 
 def _floats(x) -> list[float]:
     return [float(v) for v in np.asarray(x).ravel()]
+
+
+def edge_of_stability(train_cfg) -> float | None:
+    """The sharpness above which the quadratic model diverges: 2/η for gradient descent,
+    (2 + 2β)/η for heavy-ball momentum β; none for Adam (its preconditioner moves the edge)."""
+    if train_cfg.optimizer == "sgd":
+        return 2.0 / train_cfg.learning_rate
+    if train_cfg.optimizer == "momentum":
+        return (2.0 + 2.0 * train_cfg.momentum) / train_cfg.learning_rate
+    return None
 
 
 def measurement_keys(seed: int, step: int) -> dict[str, jax.Array]:
@@ -225,7 +241,7 @@ def measure(config, fns, params, meas_data, test_data, keys) -> tuple[dict, dict
         "grad_norm": float(grad_norm),
         "hessian": hessian,
         "lr_times_top": config.train.learning_rate * lam_max,
-        "edge_of_stability": 2.0 / config.train.learning_rate,
+        "edge_of_stability": edge_of_stability(config.train),
     }
     if m.gauss_newton:
         G = cv.gauss_newton(
@@ -277,10 +293,6 @@ def measure(config, fns, params, meas_data, test_data, keys) -> tuple[dict, dict
 # One member of the sweep.
 
 
-def member_name(activation: str, seed: int) -> str:
-    return f"{activation.replace(':', '_')}-seed{seed}"
-
-
 def _cast(tree, dtype):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
 
@@ -321,7 +333,7 @@ def run_member(config, dataset, activation, seed, member_dir, *, progress, on_me
     optimizer_key = (config.train.optimizer, config.train.learning_rate, config.train.momentum)
     train = _trainer(fns[2], optimizer_key, config.train.batch_size, len(x_train))
     schedule = config_lib.schedule(config)
-    name = member_name(activation, seed)
+    name = storage.member_name(activation, seed)
 
     for target in schedule:
         if target < step:
@@ -339,7 +351,10 @@ def run_member(config, dataset, activation, seed, member_dir, *, progress, on_me
             )
             step = int(reached)
             if bool(bad):
-                message = f"non-finite training loss ({float(loss)}) at step {step}; kept {len(log.records)} measurements"
+                message = (
+                    f"non-finite training loss or gradient at step {step} (loss {float(loss)}); "
+                    f"kept {len(log.records)} measurements"
+                )
                 storage.write_json(
                     status_path, {"state": "failed", "message": message, "step": step}
                 )
@@ -375,6 +390,17 @@ def _resolved(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+# Keys that may change when a run is resumed: they change how, not what, is computed.
+RESUMABLE_CHANGES = {("measure", "batch_size")}
+
+
+def _comparable(resolved: dict) -> dict:
+    out = json.loads(json.dumps(resolved))
+    for section, key in RESUMABLE_CHANGES:
+        out.get(section, {}).pop(key, None)
+    return out
+
+
 def _diff(a, b, prefix="") -> list[str]:
     keys = sorted(set(a) | set(b))
     out = []
@@ -397,7 +423,7 @@ def prepare(config, workdir) -> tuple[pathlib.Path, data_lib.Dataset]:
     workdir = pathlib.Path(workdir)
     resolved = _resolved(config)
     on_disk = storage.read_json(workdir / "config.json")
-    if on_disk is not None and on_disk != resolved:
+    if on_disk is not None and _comparable(on_disk) != _comparable(resolved):
         raise config_lib.ConfigError(
             f"{workdir} holds a run of another config ({'; '.join(_diff(on_disk, resolved)[:5])}); "
             "resume with the same config or choose a new --workdir"
@@ -412,30 +438,34 @@ def run(
     progress = progress or Progress()
     with jax.enable_x64(config.dtype == "float64"):
         workdir, dataset = prepare(config, workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        storage.write_json(workdir / "config.json", _resolved(config))
-        history = storage.read_json(workdir / "provenance.json", {"invocations": []})
-        history["invocations"].append(storage.provenance(config))
-        storage.write_json(workdir / "provenance.json", history)
-        members = [(a, s) for a in config.activations for s in config.seeds]
-        statuses = {}
-        for i, (activation, seed) in enumerate(members):
-            name = member_name(activation, seed)
-            t0 = time.perf_counter()
-            status = run_member(
-                config,
-                dataset,
-                activation,
-                seed,
-                workdir / "members" / name,
-                progress=progress,
-                on_measurement=on_measurement,
-            )
-            statuses[name] = status
-            progress.line(
-                f"[{i + 1}/{len(members)}] {name}: {status['state']} ({time.perf_counter() - t0:.1f}s)"
-            )
+        with storage.WorkdirLock(workdir):
+            statuses = _run_members(config, workdir, dataset, on_measurement, progress)
     from experiments import report
 
     report.write_summary(workdir)
+    return statuses
+
+
+def _run_members(config, workdir, dataset, on_measurement, progress) -> dict:
+    storage.write_json(workdir / "config.json", _resolved(config))
+    history = storage.read_json(workdir / "provenance.json", {"invocations": []})
+    history["invocations"].append(storage.provenance(config))
+    storage.write_json(workdir / "provenance.json", history)
+    members = [(a, s) for a in config.activations for s in config.seeds]
+    statuses = {}
+    for i, (activation, seed) in enumerate(members):
+        name = storage.member_name(activation, seed)
+        t0 = time.perf_counter()
+        status = run_member(
+            config,
+            dataset,
+            activation,
+            seed,
+            workdir / "members" / name,
+            progress=progress,
+            on_measurement=on_measurement,
+        )
+        statuses[name] = status
+        elapsed = time.perf_counter() - t0
+        progress.line(f"[{i + 1}/{len(members)}] {name}: {status['state']} ({elapsed:.1f}s)")
     return statuses

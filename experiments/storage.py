@@ -15,6 +15,14 @@ from importlib import metadata
 import jax
 import numpy as np
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def member_name(activation: str, seed: int) -> str:
+    """A sweep member's folder name under ``workdir/members``."""
+    return f"{activation.replace(':', '_')}-seed{seed}"
+
 
 def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half."""
@@ -25,6 +33,7 @@ def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -56,29 +65,38 @@ def _jsonable(x):
     raise TypeError(f"cannot write {type(x).__name__} to JSON")
 
 
+def _parse_records(text: str) -> tuple[list[dict], bool]:
+    """Complete, parsable records of a metrics log, and whether anything else was found.
+
+    Only a crash can cut a record short (the log is append-only), and then only the last one;
+    any unparsable line is skipped rather than taken to end the log.
+    """
+    lines = text.split("\n")
+    records, clean = [], lines[-1] == ""
+    for line in lines[:-1]:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            clean = False
+    return records, clean
+
+
 class MetricsLog:
     """``metrics.jsonl``: one JSON record per finished measurement, appended and fsynced.
 
-    A record cut short by a crash (a last line without its newline, or unparsable) is dropped
-    when the log is opened again, and the file is rewritten without it.
+    A record cut short by a crash is dropped when the log is opened again, and the file is
+    rewritten without it.
     """
 
     def __init__(self, path: pathlib.Path):
         self.path = path
         self.records: list[dict] = []
         if path.exists():
-            text = path.read_text()
-            lines = text.split("\n")
-            complete = lines[:-1]  # a trailing fragment without newline is incomplete
-            good = []
-            for line in complete:
-                try:
-                    good.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
-            self.records = good
-            if len(good) != len(complete) or lines[-1]:
-                atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in good).encode())
+            self.records, clean = _parse_records(path.read_text())
+            if not clean:
+                atomic_write_bytes(
+                    path, "".join(json.dumps(r) + "\n" for r in self.records).encode()
+                )
 
     @property
     def steps(self) -> set[int]:
@@ -95,11 +113,41 @@ class MetricsLog:
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:
+    """The complete records of a metrics log (a record cut short by a crash is left out)."""
     if not path.exists():
         return []
-    return [
-        json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")
-    ]
+    return _parse_records(path.read_text())[0]
+
+
+class WorkdirLock:
+    """An exclusive lock on ``workdir/.lock`` for the duration of a run, so that two processes
+    (a relaunch, a requeued job) never train and append to the same run directory at once."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.path = pathlib.Path(workdir) / ".lock"
+        self.file = None
+
+    def __enter__(self):
+        import fcntl
+
+        from experiments.errors import ConfigError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise ConfigError(
+                f"another process is running in {self.path.parent}; wait for it or use a new --workdir"
+            ) from None
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
 
 
 def save_checkpoint(path: pathlib.Path, tree, step: int) -> None:
@@ -122,7 +170,9 @@ def load_checkpoint(path: pathlib.Path, template):
     if len(leaves) != len(want) or any(
         np.shape(a) != np.shape(b) for a, b in zip(leaves, want, strict=False)
     ):
-        raise ValueError(
+        from experiments.errors import ConfigError
+
+        raise ConfigError(
             f"{path} does not match this model and optimizer; delete it or use a new --workdir"
         )
     leaves = [np.asarray(a, dtype=np.asarray(b).dtype) for a, b in zip(leaves, want, strict=True)]

@@ -67,7 +67,7 @@ def test_smoke_run_writes_every_measurement(smoke_run):
     for key in ("packages", "git", "seeds", "dtype", "matmul_precision", "device_count", "command"):
         assert key in prov
     summary = (workdir / "summary.md").read_text()
-    assert "| relu | 1 | 20 |" in summary and "| tanh | 1 | 20 |" in summary
+    assert "| relu | 1 | 0 | 20 |" in summary and "| tanh | 1 | 0 | 20 |" in summary
 
 
 def test_recorded_curvature_matches_the_saved_parameters(smoke_run):
@@ -107,6 +107,8 @@ def test_relu_residual_has_zero_trace(smoke_run):
     for r in storage.read_metrics(workdir / "members" / "relu-seed0" / "metrics.jsonl"):
         assert abs(r["residual"]["trace"]) <= 4 * r["residual"]["trace_se"] + 1e-6
         assert r["residual"]["relative_frobenius"] > 0.01  # yet R itself is not small
+    last = storage.read_metrics(workdir / "members" / "tanh-seed0" / "metrics.jsonl")[-1]
+    assert abs(last["residual"]["trace"]) > 4 * last["residual"]["trace_se"]
 
 
 def test_initialisation_identical_across_activations_and_runs(tmp_path, smoke_run):
@@ -134,8 +136,17 @@ def test_initialisation_identical_across_activations_and_runs(tmp_path, smoke_ru
     assert first["hessian"]["top"] == second["hessian"]["top"]
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, smoke_run):
-    config, reference, _ = smoke_run
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    # Adam (optimizer state to save and restore) on minibatches (an order to resume mid-epoch).
+    config = load_config()
+    with config.unlocked():
+        config.train.optimizer, config.train.learning_rate, config.train.batch_size = (
+            "adam",
+            0.01,
+            64,
+        )
+        config.measure.gauss_newton = False
+    run_lib.run(config, tmp_path / "reference", progress=quiet())
     calls = []
 
     def crash_at_second(activation, seed, step):
@@ -144,24 +155,41 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, smoke_run
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_lib.run(config, tmp_path, on_measurement=crash_at_second, progress=quiet())
+        run_lib.run(config, tmp_path / "run", on_measurement=crash_at_second, progress=quiet())
     assert calls == [("relu", 0), ("relu", 10)]
     resumed = []
     run_lib.run(
-        config, tmp_path, on_measurement=lambda a, s, t: resumed.append((a, t)), progress=quiet()
+        config,
+        tmp_path / "run",
+        on_measurement=lambda a, s, t: resumed.append((a, t)),
+        progress=quiet(),
     )
     # Nothing finished is measured again: relu retrains 0 -> 10 from its checkpoint, skips the
     # recorded step 10 and measures only step 20.
     assert resumed == [("relu", 20), ("tanh", 0), ("tanh", 10), ("tanh", 20)]
     for name in ("relu-seed0", "tanh-seed0"):
-        got = storage.read_metrics(tmp_path / "members" / name / "metrics.jsonl")
-        want = storage.read_metrics(reference / "members" / name / "metrics.jsonl")
+        got = storage.read_metrics(tmp_path / "run" / "members" / name / "metrics.jsonl")
+        want = storage.read_metrics(tmp_path / "reference" / "members" / name / "metrics.jsonl")
         assert strip_timings(got) == strip_timings(want)
+        with (
+            np.load(tmp_path / "run" / "members" / name / "checkpoint.npz") as a,
+            np.load(tmp_path / "reference" / "members" / name / "checkpoint.npz") as b,
+        ):
+            assert len(a.files) > 8  # parameters and Adam's moments
+            assert all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_a_second_process_cannot_run_in_the_same_workdir(tmp_path):
+    config = load_config()
+    with storage.WorkdirLock(tmp_path):
+        with pytest.raises(config_lib.ConfigError, match="another process is running"):
+            run_lib.run(config, tmp_path, progress=quiet())
 
 
 def test_metrics_log_drops_a_record_cut_short(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 0}\n{"step": 10}\n{"step": 2')
+    path.write_text('{"step": 0}\n{"step": 10}\n{"step": 20, "hessian": {"top": [1.0]}')
+    assert [r["step"] for r in storage.read_metrics(path)] == [0, 10]
     log = storage.MetricsLog(path)
     assert log.steps == {0, 10}
     assert path.read_text() == '{"step": 0}\n{"step": 10}\n'
@@ -181,6 +209,17 @@ def test_nonfinite_loss_stops_that_run_and_keeps_its_measurements(tmp_path):
             r["step"] for r in storage.read_metrics(tmp_path / "members" / name / "metrics.jsonl")
         ][0] == 0
     assert "Stopped runs" in (tmp_path / "summary.md").read_text()
+    # A failed member is final: running again neither retries nor re-measures it.
+    kept = {
+        n: len(storage.read_metrics(tmp_path / "members" / n / "metrics.jsonl")) for n in statuses
+    }
+    again = run_lib.run(
+        config, tmp_path, on_measurement=lambda *a: pytest.fail("re-measured"), progress=quiet()
+    )
+    assert again == statuses
+    assert kept == {
+        n: len(storage.read_metrics(tmp_path / "members" / n / "metrics.jsonl")) for n in statuses
+    }
 
 
 @pytest.mark.parametrize(
@@ -284,8 +323,27 @@ def test_idx_and_npz_sources_round_trip(tmp_path):
     assert np.allclose(ds.x_train.reshape(30, -1).mean(0), 0, atol=1e-5)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "train-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04")
-    with pytest.raises(data_lib.DataError, match="bad magic number|lacks"):
-        data_lib._idx(str(tmp_path / "bad"))
+    with pytest.raises(data_lib.DataError, match="bad magic number"):
+        data_lib.read_idx(tmp_path / "bad" / "train-images-idx3-ubyte")
+    (tmp_path / "bad" / "cut").write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    with pytest.raises(data_lib.DataError, match="header is cut short"):
+        data_lib.read_idx(tmp_path / "bad" / "cut")
+    (tmp_path / "bad" / "fake.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(data_lib.DataError, match="cannot be read"):
+        data_lib.read_idx(tmp_path / "bad" / "fake.gz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data_lib.DataError, match="lacks train-images-idx3-ubyte"):
+        data_lib._idx(str(tmp_path / "empty"))
+    for bad, match in (
+        (dict(arrays, x_test=np.zeros((0, 4, 4))), "x_test is empty"),
+        (dict(arrays, x_train=np.full((30, 2), "a")), "inputs must be numeric"),
+    ):
+        np.savez(
+            tmp_path / "bad.npz",
+            **{k: v.astype(np.int64) if k.startswith("y") else v for k, v in bad.items()},
+        )
+        with pytest.raises(data_lib.DataError, match=match):
+            data_lib._npz(str(tmp_path / "bad.npz"))
 
 
 def test_digits_split_is_deterministic():
@@ -342,5 +400,5 @@ def test_cli_rejects_a_misspelt_key_and_plots_a_run(tmp_path, smoke_run):
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "| relu | 1 | 20 |" in out.stdout
+    assert "| relu | 1 | 0 | 20 |" in out.stdout
     assert report.load_run(workdir)["members"].keys() == {"relu-seed0", "tanh-seed0"}

@@ -12,7 +12,7 @@ from test_experiments import ROOT, load_config, quiet  # noqa: E402
 
 import curvature as cv  # noqa: E402
 from curvature import plotting  # noqa: E402
-from experiments import figures, report  # noqa: E402
+from experiments import figures, report, storage  # noqa: E402
 from experiments import run as run_lib  # noqa: E402
 
 
@@ -126,14 +126,27 @@ def test_figures_are_legible_at_paper_size(saved_run):
             # No two tick labels of an axis overlap.
             boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
             assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
-        # Series differ in line style (or marker), not only in colour: greyscale keeps them apart.
-        styles = {
-            (line.get_linestyle(), line.get_marker())
-            for ax in fig.axes
-            for line in ax.lines
-            if line.get_label() and not line.get_label().startswith("_")
-        }
-        assert len(styles) >= 2
+        # Every data series differs from the others of its panel in line style, marker, fill or
+        # width, not only in colour: greyscale printing keeps them apart. (The top-k lines of
+        # one activation are one series, and so are its bottom-k lines.)
+        for ax in fig.axes:
+            series = [
+                line
+                for line in ax.lines
+                if line.get_gid()
+                and not line.get_gid()[-1:].isdigit()
+                or (line.get_gid() or "").endswith(("top0", "bottom0"))
+            ]
+            styles = [
+                (
+                    line.get_linestyle(),
+                    line.get_marker(),
+                    line.get_markerfacecolor() == "none",
+                    line.get_linewidth(),
+                )
+                for line in series
+            ]
+            assert len(styles) == len(set(styles)), [line.get_gid() for line in series]
 
 
 def test_draw_all_writes_png_pdf_and_report(saved_run):
@@ -144,7 +157,7 @@ def test_draw_all_writes_png_pdf_and_report(saved_run):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
         assert (workdir / "figures" / f"{stem}.png").stat().st_size > 10_000
     text = (workdir / "report.md").read_text()
-    assert "![density](figures/density.png)" in text and "| relu | 2 |" in text
+    assert "![density](figures/density.png)" in text and "| relu | 2 | 0 | 20 |" in text
     assert "<img src='figures/eigenvalues.png'" in (workdir / "report.html").read_text()
 
 
@@ -204,3 +217,33 @@ def test_importing_the_library_needs_neither_matplotlib_nor_flax():
         subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode
         == 0
     )
+
+
+def test_partial_run_with_a_failed_seed_is_summarised_honestly(saved_run, tmp_path):
+    import shutil
+
+    workdir, _ = saved_run
+    partial = tmp_path / "partial"
+    shutil.copytree(workdir, partial)
+    member = partial / "members" / "relu-seed1"
+    lines = (member / "metrics.jsonl").read_text().splitlines()
+    (member / "metrics.jsonl").write_text(lines[0] + "\n")  # seed 1 stopped after step 0
+    storage.write_json(
+        member / "status.json", {"state": "failed", "message": "non-finite", "step": 3}
+    )
+    run = report.load_run(partial)
+    rows = {r["activation"]: r for r in report.summary_rows(run)}
+    relu = rows["relu"]
+    assert relu["final step"] == 0 and relu["seeds"] == 2 and relu["failed"] == 1
+    step0 = [
+        storage.read_metrics(partial / "members" / f"relu-seed{s}" / "metrics.jsonl")[0]
+        for s in (0, 1)
+    ]
+    assert relu["λmax(H)"][0] == pytest.approx(np.mean([r["hessian"]["top"][0] for r in step0]))
+    assert "seeds reached steps [0, 20]" in report.summary_markdown(report.summary_rows(run))
+    # The surviving seed's later eigenvalues are still drawn (thin per-seed line).
+    fig = figures.eigenvalue_figure(run)
+    xs = [list(line.get_xdata()) for ax in fig.axes for line in ax.lines if not line.get_gid()]
+    assert [0, 10, 20] in xs
+    figures.draw_all(partial)
+    assert (partial / "report.md").exists()
