@@ -24,6 +24,17 @@ from experiments import run as run_lib  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def cli(*args, timeout=180):
+    """``python -m experiments ARGS`` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "experiments", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def load_config(name="smoke"):
     spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -371,34 +382,46 @@ def test_activations_by_name():
 
 def test_cli_rejects_a_misspelt_key_and_plots_a_run(tmp_path, smoke_run):
     _, workdir, _ = smoke_run
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments",
-        "run",
-        "--config=configs/smoke.py",
-        f"--workdir={tmp_path}",
-        "--config.train.stepz=5",
-    ]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    args = ["run", "--config=configs/smoke.py", f"--workdir={tmp_path}"]
+    out = cli(*args, "--config.train.stepz=5")
     assert out.returncode == 2
     assert 'error: config key train.stepz does not exist. Did you mean "steps"' in out.stderr
-    bad_type = subprocess.run(
-        cmd[:-1] + ["--config.train.steps=abc"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad_type = cli(*args, "--config.train.steps=abc")
     assert bad_type.returncode == 2 and "--config.train.steps=abc" in bad_type.stderr
     assert not (tmp_path / "members").exists()
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments", "plot", f"--workdir={workdir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = cli("plot", f"--workdir={workdir}")
     assert out.returncode == 0, out.stderr
     assert "| relu | 1 | 0 | 20 |" in out.stdout
     assert report.load_run(workdir)["members"].keys() == {"relu-seed0", "tanh-seed0"}
+
+
+def test_cnn_in_float64_with_momentum_runs_end_to_end(tmp_path):
+    config = load_config()
+    with config.unlocked():
+        config.activations = ("gelu_tanh",)
+        config.dtype = "float64"
+        config.model.kind, config.model.channels = "cnn", (4,)
+        config.data.image_shape, config.data.num_train = (8, 8, 1), 64
+        config.train.optimizer, config.train.steps, config.measure.every = "momentum", 4, 4
+        config.measure.gauss_newton = False
+    statuses = run_lib.run(config, tmp_path, progress=quiet())
+    assert statuses == {"gelu_tanh-seed0": {"state": "done", "step": 4}}
+    records = storage.read_metrics(tmp_path / "members" / "gelu_tanh-seed0" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 4]
+    assert records[0]["edge_of_stability"] == pytest.approx((2 + 2 * 0.9) / 0.2)
+    with np.load(tmp_path / "members" / "gelu_tanh-seed0" / "spectra" / "step_000004.npz") as f:
+        assert f["slq_nodes"].dtype == np.float64
+    with np.load(tmp_path / "members" / "gelu_tanh-seed0" / "checkpoint.npz") as f:
+        assert f["leaf_00000"].dtype == np.float64
+
+
+@pytest.mark.parametrize("source", ["teacher", "mixture"])
+def test_synthetic_sources_are_deterministic_and_learnable(source):
+    config = load_config()
+    with config.unlocked():
+        config.data.source, config.data.num_examples, config.data.num_classes = source, 400, 4
+    a, b = data_lib.load(config.data), data_lib.load(config.data)
+    assert np.array_equal(a.x_train, b.x_train) and np.array_equal(a.y_train, b.y_train)
+    assert a.x_train.shape == (200, 20) and a.num_classes <= 4  # num_train=200 in smoke
+    assert len(np.unique(a.y_train)) >= 2
+    assert abs(float(a.x_train.mean())) < 0.05  # standardised on the training inputs

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("flax")
-from test_experiments import ROOT, load_config, quiet  # noqa: E402
+from test_experiments import cli, load_config, quiet  # noqa: E402
 
 import curvature as cv  # noqa: E402
 from curvature import plotting  # noqa: E402
@@ -164,31 +164,12 @@ def test_draw_all_writes_png_pdf_and_report(saved_run):
 def test_plot_and_compare_commands_redraw_without_recomputing(saved_run, tmp_path):
     workdir, _ = saved_run
     before = {p: p.stat().st_mtime_ns for p in (workdir / "members").rglob("*") if p.is_file()}
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments", "plot", f"--workdir={workdir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    out = cli("plot", f"--workdir={workdir}")
     assert out.returncode == 0, out.stderr
     assert "density.png" in out.stdout
     after = {p: p.stat().st_mtime_ns for p in (workdir / "members").rglob("*") if p.is_file()}
     assert before == after  # no measurement touched
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments",
-            "compare",
-            f"--workdir={tmp_path}",
-            f"--runs={workdir},{workdir}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    out = cli("compare", f"--workdir={tmp_path}", f"--runs={workdir},{workdir}")
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "compare.png").exists() and "relu" in (tmp_path / "compare.md").read_text()
 
