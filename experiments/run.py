@@ -308,7 +308,9 @@ def _setup(config, dataset, activation, seed):
     return fns, _cast(params, dtype)
 
 
-def run_member(config, dataset, activation, seed, member_dir, *, progress, on_measurement=None):
+def run_member(
+    config, dataset, activation, seed, member_dir, *, progress, on_measurement=None, label=None
+):
     status_path = member_dir / "status.json"
     status = storage.read_json(status_path, {})
     if status.get("state") in ("done", "failed"):
@@ -333,13 +335,13 @@ def run_member(config, dataset, activation, seed, member_dir, *, progress, on_me
     optimizer_key = (config.train.optimizer, config.train.learning_rate, config.train.momentum)
     train = _trainer(fns[2], optimizer_key, config.train.batch_size, len(x_train))
     schedule = config_lib.schedule(config)
-    name = storage.member_name(activation, seed)
+    name = label or storage.member_name(activation, seed)
 
     for target in schedule:
         if target < step:
             continue
         if target > step:
-            progress.update(f"{name}: training to step {target}")
+            progress.update(f"{name}: training to step {target} of {schedule[-1]}")
             params, opt_state, reached, bad, loss = train(
                 params,
                 opt_state,
@@ -361,7 +363,8 @@ def run_member(config, dataset, activation, seed, member_dir, *, progress, on_me
                 progress.line(f"{name}: stopped: {message}")
                 return storage.read_json(status_path)
         if target not in log.steps:
-            progress.update(f"{name}: measuring step {target}")
+            done = len(log.steps)
+            progress.update(f"{name}: measuring step {target} ({done + 1}/{len(schedule)})")
             try:
                 record, spectra = measure(
                     config, fns, params, meas_data, test_data, measurement_keys(seed, target)
@@ -464,6 +467,7 @@ def _run_members(config, workdir, dataset, on_measurement, progress) -> dict:
             workdir / "members" / name,
             progress=progress,
             on_measurement=on_measurement,
+            label=f"[{i + 1}/{len(members)}] {name}",
         )
         statuses[name] = status
         elapsed = time.perf_counter() - t0
