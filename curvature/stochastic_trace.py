@@ -138,10 +138,10 @@ def diagonal(
     variance of entry ``i`` is ``sum_{j != i} A_ij^2``: small for diagonally dominant operators.
     """
     _check_key(key)
-    if not isinstance(num_matvecs, int) or num_matvecs < 2:
-        raise ValueError(
-            f"diagonal needs num_matvecs >= 2 for a standard error, got {num_matvecs!r}"
-        )
+    num_matvecs = positive_int(num_matvecs, "num_matvecs")
+    probe_batch_size = _batch(probe_batch_size)
+    if num_matvecs < 2:
+        raise ValueError(f"diagonal needs num_matvecs >= 2 for a standard error, got {num_matvecs}")
     result = _diagonal(op, key, num_matvecs=num_matvecs, probe_batch_size=probe_batch_size)
     _check_finite(result.diagonal, "diagonal")
     return result

@@ -59,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.measure = ml_collections.ConfigDict()
     c.measure.every = 100  # measure every k steps; step 0 and the last step always
     c.measure.steps = ()  # or an explicit list of steps (then `every` is ignored)
-    c.measure.num_examples = 0  # the first N training examples; 0: the whole training set
+    c.measure.split = "train"  # the measurement set: "train" or "test" examples
+    c.measure.num_examples = 0  # the first N examples of that split; 0: all of it
     c.measure.batch_size = 0  # chunk size inside the curvature matvec; 0: all at once
     c.measure.top_k = 5
     c.measure.bottom_k = 3
@@ -115,6 +116,24 @@ def validate(config, num_params: int | None = None) -> None:
     need(config.train.batch_size >= 0, "train.batch_size", "must be >= 0 (0: full batch)")
     m = config.measure
     need(m.every >= 1, "measure.every", "must be >= 1")
+    need(
+        all(isinstance(s, int) and not isinstance(s, bool) for s in m.steps),
+        "measure.steps",
+        f"steps must be integers, got {tuple(m.steps)}",
+    )
+    need(m.split in ("train", "test"), "measure.split", f"{m.split!r} is not 'train' or 'test'")
+    need(m.num_examples >= 0, "measure.num_examples", "must be >= 0 (0: the whole split)")
+    need(m.batch_size >= 0, "measure.batch_size", "must be >= 0 (0: all examples at once)")
+    need(
+        config.data.num_train >= 0 and config.data.num_test >= 0,
+        "data.num_train/num_test",
+        "must be >= 0 (0: all)",
+    )
+    need(
+        0.0 <= config.train.momentum < 1.0,
+        "train.momentum",
+        f"{config.train.momentum} is not in [0, 1)",
+    )
     need(
         all(0 <= s <= config.train.steps for s in m.steps),
         "measure.steps",

@@ -401,7 +401,7 @@ def write_report(workdir, run, sigma) -> list[pathlib.Path]:
     setup = (
         f"{model['kind'].upper()} ({arch}) on {config['data']['source']}, "
         f"{config['train']['optimizer']} η = {config['train']['learning_rate']} (batch {batch}), "
-        f"curvature on {config['measure']['num_examples'] or 'all'} training examples, "
+        f"curvature on {config['measure']['num_examples'] or 'all'} {config['measure']['split']} examples, "
         f"{config['train']['steps']} steps, loss {config['train']['loss']}, seeds {config['seeds']}, dtype {config['dtype']}, "
         f"matmul precision {prov.get('matmul_precision', '?')}, jax {prov.get('packages', {}).get('jax', '?')}, "
         f"git {str((prov.get('git') or {}).get('revision'))[:10]}."
@@ -412,7 +412,7 @@ def write_report(workdir, run, sigma) -> list[pathlib.Path]:
         md.append("| " + " | ".join(report._fmt(row.get(t)) for t in titles) + " |")
     md += [
         "",
-        "Mean ± standard deviation over seeds at each run's last measurement. neg. mass: SLQ spectral mass below −√eps·max|node| (negative eigenvalues; the exact zeros are not counted).",
+        "Mean ± standard deviation over seeds at the last step every seed reached (curvature and loss on the measurement set). neg. mass: SLQ spectral mass below −√eps·max|node| (negative eigenvalues; the exact zeros are not counted).",
         "",
     ]
     for name, caption in figures:

@@ -328,9 +328,11 @@ def run_member(
 
     x_train = jnp.asarray(dataset.x_train, dtype)
     y_train = jnp.asarray(dataset.y_train)
-    num_meas = config.measure.num_examples or len(x_train)
-    meas_data = {"x": x_train[:num_meas], "y": y_train[:num_meas]}
     test_data = {"x": jnp.asarray(dataset.x_test, dtype), "y": jnp.asarray(dataset.y_test)}
+    # The fixed measurement set: the first measure.num_examples of the named split.
+    source = {"x": x_train, "y": y_train} if config.measure.split == "train" else test_data
+    num_meas = config.measure.num_examples or len(source["x"])
+    meas_data = {k: v[:num_meas] for k, v in source.items()}
     data_key = jax.random.fold_in(jax.random.key(seed), 1)
     optimizer_key = (config.train.optimizer, config.train.learning_rate, config.train.momentum)
     train = _trainer(fns[2], optimizer_key, config.train.batch_size, len(x_train))

@@ -254,6 +254,22 @@ def test_nonfinite_loss_stops_that_run_and_keeps_its_measurements(tmp_path):
             lambda c: setattr(c.measure, "slq_steps", 10_000),
             "config key measure.slq_steps: 10000 exceeds the 682 parameters",
         ),
+        (
+            lambda c: setattr(c.measure, "steps", (0, 5.5, 10)),
+            "config key measure.steps: steps must be integers",
+        ),
+        (lambda c: setattr(c.measure, "num_examples", -100), "config key measure.num_examples"),
+        (lambda c: setattr(c.measure, "split", "validation"), "config key measure.split"),
+        (lambda c: setattr(c.train, "momentum", 1.5), "config key train.momentum"),
+        (lambda c: setattr(c.data, "num_train", -5), "config key data.num_train"),
+        (
+            lambda c: setattr(c.model, "kind", "cnn"),
+            "config key model.kind='cnn' needs image inputs",
+        ),
+        (
+            lambda c: setattr(c.data, "test_fraction", 0.0001),
+            "config key data.test_fraction: 0.0001 of 1797 examples leaves 0",
+        ),
     ],
 )
 def test_bad_config_fails_before_training(tmp_path, change, match):
@@ -413,6 +429,22 @@ def test_cnn_in_float64_with_momentum_runs_end_to_end(tmp_path):
         assert f["slq_nodes"].dtype == np.float64
     with np.load(tmp_path / "members" / "gelu_tanh-seed0" / "checkpoint.npz") as f:
         assert f["leaf_00000"].dtype == np.float64
+
+
+def test_curvature_can_be_measured_on_a_named_subset_of_the_test_split(tmp_path):
+    config = load_config()
+    with config.unlocked():
+        config.activations, config.train.steps, config.measure.every = ("relu",), 0, 1
+        config.measure.split, config.measure.num_examples = "test", 50
+        config.measure.gauss_newton = False
+    run_lib.run(config, tmp_path, progress=quiet())
+    record = storage.read_metrics(tmp_path / "members" / "relu-seed0" / "metrics.jsonl")[0]
+    dataset = data_lib.load(config.data)
+    fns, params = run_lib._setup(config, dataset, "relu", 0)
+    subset = {"x": jnp.asarray(dataset.x_test[:50]), "y": jnp.asarray(dataset.y_test[:50])}
+    assert record["train_loss"] == pytest.approx(float(fns[2](params, subset)), rel=1e-6)
+    exact = np.linalg.eigvalsh(np.asarray(cv.dense(cv.hessian(fns[2], params, subset)), np.float64))
+    assert record["hessian"]["top"][0] == pytest.approx(exact[-1], rel=1e-3)
 
 
 @pytest.mark.parametrize("source", ["teacher", "mixture"])
