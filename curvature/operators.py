@@ -461,9 +461,14 @@ class _HessianMatvec:
         return data_mean(hvp, operands["data"], self.batching)
 
 
+def _at_least_float32(x):
+    # Sum chunk losses in float32 or wider: never in bfloat16, never downcast from float64.
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _mean_loss(loss, params, data, batching):
-    return data_mean(lambda batch: loss(params, batch).astype(jnp.float32), data, batching)
+    return data_mean(lambda batch: _at_least_float32(loss(params, batch)), data, batching)
 
 
 def hessian(
@@ -617,7 +622,7 @@ class _GaussNewtonMatvec:
 @functools.partial(jax.jit, static_argnums=(0, 1, 4))
 def _mean_output_loss(model, loss, params, data, batching):
     def value(batch):
-        return loss.value(model(params, batch), batch).astype(jnp.float32)
+        return _at_least_float32(loss.value(model(params, batch), batch))
 
     return data_mean(value, data, batching)
 

@@ -58,23 +58,12 @@ def _groups(run) -> list[tuple[str, list[dict]]]:
     return [(a, ms) for a, ms in report.by_activation(run).items() if ms]
 
 
-_common_steps = report.common_steps
-
-
 def series(members, get) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     """``(steps, mean over seeds, per-seed (steps, values))`` of ``get(record)``."""
-    per_seed = []
-    for m in members:
-        steps = np.array([r["step"] for r in m["records"]])
-        per_seed.append((steps, np.array([get(r) for r in m["records"]], float)))
-    common = _common_steps(members)
-    mean = np.array(
-        [
-            np.mean([get(next(r for r in m["records"] if r["step"] == s)) for m in members], axis=0)
-            for s in common
-        ],
-        float,
-    )
+    by_step = [{r["step"]: get(r) for r in m["records"]} for m in members]
+    per_seed = [(np.array(list(v)), np.array(list(v.values()), float)) for v in by_step]
+    common = report.common_steps(members)
+    mean = np.array([np.mean([v[s] for v in by_step], axis=0) for s in common], float)
     return np.array(common), mean, per_seed
 
 
@@ -110,7 +99,7 @@ def default_sigma(densities) -> float:
 def density_figure(run, *, sigma: float | None = None, floor: float = 1e-5):
     plt = _pyplot()
     groups = _groups(run)
-    finals = {a: max(_common_steps(ms) or [0]) for a, ms in groups}
+    finals = {a: max(report.common_steps(ms) or [0]) for a, ms in groups}
     panels = [("initialisation (step 0)", {a: pooled_density(ms, 0) for a, ms in groups})]
     panels.append(("last step", {a: pooled_density(ms, finals[a]) for a, ms in groups}))
     everything = [d for _, ds in panels for d in ds.values() if d is not None]
@@ -454,7 +443,7 @@ def compare(workdirs, out, *, sigma: float | None = None) -> list[pathlib.Path]:
     curves = []
     for run in runs:
         for activation, members in _groups(run):
-            step = max(_common_steps(members) or [0])
+            step = max(report.common_steps(members) or [0])
             curves.append(
                 (f"{run['workdir'].name}: {activation}", members, pooled_density(members, step))
             )

@@ -68,13 +68,19 @@ class Progress:
 # Training.
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-    lr = train_cfg.learning_rate
-    if train_cfg.optimizer == "sgd":
-        return optax.sgd(lr)
-    if train_cfg.optimizer == "momentum":
-        return optax.sgd(lr, momentum=train_cfg.momentum)
-    return optax.adam(lr)
+def make_optimizer(
+    name: str, learning_rate: float, momentum: float
+) -> optax.GradientTransformation:
+    """``train.optimizer`` by name: plain gradient descent, heavy-ball momentum or Adam."""
+    if name == "sgd":
+        return optax.sgd(learning_rate)
+    if name == "momentum":
+        return optax.sgd(learning_rate, momentum=momentum)
+    return optax.adam(learning_rate)
+
+
+def optimizer_args(train_cfg) -> tuple[str, float, float]:
+    return train_cfg.optimizer, train_cfg.learning_rate, train_cfg.momentum
 
 
 @functools.cache
@@ -85,8 +91,7 @@ def _trainer(loss_fn, optimizer_key: tuple, batch_size: int, num_train: int):
     loss or gradient, keeping the last finite parameters. Minibatch ``i`` of epoch ``e`` is slice
     ``i`` of ``permutation(fold_in(key, e))``, so the data order depends on the step alone.
     """
-    name, lr, momentum = optimizer_key
-    optimizer = make_optimizer(_Namespace(optimizer=name, learning_rate=lr, momentum=momentum))
+    optimizer = make_optimizer(*optimizer_key)
     full_batch = batch_size == 0 or batch_size >= num_train
     steps_per_epoch = max(1, num_train // batch_size) if not full_batch else 1
 
@@ -127,11 +132,6 @@ def _trainer(loss_fn, optimizer_key: tuple, batch_size: int, num_train: int):
         return params, opt_state, step, bad, loss
 
     return train
-
-
-class _Namespace:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
 
 
 @functools.cache
@@ -315,15 +315,15 @@ def run_member(
     status = storage.read_json(status_path, {})
     if status.get("state") in ("done", "failed"):
         return status
-    storage.write_json(status_path, {"state": "running"})
+    _set_status(status_path, state="running")
     dtype = jnp.dtype(config.dtype)
     fns, params = _setup(config, dataset, activation, seed)
-    optimizer = make_optimizer(config.train)
-    opt_state = optimizer.init(params)
-    step = 0
+    opt_state = make_optimizer(*optimizer_args(config.train)).init(params)
+    step = saved = 0
     restored = storage.load_checkpoint(member_dir / "checkpoint.npz", (params, opt_state))
     if restored is not None:
         (params, opt_state), step = restored
+        saved = step
     log = storage.MetricsLog(member_dir / "metrics.jsonl")
 
     x_train = jnp.asarray(dataset.x_train, dtype)
@@ -334,8 +334,7 @@ def run_member(
     num_meas = config.measure.num_examples or len(source["x"])
     meas_data = {k: v[:num_meas] for k, v in source.items()}
     data_key = jax.random.fold_in(jax.random.key(seed), 1)
-    optimizer_key = (config.train.optimizer, config.train.learning_rate, config.train.momentum)
-    train = _trainer(fns[2], optimizer_key, config.train.batch_size, len(x_train))
+    train = _trainer(fns[2], optimizer_args(config.train), config.train.batch_size, len(x_train))
     schedule = config_lib.schedule(config)
     name = label or storage.member_name(activation, seed)
 
@@ -359,11 +358,8 @@ def run_member(
                     f"non-finite training loss or gradient at step {step} (loss {float(loss)}); "
                     f"kept {len(log.records)} measurements"
                 )
-                storage.write_json(
-                    status_path, {"state": "failed", "message": message, "step": step}
-                )
                 progress.line(f"{name}: stopped: {message}")
-                return storage.read_json(status_path)
+                return _set_status(status_path, state="failed", message=message, step=step)
         if target not in log.steps:
             done = len(log.steps)
             progress.update(f"{name}: measuring step {target} ({done + 1}/{len(schedule)})")
@@ -372,19 +368,23 @@ def run_member(
                     config, fns, params, meas_data, test_data, measurement_keys(seed, target)
                 )
             except (NonFiniteLoss, FloatingPointError) as err:
-                storage.write_json(
-                    status_path, {"state": "failed", "message": str(err), "step": step}
-                )
-                progress.line(f"{name}: stopped: {err}")
-                return storage.read_json(status_path)
+                message = f"measurement at step {target} failed: {err}"
+                progress.line(f"{name}: stopped: {message}")
+                return _set_status(status_path, state="failed", message=message, step=step)
             record = {"step": target, "activation": activation, "seed": seed, **record}
             storage.write_npz(member_dir / "spectra" / f"step_{target:06d}.npz", **spectra)
             log.append(record)
             if on_measurement is not None:
                 on_measurement(activation, seed, target)
-        storage.save_checkpoint(member_dir / "checkpoint.npz", (params, opt_state), step)
-    storage.write_json(status_path, {"state": "done", "step": step})
-    return storage.read_json(status_path)
+        if step != saved:  # a resumed member does not rewrite the checkpoint it started from
+            storage.save_checkpoint(member_dir / "checkpoint.npz", (params, opt_state), step)
+            saved = step
+    return _set_status(status_path, state="done", step=step)
+
+
+def _set_status(path, **status) -> dict:
+    storage.write_json(path, status)
+    return status
 
 
 # --------------------------------------------------------------------------------------------

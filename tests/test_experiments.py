@@ -87,7 +87,7 @@ def test_recorded_curvature_matches_the_saved_parameters(smoke_run):
     for activation in config.activations:
         member = workdir / "members" / f"{activation}-seed0"
         fns, template = run_lib._setup(config, dataset, activation, 0)
-        optimizer = run_lib.make_optimizer(config.train)
+        optimizer = run_lib.make_optimizer(*run_lib.optimizer_args(config.train))
         (params, _), step = storage.load_checkpoint(
             member / "checkpoint.npz", (template, optimizer.init(template))
         )

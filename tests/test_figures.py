@@ -121,7 +121,20 @@ def test_figures_are_legible_at_paper_size(saved_run):
         for ax in fig.axes:
             if not ax.get_visible():
                 continue
-            assert ax.get_xlabel() and ax.get_ylabel() or ax is not fig.axes[0]
+            # Axes are labelled: every panel of the first column on y, every panel with no
+            # visible panel below it on x (shared axes label the outer panels only).
+            spec = ax.get_subplotspec()
+            below = [
+                b
+                for b in fig.axes
+                if b.get_visible()
+                and b.get_subplotspec().colspan == spec.colspan
+                and b.get_subplotspec().rowspan.start == spec.rowspan.stop
+            ]
+            if spec.is_first_col():
+                assert ax.get_ylabel(), ax.get_title()
+            if not below:
+                assert ax.get_xlabel(), ax.get_title()
             assert ax.xaxis.label.get_fontsize() >= 7
             # No two tick labels of an axis overlap.
             boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
