@@ -152,6 +152,7 @@ def _check_key(key) -> None:
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "reorthogonalize"))
 def _lanczos(op, key, *, num_steps, reorthogonalize):
+    op = op.prepared()
     key_start, key_restart = jax.random.split(key)
     v0 = jax.random.normal(key_start, (op.size,), op.dtype)
     return _lanczos_run(op, v0, key_restart, num_steps, reorthogonalize)
@@ -193,6 +194,7 @@ def _select(theta: jax.Array, k: int, which: str) -> jax.Array:
     jax.jit, static_argnames=("k", "which", "num_steps", "reorthogonalize", "probe_batch_size")
 )
 def _eigsh(op, key, tol, *, k, which, num_steps, reorthogonalize, probe_batch_size):
+    op = op.prepared()
     run = _lanczos(op, key, num_steps=num_steps, reorthogonalize=reorthogonalize)
     theta, s = jnp.linalg.eigh(tridiagonal(run))
     idx = _select(theta, k, which)

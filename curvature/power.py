@@ -45,6 +45,7 @@ class PowerIterationResult(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _power(op, key, tol, max_iters, *, k):
+    op = op.prepared()
     n, dtype = op.size, op.dtype
     found_vecs = jnp.zeros((k, n), dtype)
     found_vals = jnp.zeros((k,), dtype)

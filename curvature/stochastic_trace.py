@@ -64,6 +64,7 @@ def _mean_and_error(samples: jax.Array, axis: int = 0):
 
 @functools.partial(jax.jit, static_argnames=("num_matvecs", "method", "probe_batch_size"))
 def _trace(op, key, *, num_matvecs, method, probe_batch_size):
+    op = op.prepared()
     n, dtype = op.size, op.dtype
     if method == "hutchinson":
         z = rademacher(key, (num_matvecs, n), dtype)
@@ -119,6 +120,7 @@ def trace(
 
 @functools.partial(jax.jit, static_argnames=("num_matvecs", "probe_batch_size"))
 def _diagonal(op, key, *, num_matvecs, probe_batch_size):
+    op = op.prepared()
     z = rademacher(key, (num_matvecs, op.size), op.dtype)
     d, error = _mean_and_error(z * apply_rows(op, z, probe_batch_size))
     return DiagonalResult(d, error, jnp.asarray(num_matvecs))
@@ -149,6 +151,7 @@ def diagonal(
 
 @functools.partial(jax.jit, static_argnames=("num_matvecs", "probe_batch_size"))
 def _frobenius(op, key, *, num_matvecs, probe_batch_size):
+    op = op.prepared()
     z = rademacher(key, (num_matvecs, op.size), op.dtype)
     samples = jnp.sum(apply_rows(op, z, probe_batch_size) ** 2, axis=1)
     value, error = _mean_and_error(samples)
