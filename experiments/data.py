@@ -9,15 +9,16 @@ training inputs only.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pathlib
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
 from experiments.errors import DataError
-
-SOURCES = ("digits", "teacher", "mixture", "npz", "idx")
+from experiments.registry import Registry
 
 
 class Dataset(NamedTuple):
@@ -33,24 +34,13 @@ class Dataset(NamedTuple):
         return tuple(self.x_train.shape[1:])
 
 
+# ``loader(data_cfg) -> (x_train, y_train, x_test, y_test)`` by ``data.source``.
+SOURCES: Registry[Callable] = Registry("data source", "data.source")
+
+
 def load(cfg) -> Dataset:
     """The dataset that ``cfg`` (the ``data`` section of a config) names."""
-    source = cfg.source
-    if source == "digits":
-        x, y = _digits()
-        x_tr, y_tr, x_te, y_te = _split(x, y, cfg.test_fraction, cfg.split_seed)
-    elif source == "teacher":
-        x, y = _teacher(cfg)
-        x_tr, y_tr, x_te, y_te = _split(x, y, cfg.test_fraction, cfg.split_seed)
-    elif source == "mixture":
-        x, y = _mixture(cfg)
-        x_tr, y_tr, x_te, y_te = _split(x, y, cfg.test_fraction, cfg.split_seed)
-    elif source == "npz":
-        x_tr, y_tr, x_te, y_te = _npz(cfg.path)
-    elif source == "idx":
-        x_tr, y_tr, x_te, y_te = _idx(cfg.path)
-    else:
-        raise DataError(f"config key data.source: unknown source {source!r}; use one of {SOURCES}")
+    x_tr, y_tr, x_te, y_te = SOURCES.get(cfg.source)(cfg)
     if cfg.num_train and cfg.num_train < len(x_tr):
         x_tr, y_tr = x_tr[: cfg.num_train], y_tr[: cfg.num_train]
     if cfg.num_test and cfg.num_test < len(x_te):
@@ -67,7 +57,27 @@ def load(cfg) -> Dataset:
         x_tr, x_te = x_tr.reshape((-1,) + shape), x_te.reshape((-1,) + shape)
     y_tr, y_te = np.asarray(y_tr, np.int32), np.asarray(y_te, np.int32)
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
-    return Dataset(x_tr, y_tr, x_te, y_te, num_classes, source)
+    return Dataset(x_tr, y_tr, x_te, y_te, num_classes, cfg.source)
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """A SHA-256 of the arrays a run trains and measures on (after splitting and
+    standardising): a resumed run refuses data that changed since it started."""
+    digest = hashlib.sha256()
+    for array in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test):
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _from_split(make):
+    """A source of one pool of examples, split into train and test by ``data.test_fraction``."""
+
+    def loader(cfg):
+        x, y = make(cfg)
+        return _split(x, y, cfg.test_fraction, cfg.split_seed)
+
+    return loader
 
 
 def _split(x, y, test_fraction, seed):
@@ -95,7 +105,7 @@ def _standardize(x_train, x_test):
     return apply(x_train), apply(x_test)
 
 
-def _digits():
+def _digits(cfg=None):
     from sklearn.datasets import load_digits  # ships its data with the package: no download
 
     bunch = load_digits()
@@ -157,6 +167,11 @@ def _check_pairs(where, x_tr, y_tr, x_te, y_te):
     for name, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
         if len(x) == 0:
             raise DataError(f"{where}: x_{name} is empty")
+        if np.issubdtype(x.dtype, np.complexfloating):
+            raise DataError(
+                f"{where}: x_{name} has dtype {x.dtype}; complex inputs are not supported "
+                "(split real and imaginary parts into features)"
+            )
         if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
             raise DataError(f"{where}: x_{name} has dtype {x.dtype}; inputs must be numeric")
         if x.ndim < 2:
@@ -171,6 +186,14 @@ def _check_pairs(where, x_tr, y_tr, x_te, y_te):
             raise DataError(f"{where}: y_{name} has negative labels")
         if not np.all(np.isfinite(x)):
             raise DataError(f"{where}: x_{name} has non-finite values")
+    used = np.union1d(np.unique(y_tr), np.unique(y_te))
+    if len(used) < used[-1] + 1:
+        missing = np.setdiff1d(np.arange(used[-1] + 1), used)
+        raise DataError(
+            f"{where}: the labels must be 0..C-1, but the largest is {used[-1]} and "
+            f"{len(missing)} of 0..{used[-1]} never occur (first: {missing[:5].tolist()}); "
+            "renumber the labels"
+        )
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise DataError(
             f"{where}: x_train {x_tr.shape[1:]} and x_test {x_te.shape[1:]} differ per example"
@@ -229,3 +252,10 @@ def _idx(path):
     x_te, y_te = arrays["x_test"], arrays["y_test"].astype(np.int64)
     _check_pairs(folder, x_tr, y_tr, x_te, y_te)
     return x_tr, y_tr, x_te, y_te
+
+
+SOURCES.register("digits", _from_split(_digits))  # scikit-learn's bundled 1,797 8x8 images
+SOURCES.register("teacher", _from_split(_teacher))
+SOURCES.register("mixture", _from_split(_mixture))
+SOURCES.register("npz", lambda cfg: _npz(cfg.path))
+SOURCES.register("idx", lambda cfg: _idx(cfg.path))

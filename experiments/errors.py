@@ -7,3 +7,8 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """A data source or file that cannot be used, with the reason."""
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as it is: a file is corrupt, it holds results of
+    another config or data set, or it cannot be written. Names the file and what to do."""

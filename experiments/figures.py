@@ -9,8 +9,12 @@
   with the 2/η edge-of-stability line for plain gradient descent;
 * ``trace``: tr H and tr G against step, and the residual share ‖H − G‖F / ‖H‖F;
 * ``training``: training loss and test accuracy, seeds as thin lines around their mean;
+* ``edge_of_stability``: λmax / edge (η·λmax/2 for gradient descent) against step, the line at 1
+  (Cohen et al. 2021), for full-batch runs with an edge;
+* ``spectrum``: the top eigenvalues of H (and G) against their index at initialisation and at
+  the last step, on a log axis (the outliers of Papyan 2019; Sagun et al. 2017);
 
-and ``report.md`` / ``report.html`` with the figures and the per-activation table.
+each drawn when the records hold its quantities, and ``report.md`` / ``report.html`` with the figures and the per-activation table.
 ``compare(workdirs, out)`` overlays several run directories.
 """
 
@@ -25,6 +29,7 @@ import numpy as np
 import curvature as cv
 from curvature import plotting
 from experiments import report, storage
+from experiments.load import load_run
 
 PAPER_RC = {
     "font.size": 8,
@@ -54,25 +59,44 @@ def _pyplot():
 # Data from a run directory.
 
 
-def _groups(run) -> list[tuple[str, list[dict]]]:
-    return [(a, ms) for a, ms in report.by_activation(run).items() if ms]
+def _groups(run) -> list[tuple[str, list]]:
+    """``(group, members with records)`` in sweep order; a group is an activation and swept values."""
+    out = []
+    for group, members in run.groups().items():
+        measured = [m for m in members if m.records]
+        if measured:
+            out.append((group, measured))
+    return out
+
+
+def _has(groups, get) -> bool:
+    """Whether any record of ``groups`` has the quantity (``get`` is neither None nor False)."""
+    return any(
+        get(r) is not None and get(r) is not False
+        for _, ms in groups
+        for m in ms
+        for r in m.records
+    )
 
 
 def series(members, get) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-    """``(steps, mean over seeds, per-seed (steps, values))`` of ``get(record)``."""
-    by_step = [{r["step"]: get(r) for r in m["records"]} for m in members]
+    """``(steps, mean over seeds, per-seed (steps, values))`` of ``get(record)``, at the steps
+    where every seed has a value."""
+    by_step = [{r.step: get(r) for r in m.records if get(r) is not None} for m in members]
     per_seed = [(np.array(list(v)), np.array(list(v.values()), float)) for v in by_step]
-    common = report.common_steps(members)
+    common = sorted(set.intersection(*(set(v) for v in by_step))) if by_step else []
     mean = np.array([np.mean([v[s] for v in by_step], axis=0) for s in common], float)
     return np.array(common), mean, per_seed
 
 
 def density_at(member, step) -> cv.SpectralDensity | None:
-    path = member["dir"] / "spectra" / f"step_{step:06d}.npz"
+    path = member.dir / "spectra" / f"step_{step:06d}.npz"
     if not path.exists():
         return None
-    with np.load(path) as f:
-        return cv.SpectralDensity(f["slq_nodes"], f["slq_weights"], f["dimension"])
+    arrays = storage.read_npz(path, "spectra file")
+    if "slq_nodes" not in arrays:
+        return None
+    return cv.SpectralDensity(arrays["slq_nodes"], arrays["slq_weights"], arrays["dimension"])
 
 
 def pooled_density(members, step) -> cv.SpectralDensity | None:
@@ -143,65 +167,75 @@ def density_figure(run, *, sigma: float | None = None, floor: float = 1e-5):
     return fig, sigma
 
 
-def _edge(config) -> tuple[float | None, str]:
-    """The edge of stability to draw: full-batch gradient descent (2/η) or heavy-ball momentum
-    ((2 + 2β)/η); none for minibatches or Adam, where no such line holds."""
-    train = config["train"]
-    if train["batch_size"] != 0:
+def _edge(groups) -> tuple[float | None, str]:
+    """The edge of stability recorded with the measurements (one value for all groups, or none)."""
+    edges = {r.edge_of_stability for _, ms in groups for m in ms for r in m.records}
+    if len(edges) != 1 or None in edges:
         return None, ""
-    if train["optimizer"] == "sgd":
-        return 2.0 / train["learning_rate"], "2/η"
-    if train["optimizer"] == "momentum":
-        return (2.0 + 2.0 * train["momentum"]) / train["learning_rate"], "(2+2β)/η"
-    return None, ""
+    optimizer = groups[0][1][0].config.train.optimizer
+    return edges.pop(), "(2+2β)/η" if optimizer == "momentum" else "2/η"
+
+
+def _panels(plt, count: int, height: float, *, sharex: bool):
+    """A grid of up to three panels a row, one per group, the unused ones hidden."""
+    cols = min(count, 3)
+    rows = int(np.ceil(count / cols))
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(WIDTH, height * rows),
+        sharex=sharex,
+        sharey=True,
+        layout="constrained",
+        squeeze=False,
+    )
+    for ax in axes.ravel()[count:]:
+        ax.set_visible(False)
+    return fig, axes, cols
+
+
+def _top(r):
+    e = r.top_eigenvalues or r.lambda_max
+    return None if e is None else list(e.values)
+
+
+def _bottom(r):
+    e = r.bottom_eigenvalues
+    return None if e is None else list(e.values)
 
 
 def eigenvalue_figure(run):
     plt = _pyplot()
     groups = _groups(run)
-    config = run["config"]
-    edge, edge_label = _edge(config)
-    top_k, bottom_k = config["measure"]["top_k"], config["measure"]["bottom_k"]
+    edge, edge_label = _edge(groups)
     with plt.rc_context(PAPER_RC):
-        cols = min(len(groups), 3)
-        rows = int(np.ceil(len(groups) / cols))
-        fig, axes = plt.subplots(
-            rows,
-            cols,
-            figsize=(WIDTH, 2.2 * rows),
-            sharex=True,
-            sharey=True,
-            layout="constrained",
-            squeeze=False,
-        )
-        for ax in axes.ravel()[len(groups) :]:
-            ax.set_visible(False)
+        fig, axes, cols = _panels(plt, len(groups), 2.2, sharex=True)
         highest = -np.inf
-        for i, ((activation, members), ax) in enumerate(zip(groups, axes.ravel(), strict=False)):
+        for i, ((group, members), ax) in enumerate(zip(groups, axes.ravel(), strict=False)):
             style = plotting.series_style(i)
-            steps, top, per_seed = series(members, lambda r: r["hessian"]["top"])
+            steps, top, per_seed = series(members, _top)
             highest = max(highest, float(np.max(top)))
-            lines = plotting.plot_trajectories(ax, steps, top, label=f"top {top_k}", style=style)
+            lines = plotting.plot_trajectories(
+                ax, steps, top, label=f"top {top.shape[-1]}", style=style
+            )
             for j, line in enumerate(lines):
-                line.set_gid(f"eig/{activation}/top{j}")
+                line.set_gid(f"eig/{group}/top{j}")
                 line.set_linewidth(1.4 if j == 0 else 0.7)
             if len(members) > 1:  # each seed's largest eigenvalue, also past the common steps
                 for seed_steps, values in per_seed:
                     ax.plot(
                         seed_steps, values[:, 0], color=style["color"], linewidth=0.4, alpha=0.5
                     )
-            if "bottom" in members[0]["records"][0]["hessian"]:
-                _, bottom, _ = series(members, lambda r: r["hessian"]["bottom"])
+            if _has([(group, members)], _bottom):
+                _, bottom, _ = series(members, _bottom)
                 hollow = {**style, "markerfacecolor": "none"}
-                label = f"bottom {bottom_k} (hollow)"
+                label = f"bottom {bottom.shape[-1]} (hollow)"
                 lines = plotting.plot_trajectories(ax, steps, bottom, label=label, style=hollow)
                 for j, line in enumerate(lines):
-                    line.set_gid(f"eig/{activation}/bottom{j}")
+                    line.set_gid(f"eig/{group}/bottom{j}")
                     line.set_linewidth(0.7)
             ax.axhline(0.0, color="0.7", linewidth=0.5, zorder=0)
-            ax.set_title(
-                f"{activation} ({len(members)} seed{'s' if len(members) > 1 else ''}, mean)"
-            )
+            ax.set_title(f"{group} ({len(members)} seed{'s' if len(members) > 1 else ''}, mean)")
             if ax in axes[-1] or i + cols >= len(groups):
                 ax.set_xlabel("training step")
             if ax is axes[ax.get_subplotspec().rowspan.start, 0]:
@@ -228,40 +262,47 @@ def eigenvalue_figure(run):
     return fig
 
 
+def _frobenius_share(r):
+    return r.frobenius.relative_residual if r.frobenius else None
+
+
 def trace_figure(run):
     plt = _pyplot()
     groups = _groups(run)
-    has_gn = all("gauss_newton" in ms[0]["records"][0] for _, ms in groups)
+    has_gn = _has(groups, lambda r: r.gauss_newton)
+    has_share = _has(groups, _frobenius_share)
     with plt.rc_context(PAPER_RC):
         fig, axes = plt.subplots(
-            1, 2 if has_gn else 1, figsize=(WIDTH, 2.6), layout="constrained", squeeze=False
+            1, 2 if has_share else 1, figsize=(WIDTH, 2.6), layout="constrained", squeeze=False
         )
         ax = axes[0, 0]
-        for i, (activation, members) in enumerate(groups):
+        for i, (group, members) in enumerate(groups):
             style = plotting.series_style(i)
-            steps, tr_h, _ = series(members, lambda r: r["hessian"]["trace"])
+            steps, tr_h, _ = series(members, lambda r: r.trace.value if r.trace else None)
             (line,) = plotting.plot_trajectories(
-                ax, steps, tr_h, label=f"{activation}: tr H", style=style
+                ax, steps, tr_h, label=f"{group}: tr H", style=style
             )
-            line.set_gid(f"trace/{activation}/H")
+            line.set_gid(f"trace/{group}/H")
             if has_gn:
-                _, tr_g, _ = series(members, lambda r: r["gauss_newton"]["trace"])
+                steps, tr_g, _ = series(
+                    members, lambda r: r.gauss_newton.trace.value if r.gauss_newton else None
+                )
                 thin = {**style, "markerfacecolor": "none", "linewidth": 0.7}
                 (line,) = plotting.plot_trajectories(ax, steps, tr_g, style=thin)
-                line.set_gid(f"trace/{activation}/G")
+                line.set_gid(f"trace/{group}/G")
         ax.set_xlabel("training step")
         ax.set_ylabel("trace (Hutch++)")
         if has_gn:
             ax.set_title("thick, filled markers: tr H; thin, hollow: tr G (Gauss-Newton)")
         ax.legend(frameon=False)
-        if has_gn:
+        if has_share:
             ax = axes[0, 1]
-            for i, (activation, members) in enumerate(groups):
-                steps, share, _ = series(members, lambda r: r["residual"]["relative_frobenius"])
+            for i, (group, members) in enumerate(groups):
+                steps, share, _ = series(members, _frobenius_share)
                 (line,) = plotting.plot_trajectories(
-                    ax, steps, share, label=activation, style=plotting.series_style(i)
+                    ax, steps, share, label=group, style=plotting.series_style(i)
                 )
-                line.set_gid(f"residual/{activation}")
+                line.set_gid(f"residual/{group}")
             ax.set_xlabel("training step")
             ax.set_ylabel("residual share ‖H − G‖F / ‖H‖F")
             ax.set_ylim(bottom=0)
@@ -278,9 +319,9 @@ def training_figure(run):
             ("train_loss", axes[0], "training loss (measurement set)"),
             ("test_accuracy", axes[1], "test accuracy"),
         ):
-            for i, (activation, members) in enumerate(groups):
+            for i, (group, members) in enumerate(groups):
                 style = plotting.series_style(i)
-                steps, mean, per_seed = series(members, lambda r, k=key: r[k])
+                steps, mean, per_seed = series(members, lambda r, k=key: getattr(r, k))
                 for s, v in per_seed:
                     ax.plot(
                         s,
@@ -290,19 +331,99 @@ def training_figure(run):
                         linewidth=0.5,
                         alpha=0.5,
                     )
-                (line,) = plotting.plot_trajectories(ax, steps, mean, label=activation, style=style)
-                line.set_gid(f"{key}/{activation}")
+                (line,) = plotting.plot_trajectories(ax, steps, mean, label=group, style=style)
+                line.set_gid(f"{key}/{group}")
             ax.set_xlabel("training step")
             ax.set_ylabel(ylabel)
         axes[0].set_yscale("log")
-        axes[1].legend(frameon=False, loc="lower right")
+        axes[1].legend(frameon=False, loc="lower right", fontsize=6)
     return fig
 
 
+def sharpness_ratio_panel(ax, curves) -> None:
+    """λmax / edge against step for ``(label, members)`` curves, with the line at 1; unconverged
+    values drawn hollow."""
+    for i, (label, members) in enumerate(curves):
+        style = plotting.series_style(i)
+        steps, ratio, _ = series(members, lambda r: r.sharpness_ratio)
+        (line,) = plotting.plot_trajectories(ax, steps, ratio, label=label, style=style)
+        line.set_gid(f"ratio/{label}")
+        bad = [
+            (r.step, r.sharpness_ratio)
+            for m in members
+            for r in m.records
+            if r.sharpness is not None
+            and r.sharpness_ratio is not None
+            and not r.sharpness.converged[0]
+        ]
+        if bad:
+            ax.plot(
+                *zip(*bad, strict=True),
+                linestyle="none",
+                marker="x",
+                color=style["color"],
+                markersize=3,
+            )
+    ax.axhline(1.0, color="0.2", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("λmax / edge  (= η·λmax/2 for GD)")
+    ax.legend(frameon=False, fontsize=6)
+
+
+def sharpness_figure(run):
+    """λmax / edge of stability against step for every group, the line at 1 (Cohen et al. 2021):
+    sharpness rises (progressive sharpening), then hovers at 2/η."""
+    plt = _pyplot()
+    groups = _groups(run)
+    with plt.rc_context(PAPER_RC):
+        fig, ax = plt.subplots(figsize=(WIDTH, 2.8), layout="constrained")
+        sharpness_ratio_panel(ax, groups)
+        ax.set_title("sharpness over the edge of stability; ×: Lanczos not converged")
+    return fig
+
+
+def spectrum_figure(run):
+    """The top eigenvalues of H (filled) and G (hollow) against their index, at initialisation
+    and at the last step, a panel per group, log axis: outliers stand apart from the bulk."""
+    plt = _pyplot()
+    groups = _groups(run)
+    classes = None
+    with plt.rc_context(PAPER_RC):
+        fig, axes, _ = _panels(plt, len(groups), 2.3, sharex=False)
+        for (group, members), ax in zip(groups, axes.ravel(), strict=False):
+            final = max(report.common_steps(members) or [0])
+            for j, (step, name) in enumerate(((0, "init"), (final, f"step {final}"))):
+                style = plotting.series_style(j)
+                records = [m.record(step) for m in members if step in m.steps]
+                top = np.mean([r.top_eigenvalues.values for r in records], axis=0)
+                index = np.arange(1, len(top) + 1)
+                (line,) = ax.plot(index, top, label=f"H, {name}", **{**style, "markersize": 3})
+                line.set_gid(f"spectrum/{group}/H/{step}")
+                if all(r.gauss_newton for r in records):
+                    g = np.mean([r.gauss_newton.top.values for r in records], axis=0)
+                    hollow = {**style, "markerfacecolor": "none", "linestyle": ":", "markersize": 3}
+                    (line,) = ax.plot(np.arange(1, len(g) + 1), g, label=f"G, {name}", **hollow)
+                    line.set_gid(f"spectrum/{group}/G/{step}")
+            classes = run.config.data.num_classes if classes is None else classes
+            ax.set_yscale("log")
+            ax.set_title(group)
+            ax.set_xlabel("eigenvalue index")
+            if ax is axes[ax.get_subplotspec().rowspan.start, 0]:
+                ax.set_ylabel("eigenvalue")
+        axes[0, 0].legend(frameon=False, fontsize=6)
+    return fig
+
+
+# ``name: (make, drawn when)``
 FIGURES = {
-    "eigenvalues": eigenvalue_figure,
-    "trace": trace_figure,
-    "training": training_figure,
+    "eigenvalues": (eigenvalue_figure, lambda r: _top(r)),
+    "trace": (trace_figure, lambda r: r.trace),
+    "training": (training_figure, lambda r: True),
+    "edge_of_stability": (sharpness_figure, lambda r: r.sharpness_ratio),
+    "spectrum": (
+        spectrum_figure,
+        lambda r: r.top_eigenvalues is not None and len(r.top_eigenvalues.values) >= 10,
+    ),
 }
 
 
@@ -322,91 +443,90 @@ def _save(fig, folder: pathlib.Path, name: str) -> list[pathlib.Path]:
 
 def draw_all(workdir, *, sigma: float | None = None) -> list[pathlib.Path]:
     """Every figure and the report of ``workdir``; returns the written paths."""
-    workdir = pathlib.Path(workdir)
-    run = report.load_run(workdir)
-    if not any(m["records"] for m in run["members"].values()):
+    workdir = pathlib.Path(workdir).expanduser()
+    run = load_run(workdir)
+    groups = _groups(run)
+    if not groups:
         return []
     folder = workdir / "figures"
     paths = []
+    drawn = []
     fig, drawn_sigma = density_figure(run, sigma=sigma)
     if fig is not None:
         paths += _save(fig, folder, "density")
         sigma = drawn_sigma
-    for name, make in FIGURES.items():
-        paths += _save(make(run), folder, name)
-    paths += write_report(workdir, run, sigma)
+        drawn.append("density")
+    for name, (make, when) in FIGURES.items():
+        if _has(groups, when):
+            paths += _save(make(run), folder, name)
+            drawn.append(name)
+    paths += write_report(workdir, run, sigma, drawn)
     return paths
 
 
 # --------------------------------------------------------------------------------------------
 # The report.
 
-REPORT_COLUMNS = [
-    "loss",
-    "test acc.",
-    "λmax(H)",
-    "tr H",
-    "neg. mass",
-    "‖R‖F/‖H‖F",
-    "tr R",
-    "η·λmax",
-]
+CAPTIONS = {
+    "density": "Hessian spectral density at initialisation and at the last step; Gaussian kernel "
+    "of standard deviation σ = {sigma:.3g} on one grid for all groups; ticks: Ritz nodes.",
+    "eigenvalues": "Top-k and bottom-k (hollow markers) Hessian eigenvalues (Lanczos) against "
+    "training step, mean over seeds; thin lines: each seed's largest eigenvalue{edge}.",
+    "trace": "Hessian trace and its Gauss-Newton part (Hutch++), and the relative size of the "
+    "residual R = H − G.",
+    "training": "Training loss and test accuracy; thin lines: seeds, thick: mean.",
+    "edge_of_stability": "λmax over the edge of stability (η·λmax/2 for gradient descent) against "
+    "step; dashed: 1, the edge; ×: eigenvalues whose Lanczos residual did not converge.",
+    "spectrum": "Top Hessian (filled) and Gauss-Newton (hollow, dotted) eigenvalues against their "
+    "index at initialisation and at the last step, mean over seeds.",
+}
 
 
-def write_report(workdir, run, sigma) -> list[pathlib.Path]:
+def _setup_line(run) -> str:
+    config = run.config
+    prov = (run.provenance or {}).get("invocations", [{}])[-1]
+    model = config.model
+    arch = (
+        f"width {model.width}, depth {model.depth}"
+        if model.kind == "mlp"
+        else f"channels {tuple(model.channels)}"
+    )
+    batch = config.train.batch_size or "full"
+    swept = f" Swept: {', '.join(config.sweep)}." if config.sweep else ""
+    return (
+        f"{model.kind.upper()} ({arch}) on {config.data.source}, "
+        f"{config.train.optimizer} η = {config.train.learning_rate} (batch {batch}), "
+        f"curvature on {config.measure.num_examples or 'all'} {config.measure.split} examples "
+        f"(plan: {', '.join(config.measure.quantities)}), "
+        f"{config.train.steps} steps, loss {config.train.loss}, seeds {tuple(config.seeds)}, dtype {config.dtype}, "
+        f"matmul precision {prov.get('matmul_precision', '?')}, jax {prov.get('packages', {}).get('jax', '?')}, "
+        f"git {str((prov.get('git') or {}).get('revision'))[:10]}.{swept}"
+    )
+
+
+def write_report(workdir, run, sigma, drawn) -> list[pathlib.Path]:
     workdir = pathlib.Path(workdir)
     rows = report.summary_rows(run)
-    config = run["config"]
-    prov = (storage.read_json(workdir / "provenance.json", {}) or {}).get("invocations", [{}])[-1]
-    figures = [
+    edge, edge_label = _edge(_groups(run))
+    captions = [
         (
-            "density",
-            f"Hessian spectral density at initialisation and at the last step; Gaussian kernel of standard deviation σ = {sigma or 0:.3g} on one grid for all activations; ticks: Ritz nodes.",
-        ),
-        (
-            "eigenvalues",
-            "Top-k and bottom-k (hollow markers) Hessian eigenvalues (Lanczos) against training step, "
-            "mean over seeds; thin lines: each seed's largest eigenvalue"
-            + (
-                f"; dashed line or note: the edge of stability {_edge(config)[1]}."
-                if _edge(config)[0]
-                else "."
+            name,
+            CAPTIONS[name].format(
+                sigma=sigma or 0,
+                edge=f"; dashed line or note: the edge of stability {edge_label}" if edge else "",
             ),
-        ),
-        (
-            "trace",
-            "Hessian trace and its Gauss-Newton part (Hutch++), and the relative size of the residual R = H − G.",
-        ),
-        ("training", "Training loss and test accuracy; thin lines: seeds, thick: mean."),
+        )
+        for name in drawn
     ]
     title = f"curvature report: {workdir.name}"
-    model = config["model"]
-    arch = (
-        f"width {model['width']}, depth {model['depth']}"
-        if model["kind"] == "mlp"
-        else f"channels {model['channels']}"
-    )
-    batch = config["train"]["batch_size"] or "full"
-    setup = (
-        f"{model['kind'].upper()} ({arch}) on {config['data']['source']}, "
-        f"{config['train']['optimizer']} η = {config['train']['learning_rate']} (batch {batch}), "
-        f"curvature on {config['measure']['num_examples'] or 'all'} {config['measure']['split']} examples, "
-        f"{config['train']['steps']} steps, loss {config['train']['loss']}, seeds {config['seeds']}, dtype {config['dtype']}, "
-        f"matmul precision {prov.get('matmul_precision', '?')}, jax {prov.get('packages', {}).get('jax', '?')}, "
-        f"git {str((prov.get('git') or {}).get('revision'))[:10]}."
-    )
-    titles = ["activation", "seeds", "failed", "final step"] + REPORT_COLUMNS
+    setup = _setup_line(run)
+    titles = ["group", "seeds", "failed", "final step"] + report.present_columns(rows)
     md = [f"# {title}", "", setup, "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in rows:
         md.append("| " + " | ".join(report._fmt(row.get(t)) for t in titles) + " |")
-    md += [
-        "",
-        "Mean ± standard deviation over seeds at the last step every seed reached (curvature and loss on the measurement set). neg. mass: SLQ spectral mass below −√eps·max|node| (negative eigenvalues; the exact zeros are not counted).",
-        "",
-    ]
-    for name, caption in figures:
-        if (workdir / "figures" / f"{name}.png").exists():
-            md += [f"![{name}](figures/{name}.png)", "", f"*{caption}*", ""]
+    md += ["", report.LEGEND, ""] + report.notes(rows) + [""]
+    for name, caption in captions:
+        md += [f"![{name}](figures/{name}.png)", "", f"*{caption}*", ""]
     md_path = workdir / "report.md"
     storage.atomic_write_bytes(md_path, "\n".join(md).encode())
 
@@ -425,49 +545,71 @@ def write_report(workdir, run, sigma) -> list[pathlib.Path]:
             + "</tr>"
         )
     h.append("</table>")
-    for name, caption in figures:
-        if (workdir / "figures" / f"{name}.png").exists():
-            h.append(
-                f"<figure><img src='figures/{name}.png' alt='{name}'><figcaption>{html.escape(caption)}</figcaption></figure>"
-            )
+    h += [f"<p>{html.escape(n)}</p>" for n in [report.LEGEND] + report.notes(rows)]
+    for name, caption in captions:
+        h.append(
+            f"<figure><img src='figures/{name}.png' alt='{name}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
     html_path = workdir / "report.html"
     storage.atomic_write_bytes(html_path, "\n".join(h).encode())
     return [md_path, html_path]
 
 
 def compare(workdirs, out, *, sigma: float | None = None) -> list[pathlib.Path]:
-    """Overlay several run directories: last-step densities and top eigenvalue trajectories."""
+    """Overlay several run directories: last-step densities, λmax trajectories and, where the
+    runs have an edge of stability, λmax / edge (η·λmax/2 for gradient descent)."""
     plt = _pyplot()
-    out = pathlib.Path(out)
-    runs = [report.load_run(w) for w in workdirs]
+    out = pathlib.Path(out).expanduser()
+    runs = [load_run(w) for w in workdirs]
     curves = []
     for run in runs:
-        for activation, members in _groups(run):
-            step = max(report.common_steps(members) or [0])
-            curves.append(
-                (f"{run['workdir'].name}: {activation}", members, pooled_density(members, step))
-            )
-    densities = [d for _, _, d in curves if d is not None]
-    if not densities:
+        for group, members in _groups(run):
+            curves.append((f"{run.workdir.name}: {group}", members))
+    if not curves:
         raise ValueError("none of the run directories holds a measurement yet")
-    sigma = sigma or default_sigma(densities)
-    grid = plotting.density_grid(densities, sigma=sigma)
+    densities = {}
+    for label, members in curves:
+        step = max(report.common_steps(members) or [0])
+        densities[label] = pooled_density(members, step)
+    found = [d for d in densities.values() if d is not None]
+    has_ratio = any(
+        r.sharpness_ratio is not None for _, ms in curves for m in ms for r in m.records
+    )
+    panels = int(bool(found)) + 1 + int(has_ratio)
     with plt.rc_context(PAPER_RC):
-        fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 2.8), layout="constrained")
-        for i, (label, members, d) in enumerate(curves):
-            style = plotting.series_style(i)
-            if d is not None:
-                plotting.plot_density(axes[0], d, sigma=sigma, grid=grid, label=label, **style)
-            steps, top, _ = series(members, lambda r: r["hessian"]["top"][0])
-            plotting.plot_trajectories(axes[1], steps, top, label=label, style=style)
-        axes[0].set_title(f"last step; σ = {sigma:.3g}")
-        axes[1].set_xlabel("training step")
-        axes[1].set_ylabel("λmax(H)")
-        axes[1].legend(frameon=False, fontsize=6)
+        fig, axes = plt.subplots(
+            1, panels, figsize=(WIDTH, 2.8), layout="constrained", squeeze=False
+        )
+        axes = list(axes[0])
+        if found:
+            ax = axes.pop(0)
+            sigma = sigma or default_sigma(found)
+            grid = plotting.density_grid(found, sigma=sigma)
+            for i, (label, _) in enumerate(curves):
+                if densities[label] is not None:
+                    style = plotting.series_style(i)
+                    plotting.plot_density(
+                        ax, densities[label], sigma=sigma, grid=grid, label=label, **style
+                    )
+            ax.set_title(f"last step; σ = {sigma:.3g}")
+        ax = axes.pop(0)
+        for i, (label, members) in enumerate(curves):
+            steps, top, _ = series(
+                members, lambda r: r.sharpness.values[0] if r.sharpness else None
+            )
+            (line,) = plotting.plot_trajectories(
+                ax, steps, top, label=label, style=plotting.series_style(i)
+            )
+            line.set_gid(f"lambda_max/{label}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("λmax(H)")
+        ax.legend(frameon=False, fontsize=5)
+        if has_ratio:
+            sharpness_ratio_panel(axes.pop(0), curves)
     paths = _save(fig, out, "compare")
     lines = ["# comparison", ""]
     for run in runs:
-        lines += [f"## {run['workdir']}", "", report.summary_markdown(report.summary_rows(run))]
+        lines += [f"## {run.workdir}", "", report.summary_markdown(report.summary_rows(run))]
     lines += ["![compare](compare.png)", ""]
     path = out / "compare.md"
     storage.atomic_write_bytes(path, "\n".join(lines).encode())

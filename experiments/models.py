@@ -1,5 +1,11 @@
-"""Flax NNX models (an MLP and a small CNN) with the activation chosen by name, and the pure
-functions of their parameters that the curvature library and the optimizer see.
+"""Flax NNX models, activations and losses, each in its registry, and the pure functions of the
+parameters that the optimizer and the curvature library see.
+
+One compiled program serves every activation of a sweep: a model holds the sweep's activations
+and picks one with ``lax.switch`` on an integer that travels with the data, as the per-example
+column ``batch["activation"]`` (a column, so that the curvature library's chunking slices it like
+any other field). Members that differ only in their activation therefore share the trainer and
+every curvature program, and compile once.
 
 Activation names: ``relu``, ``leaky_relu[:slope]``, ``elu[:alpha]``, ``gelu`` (exact, erf),
 ``gelu_tanh`` (the tanh approximation), ``silu``, ``softplus[:beta]`` with
@@ -8,6 +14,7 @@ Activation names: ``relu``, ``leaky_relu[:slope]``, ``elu[:alpha]``, ``gelu`` (e
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -16,19 +23,41 @@ import jax.numpy as jnp
 from flax import nnx
 
 from experiments.errors import ConfigError
+from experiments.registry import Registry
 
-ACTIVATIONS = (
-    "relu",
+# --------------------------------------------------------------------------------------------
+# Activations.
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """``make(parameter) -> fn``; ``default`` is the parameter when the name gives none (``None``:
+    the activation takes no parameter); ``positive``: the parameter must be > 0."""
+
+    make: Callable[[float | None], Callable[[jax.Array], jax.Array]]
+    default: float | None = None
+    positive: bool = False
+
+
+ACTIVATIONS: Registry[Activation] = Registry("activation", "activations")
+ACTIVATIONS.register("relu", Activation(lambda _: jax.nn.relu))
+ACTIVATIONS.register(
     "leaky_relu",
-    "elu",
-    "gelu",
-    "gelu_tanh",
-    "silu",
-    "softplus",
-    "tanh",
-    "identity",
+    Activation(lambda p: functools.partial(jax.nn.leaky_relu, negative_slope=p), 0.01),
 )
-_DEFAULT_PARAM = {"leaky_relu": 0.01, "elu": 1.0, "softplus": 1.0}
+ACTIVATIONS.register("elu", Activation(lambda p: functools.partial(jax.nn.elu, alpha=p), 1.0))
+ACTIVATIONS.register(
+    "gelu", Activation(lambda _: functools.partial(jax.nn.gelu, approximate=False))
+)
+ACTIVATIONS.register(
+    "gelu_tanh", Activation(lambda _: functools.partial(jax.nn.gelu, approximate=True))
+)
+ACTIVATIONS.register("silu", Activation(lambda _: jax.nn.silu))
+ACTIVATIONS.register(
+    "softplus", Activation(lambda p: lambda x: jax.nn.softplus(p * x) / p, 1.0, positive=True)
+)
+ACTIVATIONS.register("tanh", Activation(lambda _: jnp.tanh))
+ACTIVATIONS.register("identity", Activation(lambda _: lambda x: x))
 
 
 def parse_activation(name: str) -> tuple[str, float | None]:
@@ -36,53 +65,55 @@ def parse_activation(name: str) -> tuple[str, float | None]:
     base, _, arg = str(name).partition(":")
     if base not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
-    if arg and base not in _DEFAULT_PARAM:
+    entry = ACTIVATIONS.get(base)
+    if arg and entry.default is None:
         raise ValueError(f"activation {base!r} takes no parameter, got {name!r}")
     if not arg:
-        return base, _DEFAULT_PARAM.get(base)
+        return base, entry.default
     try:
         value = float(arg)
     except ValueError:
         raise ValueError(f"activation {name!r}: parameter {arg!r} is not a number") from None
-    if base == "softplus" and not value > 0:
-        raise ValueError(f"activation {name!r}: softplus beta must be positive")
+    if entry.positive and not value > 0:
+        raise ValueError(f"activation {name!r}: {base} beta must be positive")
     return base, value
 
 
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
-    base, p = parse_activation(name)
-    if base == "relu":
-        return jax.nn.relu
-    if base == "leaky_relu":
-        return functools.partial(jax.nn.leaky_relu, negative_slope=p)
-    if base == "elu":
-        return functools.partial(jax.nn.elu, alpha=p)
-    if base == "gelu":
-        return functools.partial(jax.nn.gelu, approximate=False)
-    if base == "gelu_tanh":
-        return functools.partial(jax.nn.gelu, approximate=True)
-    if base == "silu":
-        return jax.nn.silu
-    if base == "softplus":
-        return lambda x: jax.nn.softplus(p * x) / p
-    if base == "tanh":
-        return jnp.tanh
-    return lambda x: x
+    base, parameter = parse_activation(name)
+    return ACTIVATIONS.get(base).make(parameter)
+
+
+def _switch(names: tuple[str, ...], index, forward: Callable):
+    """``forward(activation_fn)`` for the activation ``names[index]``.
+
+    One switch around the whole forward pass, not one per layer: each branch is a plain network
+    that XLA fuses as usual (a switch per layer blocks fusion and runs about 30% slower)."""
+    if len(names) == 1:
+        return forward(activation_fn(names[0]))
+    branches = [functools.partial(forward, activation_fn(n)) for n in names]
+    return jax.lax.switch(index, [lambda f=f: f() for f in branches])
+
+
+# --------------------------------------------------------------------------------------------
+# Models.
 
 
 class MLP(nnx.Module):
     """``depth`` hidden layers of ``width`` units, then a linear read-out."""
 
-    def __init__(self, in_features, width, depth, out_features, activation, *, rngs: nnx.Rngs):
+    def __init__(self, in_features, width, depth, out_features, activations, *, rngs: nnx.Rngs):
         sizes = [in_features] + [width] * depth
         self.hidden = nnx.List(
             [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
         )
         self.readout = nnx.Linear(sizes[-1], out_features, rngs=rngs)
-        self.activation = activation
+        self.activations = tuple(activations)
 
-    def __call__(self, x):
-        act = activation_fn(self.activation)
+    def __call__(self, x, activation=0):
+        return _switch(self.activations, activation, lambda act: self._forward(x, act))
+
+    def _forward(self, x, act):
         x = x.reshape(x.shape[0], -1)
         for layer in self.hidden:
             x = act(layer(x))
@@ -92,7 +123,7 @@ class MLP(nnx.Module):
 class CNN(nnx.Module):
     """3x3 convolutions (``channels``), global average pooling, a linear read-out."""
 
-    def __init__(self, in_channels, channels, out_features, activation, *, rngs: nnx.Rngs):
+    def __init__(self, in_channels, channels, out_features, activations, *, rngs: nnx.Rngs):
         sizes = [in_channels, *channels]
         self.convs = nnx.List(
             [
@@ -101,10 +132,12 @@ class CNN(nnx.Module):
             ]
         )
         self.readout = nnx.Linear(sizes[-1], out_features, rngs=rngs)
-        self.activation = activation
+        self.activations = tuple(activations)
 
-    def __call__(self, x):
-        act = activation_fn(self.activation)
+    def __call__(self, x, activation=0):
+        return _switch(self.activations, activation, lambda act: self._forward(x, act))
+
+    def _forward(self, x, act):
         if x.ndim == 3:
             x = x[..., None]
         for conv in self.convs:
@@ -112,78 +145,98 @@ class CNN(nnx.Module):
         return self.readout(jnp.mean(x, axis=(1, 2)))
 
 
-def build(model_cfg, activation: str, input_shape, num_classes, seed: int):
+def _mlp(cfg, activations, input_shape, num_classes, rngs):
+    features = 1
+    for d in input_shape:
+        features *= d
+    return MLP(features, cfg.width, cfg.depth, num_classes, activations, rngs=rngs)
+
+
+def _cnn(cfg, activations, input_shape, num_classes, rngs):
+    if len(input_shape) not in (2, 3):
+        raise ConfigError(
+            f"config key model.kind='cnn' needs image inputs (H, W[, C]); got {input_shape}; "
+            "set data.image_shape"
+        )
+    in_channels = input_shape[2] if len(input_shape) == 3 else 1
+    return CNN(in_channels, tuple(cfg.channels), num_classes, activations, rngs=rngs)
+
+
+# ``builder(model_cfg, activations, input_shape, num_classes, rngs) -> nnx.Module`` whose call is
+# ``module(x, activation_index)``.
+MODELS: Registry[Callable] = Registry("model", "model.kind")
+MODELS.register("mlp", _mlp)
+MODELS.register("cnn", _cnn)
+
+
+def build(model_cfg, activations, input_shape, num_classes, seed: int):
     """The model, split into a static definition and its parameters (an ``nnx.State``).
 
     The initialisation depends only on ``seed`` and the architecture, never on the activation,
     so networks that differ only in their activation start from identical parameters.
     """
-    rngs = nnx.Rngs(params=seed)
-    if model_cfg.kind == "mlp":
-        features = 1
-        for d in input_shape:
-            features *= d
-        model = MLP(features, model_cfg.width, model_cfg.depth, num_classes, activation, rngs=rngs)
-    elif model_cfg.kind == "cnn":
-        if len(input_shape) not in (2, 3):
-            raise ConfigError(
-                f"config key model.kind='cnn' needs image inputs (H, W[, C]); got {input_shape}; "
-                "set data.image_shape"
-            )
-        in_channels = input_shape[2] if len(input_shape) == 3 else 1
-        model = CNN(in_channels, tuple(model_cfg.channels), num_classes, activation, rngs=rngs)
-    else:
-        raise ValueError(
-            f"config key model.kind: unknown model {model_cfg.kind!r}; use 'mlp' or 'cnn'"
-        )
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    module = MODELS.get(model_cfg.kind)(
+        model_cfg, tuple(activations), input_shape, num_classes, nnx.Rngs(params=seed)
+    )
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     return graphdef, params, rest
 
 
-@functools.cache
-def pure_functions(graphdef, rest_treedef, loss_name: str):
-    """``apply(params, x)``, ``model(params, batch)``, ``loss(params, batch)`` for one architecture.
-
-    Cached per (architecture, activation, loss), so every seed of a sweep shares the same function
-    objects and therefore every compiled program (curvature operators key their caches on them).
-    The models have no dropout or batch statistics: the evaluation view is the training view.
-    """
-    rest = jax.tree_util.tree_unflatten(rest_treedef, [])
-
-    def apply(params, x):
-        return nnx.merge(graphdef, params, rest, copy=True)(x)
-
-    def model(params, batch):
-        return apply(params, batch["x"])
-
-    if loss_name == "cross_entropy":
-
-        def loss(params, batch):
-            logits = model(params, batch)
-            logz = jax.nn.logsumexp(logits, axis=-1)
-            return jnp.mean(logz - jnp.take_along_axis(logits, batch["y"][:, None], axis=-1)[:, 0])
-
-    elif loss_name == "mse":
-
-        def loss(params, batch):
-            out = model(params, batch)
-            target = jax.nn.one_hot(batch["y"], out.shape[-1], dtype=out.dtype)
-            return 0.5 * jnp.mean(jnp.sum((out - target) ** 2, axis=-1))
-
-    else:
-        raise ValueError(
-            f"config key train.loss: unknown loss {loss_name!r}; use 'cross_entropy' or 'mse'"
-        )
-    return apply, model, loss
+# --------------------------------------------------------------------------------------------
+# Losses.
 
 
-def output_loss(loss_name: str):
-    """The output loss for ``curvature.gauss_newton``: a name it knows, or MSE on one-hot labels."""
-    if loss_name == "cross_entropy":
-        return "cross_entropy"
-    return _mse_one_hot
+def _cross_entropy(out, batch):
+    logz = jax.nn.logsumexp(out, axis=-1)
+    return jnp.mean(logz - jnp.take_along_axis(out, batch["y"][:, None], axis=-1)[:, 0])
 
 
 def _mse_one_hot(out, batch):
     target = jax.nn.one_hot(batch["y"], out.shape[-1], dtype=out.dtype)
     return 0.5 * jnp.mean(jnp.sum((out - target) ** 2, axis=-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """``value(outputs, batch)``: the mean loss over the batch; ``gauss_newton``: what
+    ``curvature.gauss_newton`` takes as its ``loss`` (a name it knows, or the function)."""
+
+    value: Callable
+    gauss_newton: str | Callable
+
+
+LOSSES: Registry[Loss] = Registry("loss", "train.loss")
+LOSSES.register("cross_entropy", Loss(_cross_entropy, "cross_entropy"))
+LOSSES.register("mse", Loss(_mse_one_hot, _mse_one_hot))  # on one-hot labels
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions.
+
+
+@functools.cache
+def pure_functions(graphdef, rest_treedef, loss_name: str):
+    """``model(params, batch)`` and ``loss(params, batch)`` for one architecture and loss.
+
+    ``batch`` holds ``x``, ``y`` and the ``activation`` column (see the module docstring).
+    Cached, so every member of a sweep with this architecture shares the same function objects
+    and therefore every compiled program (curvature operators key their caches on them). The
+    models have no dropout or batch statistics: the evaluation view is the training view.
+    """
+    rest = jax.tree_util.tree_unflatten(rest_treedef, [])
+    output_loss = LOSSES.get(loss_name).value
+
+    def model(params, batch):
+        module = nnx.merge(graphdef, params, rest, copy=True)
+        return module(batch["x"], batch["activation"][0])
+
+    def loss(params, batch):
+        return output_loss(model(params, batch), batch)
+
+    return model, loss
+
+
+def with_activation(batch: dict, index: int) -> dict:
+    """``batch`` with its ``activation`` column: ``index`` for every example."""
+    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    return {**batch, "activation": jnp.full((n,), index, jnp.int32)}

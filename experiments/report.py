@@ -1,153 +1,278 @@
-"""Summaries of a run directory, computed from what is on disk (never by re-measuring)."""
+"""Tables of a run directory, computed from what is on disk (never by re-measuring).
+
+Every cell carries its error bar or convergence: estimates print ``value ± SE`` for one seed and
+``mean ± sd`` over seeds, or ``≈0 (±2SE)`` when the estimate cannot tell its value from zero;
+eigenvalues whose Lanczos residual did not converge are marked ``†``; a density with too few
+nodes to read a negative mass from is marked ``coarse``.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import math
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
 
 from experiments import storage
+from experiments.load import Member, Run, load_run
+from experiments.record import Eigenvalues, Estimate, Record
 
-# (column title, function of the final record); None where a record lacks the quantity.
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    title: str
+    get: Callable[[Record], Estimate | Eigenvalues | float | None]
+    # Eigenvalues: which one of the tuple (0: the first).
+    index: int = 0
+
+
+def _relative_residual(r: Record) -> Estimate | None:
+    """‖R‖F/‖H‖F with a delta-method error bar (shared probes make it conservative)."""
+    if r.frobenius is None:
+        return None
+    h, res = r.frobenius.hessian, r.frobenius.residual
+    ratio = r.frobenius.relative_residual
+    if not (h.value > 0 and res.value > 0):
+        return Estimate(ratio, math.nan)
+    rel = 0.5 * math.hypot(res.standard_error / res.value, h.standard_error / h.value)
+    return Estimate(ratio, ratio * rel)
+
+
+def _sharpness_ratio(r: Record) -> Eigenvalues | None:
+    top, ratio = r.sharpness, r.sharpness_ratio
+    if ratio is None:
+        return None
+    edge = r.edge_of_stability
+    return Eigenvalues((ratio,), (top.residuals[0] / edge,), top.converged)
+
+
 COLUMNS = [
-    ("loss", lambda r: r["train_loss"]),
-    ("test acc.", lambda r: r["test_accuracy"]),
-    ("λmax(H)", lambda r: r["hessian"]["top"][0]),
-    ("λmin(H)", lambda r: r["hessian"]["bottom"][0] if "bottom" in r["hessian"] else None),
-    ("tr H", lambda r: r["hessian"]["trace"]),
-    ("λmax(G)", lambda r: r["gauss_newton"]["top"][0] if "gauss_newton" in r else None),
-    ("tr G", lambda r: r["gauss_newton"]["trace"] if "gauss_newton" in r else None),
-    ("tr R", lambda r: r["residual"]["trace"] if "residual" in r else None),
-    ("‖R‖F/‖H‖F", lambda r: r["residual"]["relative_frobenius"] if "residual" in r else None),
-    ("neg. mass", lambda r: r["hessian"]["negative_mass"]),
-    ("η·λmax", lambda r: r["lr_times_top"]),
+    Column("loss", lambda r: r.train_loss),
+    Column("test acc.", lambda r: r.test_accuracy),
+    Column("λmax(H)", lambda r: r.sharpness),
+    Column("λmin(H)", lambda r: r.bottom_eigenvalues),
+    Column("tr H", lambda r: r.trace),
+    Column("λmax(G)", lambda r: r.gauss_newton.top if r.gauss_newton else None),
+    Column("tr G", lambda r: r.gauss_newton.trace if r.gauss_newton else None),
+    Column("tr R", lambda r: r.gauss_newton.residual_trace if r.gauss_newton else None),
+    Column("‖R‖F/‖H‖F", _relative_residual),
+    Column("neg. mass", lambda r: r.density.negative_mass if r.density else None),
+    Column("λmax/edge", _sharpness_ratio),
+    Column("B_simple", lambda r: r.gradient_noise.simple_noise_scale if r.gradient_noise else None),
+    Column(
+        "ρ(ν, diag H)",
+        lambda r: r.optimizer_state.second_moment.spearman if r.optimizer_state else None,
+    ),
 ]
 
 
-def load_run(workdir) -> dict:
-    """``{"config", "members": {name: {"activation", "seed", "status", "records", "dir"}}}``."""
-    workdir = pathlib.Path(workdir)
-    config = storage.read_json(workdir / "config.json")
-    if config is None:
-        raise FileNotFoundError(f"{workdir} has no config.json: not a run directory")
-    members = {}
-    for activation in config["activations"]:
-        for seed in config["seeds"]:
-            member_dir = workdir / "members" / storage.member_name(activation, seed)
-            if not member_dir.exists():
-                continue
-            records = sorted(
-                storage.read_metrics(member_dir / "metrics.jsonl"), key=lambda r: r["step"]
-            )
-            members[member_dir.name] = {
-                "activation": activation,
-                "seed": seed,
-                "status": storage.read_json(member_dir / "status.json", {}),
-                "records": records,
-                "dir": member_dir,
-            }
-    return {"config": config, "members": members, "workdir": workdir}
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One table entry: the mean over seeds and its error bar, and what to warn about."""
+
+    mean: float
+    spread: float | None  # sd over seeds (>= 2 seeds) or the estimator's SE (one seed)
+    standard_error: float | None  # of the mean, from the estimators' own SEs
+    unconverged: float | None = None  # worst relative residual of an unconverged eigenvalue
+    unreadable: bool = False  # the estimate is within 2 SE of zero
+    coarse: bool = False  # a density with too few nodes
+
+    def text(self) -> str:
+        if not math.isfinite(self.mean):
+            return "n/a"
+        if self.unreadable:
+            return f"≈0 (±{2 * self.standard_error:.2g})"
+        out = f"{self.mean:.4g}"
+        if self.spread is not None and math.isfinite(self.spread):
+            out += f" ± {self.spread:.2g}"
+        if self.unconverged is not None:
+            out += "†"
+        if self.coarse:
+            out += " (coarse)"
+        return out
 
 
-def by_activation(run: dict, *, with_records: bool = True) -> dict[str, list[dict]]:
-    """Members grouped by activation, in the config's order (only those with records, unless
-    ``with_records=False``)."""
-    groups: dict[str, list[dict]] = {a: [] for a in run["config"]["activations"]}
-    for member in run["members"].values():
-        if member["records"] or not with_records:
-            groups[member["activation"]].append(member)
-    return groups
+def cell(values: list) -> Cell | None:
+    """Aggregate one column's values of several seeds' records into a :class:`Cell`."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    first = values[0]
+    if isinstance(first, Eigenvalues):
+        x = np.array([v.values[0] for v in values], float)
+        bad = [v.relative_residuals[0] for v in values if not v.converged[0]]
+        spread = float(np.std(x, ddof=1)) if len(x) > 1 else None
+        return Cell(float(np.mean(x)), spread, None, max(bad) if bad else None)
+    if isinstance(first, Estimate):
+        x = np.array([v.value for v in values], float)
+        se = float(np.sqrt(np.sum(np.array([v.standard_error for v in values]) ** 2)) / len(x))
+        spread = float(np.std(x, ddof=1)) if len(x) > 1 else se
+        mean = float(np.mean(x))
+        unreadable = math.isfinite(se) and abs(mean) < 2 * se
+        return Cell(mean, spread, se, unreadable=unreadable)
+    x = np.array(values, float)
+    return Cell(float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else None, None)
 
 
-def common_steps(members) -> list[int]:
+def common_steps(members: list[Member]) -> list[int]:
     """Steps measured in every one of ``members`` (seeds that stopped early cut this short)."""
-    sets = [{r["step"] for r in m["records"]} for m in members]
+    sets = [set(m.steps) for m in members]
     return sorted(set.intersection(*sets)) if sets else []
 
 
-def summary_rows(run: dict) -> list[dict]:
-    """Per activation: mean and spread over seeds at the last step that every seed reached."""
+def summary_rows(run: Run) -> list[dict]:
+    """Per group (activation and swept values): the cells at the last step every seed reached."""
     rows = []
-    everyone = by_activation(run, with_records=False)
-    for activation, members in by_activation(run).items():
-        steps = common_steps(members)
+    for group, members in run.groups().items():
+        measured = [m for m in members if m.records]
+        steps = common_steps(measured)
         final = steps[-1] if steps else None
-        finals = (
-            [next(r for r in m["records"] if r["step"] == final) for m in members] if steps else []
-        )
+        finals = [m.record(final) for m in measured] if steps else []
         row = {
-            "activation": activation,
+            "group": group,
+            "activation": members[0].activation,
+            "overrides": members[0].overrides,
             "seeds": len(finals),
-            "final step": final if final is not None else "-",
+            "failed": sum(m.status.get("state") == "failed" for m in members),
+            "final step": final,
+            "reached": sorted({m.steps[-1] for m in measured}),
         }
-        row["failed"] = sum(m["status"].get("state") == "failed" for m in everyone[activation])
-        reached = sorted({m["records"][-1]["step"] for m in members})
-        row["note"] = f"seeds reached steps {reached}" if len(reached) > 1 else ""
-        for title, get in COLUMNS:
-            values = []
-            for r in finals:
-                try:
-                    v = get(r)
-                except (KeyError, IndexError):
-                    v = None
-                if v is not None:
-                    values.append(v)
-            row[title] = (
-                (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None)
-                if values
-                else None
-            )
+        for column in COLUMNS:
+            c = cell([_get(column, r) for r in finals])
+            if column.title == "neg. mass" and c is not None:
+                c = dataclasses.replace(c, coarse=any(r.density.coarse() for r in finals))
+            row[column.title] = c
         rows.append(row)
     return rows
 
 
-def _fmt(cell) -> str:
-    if cell is None:
+def _get(column: Column, r: Record):
+    try:
+        return column.get(r)
+    except (AttributeError, IndexError, ZeroDivisionError):
+        return None
+
+
+def present_columns(rows: list[dict]) -> list[str]:
+    return [c.title for c in COLUMNS if any(row.get(c.title) is not None for row in rows)]
+
+
+def _fmt(value) -> str:
+    if value is None:
         return "-"
-    if isinstance(cell, tuple):
-        mean, spread = cell
-        text = f"{mean:.4g}"
-        return text if spread is None else f"{text} ± {spread:.2g}"
-    return str(cell)
+    if isinstance(value, Cell):
+        return value.text()
+    return str(value)
+
+
+def notes(rows: list[dict]) -> list[str]:
+    """The footnotes a table needs: unconverged values, unreadable estimates, uneven steps."""
+    out = []
+    worst = [
+        (row["group"], title, row[title].unconverged)
+        for row in rows
+        for title in present_columns(rows)
+        if isinstance(row.get(title), Cell) and row[title].unconverged is not None
+    ]
+    if worst:
+        listed = ", ".join(f"{g} {t} ({res:.1e})" for g, t, res in worst[:6])
+        out.append(
+            "† not converged (Lanczos residual above sqrt(eps)·max|θ|; worst relative residual): "
+            + listed
+            + (" ..." if len(worst) > 6 else "")
+        )
+    if any(
+        isinstance(row.get(t), Cell) and row[t].unreadable
+        for row in rows
+        for t in present_columns(rows)
+    ):
+        out.append(
+            "≈0 (±x): the estimate lies within two standard errors (x) of zero: its sign and size "
+            "cannot be read; more matvecs or probes would resolve it."
+        )
+    if any(isinstance(row.get("neg. mass"), Cell) and row["neg. mass"].coarse for row in rows):
+        out.append(
+            "coarse: fewer than 20 Lanczos nodes per SLQ probe; the negative mass is unreliable."
+        )
+    finals = {row["final step"] for row in rows if row["final step"] is not None}
+    if len(finals) > 1:
+        out.append(
+            "Rows are at different steps (final step column): "
+            + ", ".join(f"{row['group']} at {row['final step']}" for row in rows)
+            + "; compare them with care."
+        )
+    failed = [r for r in rows if r["failed"]]
+    if failed:
+        out.append(
+            "Stopped runs (divergence or non-finite loss): "
+            + ", ".join(f"{r['group']} ({r['failed']})" for r in failed)
+        )
+    out += [
+        f"{r['group']}: seeds reached steps {r['reached']}." for r in rows if len(r["reached"]) > 1
+    ]
+    return out
+
+
+LEGEND = (
+    "Mean ± standard deviation over seeds (one seed: ± the estimator's standard error) at the "
+    "last step every seed reached; loss and curvature on the measurement set. H: loss Hessian; "
+    "G: its Gauss-Newton part; R = H − G. tr by Hutch++; ‖·‖F² from shared Rademacher probes; "
+    "neg. mass: SLQ spectral mass below −√eps·max|node| (exact zeros excluded); λmax/edge: "
+    "λmax over the edge of stability (2/η for gradient descent, so η·λmax/2; above 1 is past the "
+    "edge); B_simple: tr Σ/|g|² of per-example gradients; ρ(ν, diag H): Spearman correlation of "
+    "the optimizer's second moment with the Hessian diagonal."
+)
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    titles = ["activation", "seeds", "failed", "final step"] + [t for t, _ in COLUMNS]
+    titles = ["group", "seeds", "failed", "final step"] + present_columns(rows)
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(t)) for t in titles) + " |")
-    notes = [
-        "",
-        "Mean ± standard deviation over seeds at the last step every seed reached; train loss and",
-        "curvature on the measurement set. H: loss Hessian; G: its Gauss-Newton part; R = H - G. tr by Hutch++, ‖·‖F² from shared",
-        "Rademacher probes, neg. mass: SLQ spectral mass below -sqrt(eps)·max|node| (exact zeros excluded); η·λmax > 2 is past the edge of",
-        "stability of gradient descent.",
-    ]
-    failed = [r for r in rows if r.get("failed")]
-    if failed:
-        notes.append(
-            "Stopped runs (non-finite loss): "
-            + ", ".join(f"{r['activation']} ({r['failed']})" for r in failed)
-        )
-    notes += [f"{r['activation']}: {r['note']}." for r in rows if r.get("note")]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + ["", LEGEND] + [""] + notes(rows)) + "\n"
 
 
 def write_summary(workdir) -> str:
+    workdir = pathlib.Path(workdir).expanduser()
     run = load_run(workdir)
     rows = summary_rows(run)
     text = summary_markdown(rows)
-    storage.atomic_write_bytes(pathlib.Path(workdir) / "summary.md", text.encode())
+    storage.atomic_write_bytes(workdir / "summary.md", text.encode())
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    titles = ["activation", "seeds", "failed", "final step"] + [t for t, _ in COLUMNS]
-    writer.writerow(titles + [f"{t} sd" for t, _ in COLUMNS])
+    columns = present_columns(rows)
+    swept = sorted({p for row in rows for p in row["overrides"]})
+    head = ["group", "activation", *swept, "seeds", "failed", "final step"]
+    for t in columns:
+        head += [t, f"{t} spread", f"{t} se", f"{t} flag"]
+    writer.writerow(head)
     for row in rows:
-        cells = [row["activation"], row["seeds"], row["failed"], row["final step"]]
-        cells += [row[t][0] if row[t] else "" for t, _ in COLUMNS]
-        cells += [row[t][1] if row[t] and row[t][1] is not None else "" for t, _ in COLUMNS]
+        cells = [row["group"], row["activation"], *(row["overrides"].get(p, "") for p in swept)]
+        cells += [row["seeds"], row["failed"], row["final step"]]
+        for t in columns:
+            c = row.get(t)
+            if c is None:
+                cells += ["", "", "", ""]
+                continue
+            flag = (
+                "unconverged"
+                if c.unconverged is not None
+                else "unreadable"
+                if c.unreadable
+                else "coarse"
+                if c.coarse
+                else ""
+            )
+            cells += [
+                c.mean,
+                "" if c.spread is None else c.spread,
+                "" if c.standard_error is None else c.standard_error,
+                flag,
+            ]
         writer.writerow(cells)
-    storage.atomic_write_bytes(pathlib.Path(workdir) / "summary.csv", buffer.getvalue().encode())
+    storage.atomic_write_bytes(workdir / "summary.csv", buffer.getvalue().encode())
     return text

@@ -10,18 +10,16 @@ import platform
 import subprocess
 import sys
 import tempfile
+import zipfile
 from importlib import metadata
 
 import jax
 import numpy as np
 
+from experiments.errors import RunDirError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-def member_name(activation: str, seed: int) -> str:
-    """A sweep member's folder name under ``workdir/members``."""
-    return f"{activation.replace(':', '_')}-seed{seed}"
 
 
 def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
@@ -46,9 +44,38 @@ def write_json(path: pathlib.Path, obj) -> None:
 
 
 def read_json(path: pathlib.Path, default=None):
+    """The JSON object in ``path``; ``default`` if absent; :class:`RunDirError` if unreadable."""
     if not path.exists():
         return default
-    return json.loads(path.read_text())
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirError(
+            f"{path} is corrupt ({_reason(err)}); delete it or use a new --workdir"
+        ) from None
+    if not isinstance(obj, dict):
+        raise RunDirError(
+            f"{path} is corrupt (not a JSON object); delete it or use a new --workdir"
+        )
+    return obj
+
+
+def _reason(err: BaseException) -> str:
+    return str(err).split("\n")[0] or type(err).__name__
+
+
+def read_npz(path: pathlib.Path, what: str = "file", keys=None) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file (all, or those of ``keys`` that it has), read at once;
+    :class:`RunDirError` if it is corrupt. Never unpickles (``allow_pickle=False``)."""
+    try:
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
+            names = f.files if keys is None else [k for k in keys if k in f.files]
+            return {k: np.asarray(f[k]) for k in names}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise RunDirError(
+            f"{path}: the {what} is corrupt ({_reason(err).split('. ')[0]}); "
+            "delete it (it is rebuilt from the kept parameters) or use a new --workdir"
+        ) from None
 
 
 def write_npz(path: pathlib.Path, **arrays) -> None:
@@ -102,6 +129,14 @@ class MetricsLog:
     def steps(self) -> set[int]:
         return {r["step"] for r in self.records}
 
+    def drop(self, step: int) -> None:
+        """Remove the records of ``step`` (before it is measured again)."""
+        self.records = [r for r in self.records if r.get("step") != step]
+        atomic_write_bytes(
+            self.path,
+            "".join(json.dumps(r, default=_jsonable) + "\n" for r in self.records).encode(),
+        )
+
     def append(self, record: dict) -> None:
         line = json.dumps(record, default=_jsonable) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,15 +165,13 @@ class WorkdirLock:
     def __enter__(self):
         import fcntl
 
-        from experiments.errors import ConfigError
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "w")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.close()
-            raise ConfigError(
+            raise RunDirError(
                 f"another process is running in {self.path.parent}; wait for it or use a new --workdir"
             ) from None
         return self
@@ -150,33 +183,61 @@ class WorkdirLock:
         self.file.close()
 
 
-def save_checkpoint(path: pathlib.Path, tree, step: int) -> None:
-    leaves = jax.tree_util.tree_leaves(tree)
-    write_npz(
-        path,
-        step=np.asarray(step),
-        **{f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)},
-    )
+def _path_key(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def load_checkpoint(path: pathlib.Path, template):
-    """``(tree, step)`` restored into the structure of ``template``; ``None`` if absent."""
-    if not path.exists():
-        return None
-    with np.load(path) as f:
-        leaves = [f[k] for k in sorted(k for k in f.files if k.startswith("leaf_"))]
-        step = int(f["step"])
-    want, treedef = jax.tree_util.tree_flatten(template)
-    if len(leaves) != len(want) or any(
-        np.shape(a) != np.shape(b) for a, b in zip(leaves, want, strict=False)
-    ):
-        from experiments.errors import ConfigError
+def save_checkpoint(path: pathlib.Path, trees: dict, step: int, fingerprint: str) -> None:
+    """``trees`` (e.g. ``{"params": ..., "opt_state": ...}``) at ``step``, every leaf under its
+    pytree path (``params/hidden/0/kernel/value``), with the member's fingerprint."""
+    arrays = {"step": np.asarray(step), "fingerprint": np.asarray(fingerprint)}
+    for name, tree in trees.items():
+        for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            arrays[f"{name}/{_path_key(p)}"] = np.asarray(leaf)
+    write_npz(path, **arrays)
 
-        raise ConfigError(
-            f"{path} does not match this model and optimizer; delete it or use a new --workdir"
+
+def load_checkpoint(path: pathlib.Path, templates: dict, fingerprint: str | None = None):
+    """``(trees, step)`` restored into the structures of ``templates`` by leaf path.
+
+    Raises :class:`RunDirError` when the file is corrupt, was written for another member config or
+    data (``fingerprint``), or its leaves do not fit the templates."""
+    arrays = read_npz(path, "checkpoint")
+    if "step" not in arrays:
+        raise RunDirError(
+            f"{path}: the checkpoint is corrupt (no step); delete it or use a new --workdir"
         )
-    leaves = [np.asarray(a, dtype=np.asarray(b).dtype) for a, b in zip(leaves, want, strict=True)]
-    return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in leaves]), step
+    if fingerprint is not None and str(arrays.get("fingerprint", "")) != fingerprint:
+        raise RunDirError(
+            f"{path} was written by a run of another config or data set; use a new --workdir"
+        )
+    out = {}
+    for name, template in templates.items():
+        flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+        leaves = []
+        for p, want in flat:
+            key = f"{name}/{_path_key(p)}"
+            got = arrays.get(key)
+            if got is None or got.shape != np.shape(want):
+                raise RunDirError(
+                    f"{path} does not match this model and optimizer ({key}: "
+                    f"{'missing' if got is None else got.shape} vs {np.shape(want)}); "
+                    "delete it or use a new --workdir"
+                )
+            leaves.append(jax.numpy.asarray(got.astype(np.asarray(want).dtype)))
+        out[name] = jax.tree_util.tree_unflatten(treedef, leaves)
+    return out, int(arrays["step"])
+
+
+def check_writable(workdir: pathlib.Path) -> None:
+    """:class:`RunDirError` unless ``workdir`` can be created and written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise RunDirError(f"cannot write to {workdir}: {err.strerror or err}") from None
 
 
 def _version(name: str) -> str | None:

@@ -1,4 +1,5 @@
-"""Experiments end to end on the smoke config: numbers written, resume, errors before training."""
+"""Experiments end to end on the smoke config: numbers written, reloaded runs that reproduce
+them, resume, errors before training."""
 
 import gzip
 import importlib.util
@@ -16,15 +17,17 @@ import pytest
 import curvature as cv
 
 pytest.importorskip("flax")
+import experiments  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
 from experiments import data as data_lib  # noqa: E402
-from experiments import models, report, storage  # noqa: E402
+from experiments import measure, models, storage  # noqa: E402
 from experiments import run as run_lib  # noqa: E402
+from experiments.errors import RunDirError  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def cli(*args, timeout=180):
+def cli(*args, timeout=240):
     """``python -m experiments ARGS`` from the repository root."""
     return subprocess.run(
         [sys.executable, "-m", "experiments", *args],
@@ -64,15 +67,21 @@ def test_smoke_run_writes_every_measurement(smoke_run):
     config, workdir, statuses = smoke_run
     assert {s["state"] for s in statuses.values()} == {"done"}
     assert set(statuses) == {"relu-seed0", "tanh-seed0"}
-    for name in statuses:
-        records = storage.read_metrics(workdir / "members" / name / "metrics.jsonl")
-        assert [r["step"] for r in records] == [0, 10, 20]
-        for r in records:
-            spectra = np.load(workdir / "members" / name / "spectra" / f"step_{r['step']:06d}.npz")
+    run = experiments.load_run(workdir)
+    for member in run.members.values():
+        assert member.steps == [0, 10, 20]
+        for r in member.records:
+            spectra = member.spectra(r.step)
             assert spectra["slq_nodes"].shape == (2, 15)
             assert np.allclose(spectra["slq_weights"].sum(1), 1.0, atol=1e-5)
-            assert np.allclose(spectra["top"], r["hessian"]["top"])
-            assert r["lr_times_top"] == pytest.approx(0.2 * r["hessian"]["top"][0])
+            assert np.allclose(spectra["top"], r.top_eigenvalues.values)
+            assert len(r.top_eigenvalues.values) == 3 and len(r.bottom_eigenvalues.values) == 2
+            assert r.bottom_eigenvalues.values[0] <= r.bottom_eigenvalues.values[1]
+            assert r.edge_of_stability == pytest.approx(2 / 0.2)
+            assert r.sharpness_ratio == pytest.approx(0.2 * r.top_eigenvalues.values[0] / 2)
+            assert (
+                r.trace.num_matvecs == 30 and r.fingerprint == run.member_fingerprints[member.name]
+            )
     assert json.loads((workdir / "config.json").read_text())["activations"] == ["relu", "tanh"]
     prov = json.loads((workdir / "provenance.json").read_text())["invocations"][0]
     for key in ("packages", "git", "seeds", "dtype", "matmul_precision", "device_count", "command"):
@@ -81,52 +90,77 @@ def test_smoke_run_writes_every_measurement(smoke_run):
     assert "| relu | 1 | 0 | 20 |" in summary and "| tanh | 1 | 0 | 20 |" in summary
 
 
-def test_recorded_curvature_matches_the_saved_parameters(smoke_run):
+def test_load_run_reproduces_the_recorded_curvature(smoke_run):
+    # The load_run round trip: the reloaded loss, parameters and measurement set give the
+    # recorded numbers at every measured step (kept by default), and the truth agrees.
     config, workdir, _ = smoke_run
+    run = experiments.load_run(workdir)
+    assert run.members.keys() == {"relu-seed0", "tanh-seed0"}
     dataset = data_lib.load(config.data)
-    for activation in config.activations:
-        member = workdir / "members" / f"{activation}-seed0"
-        fns, template = run_lib._setup(config, dataset, activation, 0)
-        optimizer = run_lib.make_optimizer(*run_lib.optimizer_args(config.train))
-        (params, _), step = storage.load_checkpoint(
-            member / "checkpoint.npz", (template, optimizer.init(template))
-        )
-        assert step == 20
-        final = storage.read_metrics(member / "metrics.jsonl")[-1]
-        data = {"x": jnp.asarray(dataset.x_train), "y": jnp.asarray(dataset.y_train)}
-        H = cv.hessian(fns[2], params, data)
-        # Same estimator, same key: the same number.
-        again = cv.eigsh(
-            H, k=6, which="BE", num_steps=20, key=run_lib.measurement_keys(0, 20)["eig"]
-        )
-        assert np.allclose(again.eigenvalues[:3], final["hessian"]["top"], rtol=1e-5)
-        assert np.allclose(again.eigenvalues[3:][::-1][:2], final["hessian"]["bottom"], rtol=1e-5)
-        # And the truth: the dense Hessian of the saved parameters.
+    assert np.array_equal(run.data.x_train, dataset.x_train)
+    for member in run.members.values():
+        assert member.checkpoint_steps() == [0, 10, 20]
+        assert member.config.activations == [member.activation] or tuple(
+            member.config.activations
+        ) == (member.activation,)
+        for step in (10, 20):
+            record = member.record(step)
+            H = cv.hessian(member.loss, member.params(step), member.measure_data)
+            again = cv.eigsh(
+                H, k=6, which="BE", num_steps=20, key=measure.measurement_key(0, step, "eig")
+            )
+            assert np.allclose(again.eigenvalues[:3], record.top_eigenvalues.values, rtol=1e-5)
+            assert np.allclose(
+                again.eigenvalues[3:][::-1][:2], record.bottom_eigenvalues.values, rtol=1e-5
+            )
+            assert float(member.loss(member.params(step), member.measure_data)) == pytest.approx(
+                record.train_loss, rel=1e-5
+            )
+        # And the truth: the dense Hessian of the saved parameters at the last step.
+        final = member.records[-1]
+        H = cv.hessian(member.loss, member.params(20), member.measure_data)
         exact = np.linalg.eigvalsh(np.asarray(cv.dense(H), np.float64))
-        assert final["hessian"]["top"][0] == pytest.approx(exact[-1], rel=1e-3)
-        assert final["hessian"]["trace"] == pytest.approx(
-            np.sum(exact), abs=5 * final["hessian"]["trace_se"] + 1e-4
+        assert final.top_eigenvalues.values[0] == pytest.approx(exact[-1], rel=1e-3)
+        assert final.trace.value == pytest.approx(
+            np.sum(exact), abs=5 * final.trace.standard_error + 1e-4
         )
-        loss = float(fns[2](params, data))
-        assert final["train_loss"] == pytest.approx(loss, rel=1e-5)
+        # The optimizer state is kept with the parameters (plain SGD: the learning rate).
+        state = member.opt_state(20)
+        assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.2)
+        with pytest.raises(KeyError, match="kept no parameters at step 5"):
+            member.params(5)
+        with pytest.raises(KeyError, match="saved no eigenvectors"):
+            member.eigenvectors(20)
+
+
+def test_checkpoint_leaves_are_saved_under_their_pytree_paths(smoke_run):
+    _, workdir, _ = smoke_run
+    arrays = storage.read_npz(
+        workdir / "members" / "relu-seed0" / "checkpoints" / "step_000020.npz"
+    )
+    assert "params/hidden/0/kernel/value" in arrays and "params/readout/bias/value" in arrays
+    assert arrays["params/hidden/0/kernel/value"].shape == (64, 8)
+    assert "opt_state/hyperparams/learning_rate" in arrays
+    assert int(arrays["step"]) == 20
 
 
 def test_relu_residual_has_zero_trace(smoke_run):
     # R = H - G has a zero diagonal for ReLU networks, so tr R = 0: the estimate sits within its
     # error bar of zero. For tanh the same-layer terms make it clearly non-zero.
     _, workdir, _ = smoke_run
-    for r in storage.read_metrics(workdir / "members" / "relu-seed0" / "metrics.jsonl"):
-        assert abs(r["residual"]["trace"]) <= 4 * r["residual"]["trace_se"] + 1e-6
-        assert r["residual"]["relative_frobenius"] > 0.01  # yet R itself is not small
-    last = storage.read_metrics(workdir / "members" / "tanh-seed0" / "metrics.jsonl")[-1]
-    assert abs(last["residual"]["trace"]) > 4 * last["residual"]["trace_se"]
+    run = experiments.load_run(workdir)
+    for r in run.members["relu-seed0"].records:
+        tr = r.gauss_newton.residual_trace
+        assert abs(tr.value) <= 4 * tr.standard_error + 1e-6
+        assert r.frobenius.relative_residual > 0.01  # yet R itself is not small
+    last = run.members["tanh-seed0"].records[-1].gauss_newton.residual_trace
+    assert abs(last.value) > 4 * last.standard_error
 
 
 def test_initialisation_identical_across_activations_and_runs(tmp_path, smoke_run):
     config, workdir, _ = smoke_run
-    dataset = data_lib.load(config.data)
-    _, relu = run_lib._setup(config, dataset, "relu", 0)
-    _, tanh = run_lib._setup(config, dataset, "tanh", 0)
+    run = experiments.load_run(workdir)
+    relu, tanh = (run.members[f"{a}-seed0"].params(0) for a in ("relu", "tanh"))
     assert all(
         np.array_equal(a, b)
         for a, b in zip(
@@ -138,17 +172,15 @@ def test_initialisation_identical_across_activations_and_runs(tmp_path, smoke_ru
     with small.unlocked():
         small.activations = ("relu",)
         small.train.steps = 0
-        small.measure.gauss_newton = False
+        small.measure.quantities = ("top_eigenvalues", "bottom_eigenvalues", "trace")
     run_lib.run(small, tmp_path, progress=quiet())
-    first = storage.read_metrics(workdir / "members" / "relu-seed0" / "metrics.jsonl")[0]
-    second = storage.read_metrics(tmp_path / "members" / "relu-seed0" / "metrics.jsonl")[0]
-    for key in ("train_loss", "test_accuracy", "grad_norm"):
-        assert first[key] == second[key]
-    assert first["hessian"]["top"] == second["hessian"]["top"]
+    first = run.members["relu-seed0"].records[0]
+    second = experiments.load_run(tmp_path).members["relu-seed0"].records[0]
+    for key in ("train_loss", "test_accuracy", "grad_norm", "top_eigenvalues", "trace"):
+        assert getattr(first, key) == getattr(second, key)
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
-    # Adam (optimizer state to save and restore) on minibatches (an order to resume mid-epoch).
+def adam_minibatch_config():
     config = load_config()
     with config.unlocked():
         config.train.optimizer, config.train.learning_rate, config.train.batch_size = (
@@ -156,44 +188,59 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
             0.01,
             64,
         )
-        config.measure.gauss_newton = False
+        config.measure.quantities = ("top_eigenvalues", "bottom_eigenvalues", "trace")
+        config.workers = 1
+    return config
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    # Adam (optimizer state to save and restore) on minibatches (an order to resume mid-epoch).
+    config = adam_minibatch_config()
     run_lib.run(config, tmp_path / "reference", progress=quiet())
     calls = []
 
-    def crash_at_second(activation, seed, step):
-        calls.append((activation, step))
-        if len(calls) == 2:  # step 10 is recorded, but its checkpoint is not yet written
+    def crash_at_second(name, step):
+        calls.append((name, step))
+        if len(calls) == 2:  # step 10 is recorded, the run dies before going on
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_lib.run(config, tmp_path / "run", on_measurement=crash_at_second, progress=quiet())
-    assert calls == [("relu", 0), ("relu", 10)]
+    assert calls == [("relu-seed0", 0), ("relu-seed0", 10)]
     resumed = []
     run_lib.run(
         config,
         tmp_path / "run",
-        on_measurement=lambda a, s, t: resumed.append((a, t)),
+        on_measurement=lambda n, t: resumed.append((n, t)),
         progress=quiet(),
     )
-    # Nothing finished is measured again: relu retrains 0 -> 10 from its checkpoint, skips the
-    # recorded step 10 and measures only step 20.
-    assert resumed == [("relu", 20), ("tanh", 0), ("tanh", 10), ("tanh", 20)]
+    # Nothing finished is measured again: relu reloads its step-10 checkpoint and measures only
+    # step 20.
+    assert resumed == [
+        ("relu-seed0", 20),
+        ("tanh-seed0", 0),
+        ("tanh-seed0", 10),
+        ("tanh-seed0", 20),
+    ]
     for name in ("relu-seed0", "tanh-seed0"):
         got = storage.read_metrics(tmp_path / "run" / "members" / name / "metrics.jsonl")
         want = storage.read_metrics(tmp_path / "reference" / "members" / name / "metrics.jsonl")
         assert strip_timings(got) == strip_timings(want)
-        with (
-            np.load(tmp_path / "run" / "members" / name / "checkpoint.npz") as a,
-            np.load(tmp_path / "reference" / "members" / name / "checkpoint.npz") as b,
-        ):
-            assert len(a.files) > 8  # parameters and Adam's moments
-            assert all(np.array_equal(a[k], b[k]) for k in a.files)
+        for step in (0, 10, 20):
+            a = storage.read_npz(
+                tmp_path / "run" / "members" / name / "checkpoints" / f"step_{step:06d}.npz"
+            )
+            b = storage.read_npz(
+                tmp_path / "reference" / "members" / name / "checkpoints" / f"step_{step:06d}.npz"
+            )
+            assert len(a) > 8  # parameters and Adam's moments
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_a_second_process_cannot_run_in_the_same_workdir(tmp_path):
     config = load_config()
     with storage.WorkdirLock(tmp_path):
-        with pytest.raises(config_lib.ConfigError, match="another process is running"):
+        with pytest.raises(RunDirError, match="another process is running"):
             run_lib.run(config, tmp_path, progress=quiet())
 
 
@@ -211,7 +258,8 @@ def test_nonfinite_loss_stops_that_run_and_keeps_its_measurements(tmp_path):
     with config.unlocked():
         config.train.loss = "mse"  # squared error overflows where cross-entropy saturates
         config.train.learning_rate = 1e3
-        config.measure.gauss_newton = False
+        config.train.divergence_factor = 0.0  # never stop for growth: wait for the overflow
+        config.measure.quantities = ("top_eigenvalues", "bottom_eigenvalues", "trace")
     statuses = run_lib.run(config, tmp_path, progress=quiet())
     assert set(statuses) == {"relu-seed0", "tanh-seed0"}  # the sweep went on after the first
     for name, status in statuses.items():
@@ -240,7 +288,10 @@ def test_nonfinite_loss_stops_that_run_and_keeps_its_measurements(tmp_path):
             lambda c: setattr(c, "activations", ("relu", "swish2")),
             "config key activations: unknown activation 'swish2'",
         ),
-        (lambda c: setattr(c.data, "source", "mnist"), "config key data.source"),
+        (
+            lambda c: setattr(c.data, "source", "mnist"),
+            "config key data.source: unknown data source 'mnist'; known: digits",
+        ),
         (
             lambda c: (
                 setattr(c.data, "source", "npz"),
@@ -248,11 +299,17 @@ def test_nonfinite_loss_stops_that_run_and_keeps_its_measurements(tmp_path):
             ),
             "data.path: /nonexistent/d.npz does not exist",
         ),
-        (lambda c: setattr(c.measure, "lanczos_steps", 2), "config key measure.lanczos_steps"),
-        (lambda c: setattr(c.train, "optimizer", "lbfgs"), "config key train.optimizer"),
         (
-            lambda c: setattr(c.measure, "slq_steps", 10_000),
-            "config key measure.slq_steps: 10000 exceeds the 682 parameters",
+            lambda c: setattr(c.measure.top_eigenvalues, "lanczos_steps", 2),
+            "config key measure.top_eigenvalues: lanczos_steps=2 must be an integer >= k=3",
+        ),
+        (
+            lambda c: setattr(c.train, "optimizer", "lbfgs"),
+            "config key train.optimizer: unknown optimizer 'lbfgs'; known: sgd, momentum, adam, rmsprop",
+        ),
+        (
+            lambda c: setattr(c.measure.density, "lanczos_steps", 10_000),
+            "config key measure.density: lanczos_steps=10000 exceeds the 682 parameters",
         ),
         (
             lambda c: setattr(c.measure, "steps", (0, 5.5, 10)),
@@ -270,15 +327,54 @@ def test_nonfinite_loss_stops_that_run_and_keeps_its_measurements(tmp_path):
             lambda c: setattr(c.data, "test_fraction", 0.0001),
             "config key data.test_fraction: 0.0001 of 1797 examples leaves 0",
         ),
+        (
+            lambda c: setattr(c.train, "learning_rate", float("inf")),
+            "config key train.learning_rate: inf is not a finite positive number",
+        ),
+        (
+            lambda c: setattr(c.measure, "quantities", ("lambda_max", "hessian_rank")),
+            "config key measure.quantities: unknown measurement 'hessian_rank'; known: lambda_max",
+        ),
+        (
+            lambda c: setattr(c.measure, "quantities", ("optimizer_state",)),
+            "config key measure.optimizer_state: needs an optimizer with a second moment "
+            "\\(adam, rmsprop\\), not 'sgd'",
+        ),
+        (
+            lambda c: setattr(c, "sweep", ("train.learning_rat=0.1,0.2",)),
+            "sweep train.learning_rat: config key train.learning_rat does not exist",
+        ),
+        (
+            lambda c: setattr(c, "sweep", ("train.learning_rate=0.1,fast",)),
+            "sweep train.learning_rate: 'fast' is a str, the field is a float",
+        ),
+        (
+            lambda c: setattr(c, "sweep", ("train.learning_rate=0.1,inf",)),
+            "config key train.learning_rate: inf is not a finite positive number",
+        ),
+        (
+            lambda c: setattr(c.measure, "save_eigenvectors", 4),
+            "config key measure.save_eigenvectors: 4 exceeds the 3 eigenvalues",
+        ),
     ],
 )
 def test_bad_config_fails_before_training(tmp_path, change, match):
     config = load_config()
     with config.unlocked():
         change(config)
-    with pytest.raises((config_lib.ConfigError, data_lib.DataError), match=match):
+    with pytest.raises(ValueError, match=match):
         run_lib.run(config, tmp_path, progress=quiet())
     assert not (tmp_path / "members").exists()
+
+
+def test_an_old_key_set_in_a_config_file_names_its_new_place(tmp_path):
+    config = load_config()
+    with config.unlocked():
+        config.measure.top_k = 3  # unlocked: a config file would add it silently
+    with pytest.raises(
+        ValueError, match="measure.top_k: does not exist; it moved to measure.top_eigenvalues.k"
+    ):
+        run_lib.run(config, tmp_path, progress=quiet())
 
 
 def test_npz_with_wrong_arrays(tmp_path):
@@ -300,12 +396,31 @@ def test_npz_with_wrong_arrays(tmp_path):
         data_lib.load(config.data)
 
 
+def test_npz_labels_with_gaps_and_complex_inputs_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 3))
+    y = np.arange(20) % 10
+    config = load_config()
+    with config.unlocked():
+        config.data.source, config.data.path = "npz", str(tmp_path / "d.npz")
+    y_gap = y.copy()
+    y_gap[0] = 100_000
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y_gap, x_test=x[:5], y_test=y[:5])
+    with pytest.raises(
+        data_lib.DataError, match="labels must be 0..C-1, but the largest is 100000"
+    ):
+        data_lib.load(config.data)
+    np.savez(tmp_path / "d.npz", x_train=x + 1j, y_train=y, x_test=x[:5], y_test=y[:5])
+    with pytest.raises(data_lib.DataError, match="x_train has dtype complex128; complex inputs"):
+        data_lib.load(config.data)
+
+
 def test_workdir_of_another_config_is_refused(smoke_run):
     config, workdir, _ = smoke_run
     other = load_config()
     with other.unlocked():
         other.train.learning_rate = 0.05
-    with pytest.raises(config_lib.ConfigError, match="train.learning_rate: 0.2 on disk, 0.05 now"):
+    with pytest.raises(RunDirError, match="train.learning_rate: 0.2 on disk, 0.05 now"):
         run_lib.run(other, workdir, progress=quiet())
 
 
@@ -322,7 +437,7 @@ def test_idx_and_npz_sources_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {
         "x_train": rng.integers(0, 255, (30, 4, 4)).astype(np.uint8),
-        "y_train": rng.integers(0, 3, 30).astype(np.uint8),
+        "y_train": (np.arange(30) % 3).astype(np.uint8),
         "x_test": rng.integers(0, 255, (10, 4, 4)).astype(np.uint8),
         "y_test": rng.integers(0, 3, 10).astype(np.uint8),
     }
@@ -378,6 +493,10 @@ def test_digits_split_is_deterministic():
     a, b = data_lib.load(config.data), data_lib.load(config.data)
     assert np.array_equal(a.x_train, b.x_train) and np.array_equal(a.y_test, b.y_test)
     assert a.x_train.shape == (200, 64) and a.num_classes == 10
+    assert data_lib.fingerprint(a) == data_lib.fingerprint(b)
+    with config.unlocked():
+        config.data.num_train = 199
+    assert data_lib.fingerprint(data_lib.load(config.data)) != data_lib.fingerprint(a)
 
 
 def test_activations_by_name():
@@ -396,6 +515,20 @@ def test_activations_by_name():
             models.parse_activation(bad)
 
 
+def test_the_shared_program_computes_each_activation_exactly():
+    # One compiled model for a sweep's activations (lax.switch on the data's activation column)
+    # gives each activation's own network, bit for bit up to round-off.
+    cfg = load_config().model
+    shared = models.build(cfg, ("relu", "tanh", "gelu"), (5,), 3, seed=0)
+    alone = models.build(cfg, ("tanh",), (5,), 3, seed=0)
+    m_shared, _ = models.pure_functions(shared[0], jax.tree_util.tree_structure(shared[2]), "mse")
+    m_alone, _ = models.pure_functions(alone[0], jax.tree_util.tree_structure(alone[2]), "mse")
+    x = jax.random.normal(jax.random.key(1), (7, 5))
+    want = m_alone(alone[1], models.with_activation({"x": x}, 0))
+    got = m_shared(shared[1], models.with_activation({"x": x}, 1))
+    assert np.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_cli_rejects_a_misspelt_key_and_plots_a_run(tmp_path, smoke_run):
     _, workdir, _ = smoke_run
     args = ["run", "--config=configs/smoke.py", f"--workdir={tmp_path}"]
@@ -404,11 +537,16 @@ def test_cli_rejects_a_misspelt_key_and_plots_a_run(tmp_path, smoke_run):
     assert 'error: config key train.stepz does not exist. Did you mean "steps"' in out.stderr
     bad_type = cli(*args, "--config.train.steps=abc")
     assert bad_type.returncode == 2 and "--config.train.steps=abc" in bad_type.stderr
+    moved = cli(*args, "--config.measure.top_k=4")
+    assert moved.returncode == 2
+    assert (
+        "config key measure.top_k does not exist. It moved to measure.top_eigenvalues.k"
+        in moved.stderr
+    )
     assert not (tmp_path / "members").exists()
     out = cli("plot", f"--workdir={workdir}")
     assert out.returncode == 0, out.stderr
     assert "| relu | 1 | 0 | 20 |" in out.stdout
-    assert report.load_run(workdir)["members"].keys() == {"relu-seed0", "tanh-seed0"}
 
 
 def test_cnn_in_float64_with_momentum_runs_end_to_end(tmp_path):
@@ -419,16 +557,22 @@ def test_cnn_in_float64_with_momentum_runs_end_to_end(tmp_path):
         config.model.kind, config.model.channels = "cnn", (4,)
         config.data.image_shape, config.data.num_train = (8, 8, 1), 64
         config.train.optimizer, config.train.steps, config.measure.every = "momentum", 4, 4
-        config.measure.gauss_newton = False
+        config.measure.quantities = ("top_eigenvalues", "density")
     statuses = run_lib.run(config, tmp_path, progress=quiet())
     assert statuses == {"gelu_tanh-seed0": {"state": "done", "step": 4}}
-    records = storage.read_metrics(tmp_path / "members" / "gelu_tanh-seed0" / "metrics.jsonl")
-    assert [r["step"] for r in records] == [0, 4]
-    assert records[0]["edge_of_stability"] == pytest.approx((2 + 2 * 0.9) / 0.2)
-    with np.load(tmp_path / "members" / "gelu_tanh-seed0" / "spectra" / "step_000004.npz") as f:
-        assert f["slq_nodes"].dtype == np.float64
-    with np.load(tmp_path / "members" / "gelu_tanh-seed0" / "checkpoint.npz") as f:
-        assert f["leaf_00000"].dtype == np.float64
+    run = experiments.load_run(tmp_path)
+    member = run.members["gelu_tanh-seed0"]
+    assert member.steps == [0, 4]
+    assert member.records[0].edge_of_stability == pytest.approx((2 + 2 * 0.9) / 0.2)
+    assert member.spectra(4)["slq_nodes"].dtype == np.float64
+    with pytest.raises(RuntimeError, match="float64 run: use its members inside jax.enable_x64"):
+        member.params(4)
+    with jax.enable_x64(True):
+        params = member.params(4)
+        assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.float64
+        H = cv.hessian(member.loss, params, member.measure_data)
+        top = cv.eigsh(H, k=3, num_steps=20, key=measure.measurement_key(0, 4, "eig"))
+        assert np.allclose(top.eigenvalues, member.records[-1].top_eigenvalues.values, rtol=1e-8)
 
 
 def test_curvature_can_be_measured_on_a_named_subset_of_the_test_split(tmp_path):
@@ -436,15 +580,19 @@ def test_curvature_can_be_measured_on_a_named_subset_of_the_test_split(tmp_path)
     with config.unlocked():
         config.activations, config.train.steps, config.measure.every = ("relu",), 0, 1
         config.measure.split, config.measure.num_examples = "test", 50
-        config.measure.gauss_newton = False
+        config.measure.quantities = ("top_eigenvalues",)
     run_lib.run(config, tmp_path, progress=quiet())
-    record = storage.read_metrics(tmp_path / "members" / "relu-seed0" / "metrics.jsonl")[0]
+    member = experiments.load_run(tmp_path).members["relu-seed0"]
+    record = member.records[0]
     dataset = data_lib.load(config.data)
-    fns, params = run_lib._setup(config, dataset, "relu", 0)
     subset = {"x": jnp.asarray(dataset.x_test[:50]), "y": jnp.asarray(dataset.y_test[:50])}
-    assert record["train_loss"] == pytest.approx(float(fns[2](params, subset)), rel=1e-6)
-    exact = np.linalg.eigvalsh(np.asarray(cv.dense(cv.hessian(fns[2], params, subset)), np.float64))
-    assert record["hessian"]["top"][0] == pytest.approx(exact[-1], rel=1e-3)
+    assert np.array_equal(member.measure_data["x"], subset["x"])
+    params = member.params(0)
+    assert record.train_loss == pytest.approx(float(member.loss(params, subset)), rel=1e-6)
+    exact = np.linalg.eigvalsh(
+        np.asarray(cv.dense(cv.hessian(member.loss, params, subset)), np.float64)
+    )
+    assert record.top_eigenvalues.values[0] == pytest.approx(exact[-1], rel=1e-3)
 
 
 @pytest.mark.parametrize("source", ["teacher", "mixture"])
@@ -457,3 +605,21 @@ def test_synthetic_sources_are_deterministic_and_learnable(source):
     assert a.x_train.shape == (200, 20) and a.num_classes <= 4  # num_train=200 in smoke
     assert len(np.unique(a.y_train)) >= 2
     assert abs(float(a.x_train.mean())) < 0.05  # standardised on the training inputs
+
+
+def test_schedule_and_per_measurement_plans():
+    config = load_config()
+    with config.unlocked():
+        config.train.steps = 100
+        config.measure.every = 25
+        config.measure.density.steps = (0, 60)
+        config.measure.trace.every = 50
+    assert config_lib.schedule(config) == [0, 25, 50, 60, 75, 100]
+    assert "density" in config_lib.plan_at(config, 60) and "trace" not in config_lib.plan_at(
+        config, 60
+    )
+    assert "top_eigenvalues" not in config_lib.plan_at(config, 60)
+    assert "density" in config_lib.plan_at(config, 100)  # the last step always
+    assert "trace" in config_lib.plan_at(config, 50) and "trace" not in config_lib.plan_at(
+        config, 25
+    )

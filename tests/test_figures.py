@@ -11,6 +11,7 @@ pytest.importorskip("flax")
 from test_experiments import cli, load_config, quiet  # noqa: E402
 
 import curvature as cv  # noqa: E402
+import experiments  # noqa: E402
 from curvature import plotting  # noqa: E402
 from experiments import figures, report, storage  # noqa: E402
 from experiments import run as run_lib  # noqa: E402
@@ -24,7 +25,7 @@ def saved_run(tmp_path_factory):
         config.seeds = (0, 1)
         config.activations = ("relu", "softplus:4")
     run_lib.run(config, workdir, progress=quiet())
-    return workdir, report.load_run(workdir)
+    return workdir, experiments.load_run(workdir)
 
 
 def lines_by_gid(fig):
@@ -35,17 +36,20 @@ def test_eigenvalue_lines_equal_the_metrics(saved_run):
     _, run = saved_run
     fig = figures.eigenvalue_figure(run)
     lines = lines_by_gid(fig)
-    for activation, members in report.by_activation(run).items():
-        records = [m["records"] for m in members]
-        steps = [r["step"] for r in records[0]]
+    for activation, members in run.groups().items():
+        records = [m.records for m in members]
+        steps = [r.step for r in records[0]]
         for j in range(3):
-            want = np.mean([[r["hessian"]["top"][j] for r in recs] for recs in records], axis=0)
+            want = np.mean(
+                [[r.top_eigenvalues.values[j] for r in recs] for recs in records], axis=0
+            )
             line = lines[f"eig/{activation}/top{j}"]
             assert np.array_equal(line.get_xdata(), steps)
             assert np.allclose(line.get_ydata(), want, rtol=1e-12)
         bottom = lines[f"eig/{activation}/bottom0"].get_ydata()
         assert np.allclose(
-            bottom, np.mean([[r["hessian"]["bottom"][0] for r in recs] for recs in records], axis=0)
+            bottom,
+            np.mean([[r.bottom_eigenvalues.values[0] for r in recs] for recs in records], axis=0),
         )
     # Plain gradient descent: 2/eta = 10 lies far above these eigenvalues, so it is stated in
     # words on each panel rather than squashing the curves.
@@ -59,23 +63,29 @@ def test_trace_and_training_lines_equal_the_metrics(saved_run):
     _, run = saved_run
     trace = lines_by_gid(figures.trace_figure(run))
     training = lines_by_gid(figures.training_figure(run))
-    for activation, members in report.by_activation(run).items():
-        recs = [m["records"] for m in members]
+    ratio = lines_by_gid(figures.sharpness_figure(run))
+    for activation, members in run.groups().items():
+        recs = [m.records for m in members]
         assert np.allclose(
             trace[f"trace/{activation}/H"].get_ydata(),
-            np.mean([[r["hessian"]["trace"] for r in x] for x in recs], 0),
+            np.mean([[r.trace.value for r in x] for x in recs], 0),
         )
         assert np.allclose(
             trace[f"trace/{activation}/G"].get_ydata(),
-            np.mean([[r["gauss_newton"]["trace"] for r in x] for x in recs], 0),
+            np.mean([[r.gauss_newton.trace.value for r in x] for x in recs], 0),
         )
         assert np.allclose(
             trace[f"residual/{activation}"].get_ydata(),
-            np.mean([[r["residual"]["relative_frobenius"] for r in x] for x in recs], 0),
+            np.mean([[r.frobenius.relative_residual for r in x] for x in recs], 0),
         )
         assert np.allclose(
             training[f"train_loss/{activation}"].get_ydata(),
-            np.mean([[r["train_loss"] for r in x] for x in recs], 0),
+            np.mean([[r.train_loss for r in x] for x in recs], 0),
+        )
+        # eta * lambda_max / 2 for gradient descent, against the line at 1.
+        assert np.allclose(
+            ratio[f"ratio/{activation}"].get_ydata(),
+            np.mean([[0.2 * r.top_eigenvalues.values[0] / 2 for r in x] for x in recs], 0),
         )
 
 
@@ -111,6 +121,8 @@ def test_figures_are_legible_at_paper_size(saved_run):
         figures.eigenvalue_figure,
         figures.trace_figure,
         figures.training_figure,
+        figures.sharpness_figure,
+        figures.spectrum_figure,
         lambda r: figures.density_figure(r)[0],
     ):
         fig = make(run)
@@ -166,7 +178,7 @@ def test_draw_all_writes_png_pdf_and_report(saved_run):
     workdir, _ = saved_run
     paths = figures.draw_all(workdir)
     names = {p.name for p in paths}
-    for stem in ("density", "eigenvalues", "trace", "training"):
+    for stem in ("density", "eigenvalues", "trace", "training", "edge_of_stability"):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
         assert (workdir / "figures" / f"{stem}.png").stat().st_size > 10_000
     text = (workdir / "report.md").read_text()
@@ -225,16 +237,17 @@ def test_partial_run_with_a_failed_seed_is_summarised_honestly(saved_run, tmp_pa
     storage.write_json(
         member / "status.json", {"state": "failed", "message": "non-finite", "step": 3}
     )
-    run = report.load_run(partial)
-    rows = {r["activation"]: r for r in report.summary_rows(run)}
+    run = experiments.load_run(partial)
+    rows = {r["group"]: r for r in report.summary_rows(run)}
     relu = rows["relu"]
     assert relu["final step"] == 0 and relu["seeds"] == 2 and relu["failed"] == 1
-    step0 = [
-        storage.read_metrics(partial / "members" / f"relu-seed{s}" / "metrics.jsonl")[0]
-        for s in (0, 1)
-    ]
-    assert relu["λmax(H)"][0] == pytest.approx(np.mean([r["hessian"]["top"][0] for r in step0]))
-    assert "seeds reached steps [0, 20]" in report.summary_markdown(report.summary_rows(run))
+    step0 = [run.members[f"relu-seed{s}"].records[0] for s in (0, 1)]
+    assert relu["λmax(H)"].mean == pytest.approx(
+        np.mean([r.top_eigenvalues.values[0] for r in step0])
+    )
+    text = report.summary_markdown(report.summary_rows(run))
+    assert "relu: seeds reached steps [0, 20]" in text
+    assert "Rows are at different steps (final step column): relu at 0, softplus_4 at 20" in text
     # The surviving seed's later eigenvalues are still drawn (thin per-seed line).
     fig = figures.eigenvalue_figure(run)
     xs = [list(line.get_xdata()) for ax in fig.axes for line in ax.lines if not line.get_gid()]

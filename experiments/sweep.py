@@ -1,0 +1,175 @@
+"""Sweeps: the members of a run are the product of its activations, seeds and the values of
+every swept config field (``config.sweep`` or ``--sweep=train.learning_rate=0.1,0.2``).
+
+A member's name says its values (``relu-learning_rate=0.2-seed0``), and so does its folder; its
+resolved config is the run's config with those values set, one activation and one seed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import itertools
+import re
+
+import ml_collections
+
+from experiments.errors import ConfigError
+
+_SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """One swept field: its dotted ``path`` and its ``values``."""
+
+    path: str
+    values: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberSpec:
+    name: str  # also its folder under workdir/members
+    group: str  # the name without the seed: members of a group differ only in their seed
+    activation: str
+    activation_index: int  # its position in the run's activations (the model's switch)
+    seed: int
+    overrides: dict  # {path: value} of the swept fields
+    config: ml_collections.ConfigDict  # resolved: one activation, one seed, swept values set
+
+
+def _split_values(text: str) -> list[str]:
+    """``"0.1,(8,16),relu"`` -> ``["0.1", "(8,16)", "relu"]``: commas outside brackets."""
+    out, depth, current = [], 0, ""
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(current)
+            current = ""
+        else:
+            current += ch
+    out.append(current)
+    return [v.strip() for v in out]
+
+
+def _field(config, path: str):
+    node = config
+    parts = path.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(f"sweep {path}: config key {path} does not exist")
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or parts[-1] not in node:
+        raise ConfigError(f"sweep {path}: config key {path} does not exist")
+    return node, parts[-1]
+
+
+def _coerce(path: str, text: str, current):
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a bare word: a string
+    if isinstance(current, float) and isinstance(value, str):
+        try:
+            value = float(text)  # inf, nan: validation names them
+        except ValueError:
+            pass
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"sweep {path}: {text!r} is not True or False")
+    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif isinstance(current, tuple) and isinstance(value, list | tuple):
+        value = tuple(value)
+    elif isinstance(current, tuple) and not isinstance(value, tuple):
+        value = (value,)
+    if current is not None and not isinstance(value, type(current)):
+        raise ConfigError(
+            f"sweep {path}: {text!r} is a {type(value).__name__}, the field is a "
+            f"{type(current).__name__}"
+        )
+    return value
+
+
+def parse(spec: str, config) -> Axis:
+    """``"train.learning_rate=0.1,0.2"`` -> an :class:`Axis` with values of the field's type."""
+    path, eq, text = str(spec).partition("=")
+    path = path.strip()
+    if not eq or not text.strip():
+        raise ConfigError(
+            f"sweep {spec!r}: write FIELD=VALUE1,VALUE2,... (e.g. train.learning_rate=0.1,0.2)"
+        )
+    if path in ("activations", "seeds", "sweep"):
+        raise ConfigError(f"sweep {spec!r}: {path} is swept by setting it (it is already a list)")
+    node, leaf = _field(config, path)
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        raise ConfigError(f"sweep {path}: a section, not a field; sweep one of its fields")
+    values = tuple(_coerce(path, v, node[leaf]) for v in _split_values(text))
+    if len(set(map(repr, values))) != len(values):
+        raise ConfigError(f"sweep {path}: duplicate values in {text!r}")
+    return Axis(path, values)
+
+
+def axes(config) -> list[Axis]:
+    found = [parse(spec, config) for spec in config.sweep]
+    paths = [a.path for a in found]
+    if len(set(paths)) != len(paths):
+        raise ConfigError(f"config key sweep: a field is swept twice in {list(config.sweep)}")
+    return found
+
+
+def _labels(paths: list[str]) -> dict[str, str]:
+    """The shortest unambiguous label of each path: its last component, or more when needed."""
+    labels = {}
+    for path in paths:
+        parts = path.split(".")
+        for n in range(1, len(parts) + 1):
+            label = ".".join(parts[-n:])
+            if sum(p.split(".")[-n:] == parts[-n:] for p in paths) == 1:
+                break
+        labels[path] = label
+    return labels
+
+
+def _text(value) -> str:
+    if isinstance(value, tuple):
+        return "x".join(_text(v) for v in value)
+    return _SAFE.sub("_", str(value))
+
+
+def members(config) -> list[MemberSpec]:
+    """Every member of the run, activations outermost, seeds innermost."""
+    found = axes(config)
+    labels = _labels([a.path for a in found])
+    out = []
+    for index, activation in enumerate(config.activations):
+        for values in itertools.product(*(a.values for a in found)):
+            overrides = {a.path: v for a, v in zip(found, values, strict=True)}
+            group = "-".join(
+                [_SAFE.sub("_", activation)]
+                + [f"{labels[p]}={_text(v)}" for p, v in overrides.items()]
+            )
+            for seed in config.seeds:
+                resolved = resolve(config, activation, seed, overrides)
+                out.append(
+                    MemberSpec(
+                        f"{group}-seed{seed}", group, activation, index, seed, overrides, resolved
+                    )
+                )
+    return out
+
+
+def resolve(config, activation: str, seed: int, overrides: dict) -> ml_collections.ConfigDict:
+    """The config of one member: the swept values set, one activation, one seed, no sweep."""
+    member = ml_collections.ConfigDict(config.to_dict())
+    for path, value in overrides.items():
+        node, leaf = _field(member, path)
+        node[leaf] = value
+    member.activations = (activation,)
+    member.seeds = (seed,)
+    member.sweep = ()
+    member.lock()
+    return member
