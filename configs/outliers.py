@@ -15,7 +15,7 @@ from experiments.config import base_config
 def get_config():
     c = base_config()
     c.activations = ("relu", "tanh")
-    c.seeds = (0,)
+    c.seeds = (0, 1)
     c.sweep = ("train.loss=cross_entropy,mse",)
     c.model.width = 256
     c.model.depth = 2

@@ -52,6 +52,9 @@ def _main(argv):
 
     try:
         return _command(command)
+    except BrokenPipeError:  # `... | head`: the reader left; nothing is wrong with the run
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ConfigError, DataError, RunDirError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

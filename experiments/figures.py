@@ -371,20 +371,49 @@ def sharpness_ratio_panel(ax, curves) -> None:
 
 
 def sharpness_figure(run):
-    """λmax / edge of stability against step for every group, the line at 1 (Cohen et al. 2021):
-    sharpness rises (progressive sharpening), then hovers at 2/η."""
+    """λmax / edge of stability against step, the line at 1 (Cohen et al. 2021): sharpness rises
+    (progressive sharpening), then hovers at 2/η. A panel per activation when a run sweeps more
+    than one, its groups (swept values) as curves."""
     plt = _pyplot()
     groups = _groups(run)
+    activations = list(dict.fromkeys(ms[0].activation for _, ms in groups))
     with plt.rc_context(PAPER_RC):
-        fig, ax = plt.subplots(figsize=(WIDTH, 2.8), layout="constrained")
-        sharpness_ratio_panel(ax, groups)
-        ax.set_title("sharpness over the edge of stability; ×: Lanczos not converged")
+        fig, axes = plt.subplots(
+            1,
+            len(activations),
+            figsize=(WIDTH, 2.8),
+            sharey=True,
+            layout="constrained",
+            squeeze=False,
+        )
+        for ax, activation in zip(axes[0], activations, strict=True):
+            curves = [(g, ms) for g, ms in groups if ms[0].activation == activation]
+            sharpness_ratio_panel(ax, curves)
+            if len(activations) > 1:
+                ax.set_title(activation)
+            if ax is not axes[0, 0]:
+                ax.set_ylabel("")
+        fig.suptitle("sharpness over the edge of stability; ×: Lanczos not converged", fontsize=8)
     return fig
+
+
+def _num_classes(run) -> int | None:
+    """C, from a member's model: the width of its read-out in a kept checkpoint (no data
+    needed); ``None`` when no checkpoint tells."""
+    for _, members in _groups(run):
+        for member in members:
+            for step in member.checkpoint_steps()[-1:]:
+                path = member.dir / "checkpoints" / f"step_{step:06d}.npz"
+                arrays = storage.read_npz(path, "checkpoint", ("params/readout/bias/value",))
+                if arrays:
+                    return int(next(iter(arrays.values())).shape[0])
+    return None
 
 
 def spectrum_figure(run):
     """The top eigenvalues of H (filled) and G (hollow) against their index, at initialisation
-    and at the last step, a panel per group, log axis: outliers stand apart from the bulk."""
+    and at the last step, a panel per group, log axis: outliers stand apart from the bulk. The
+    dotted lines mark C − 1 and C (the read-out's width)."""
     plt = _pyplot()
     groups = _groups(run)
     classes = None
@@ -404,7 +433,20 @@ def spectrum_figure(run):
                     hollow = {**style, "markerfacecolor": "none", "linestyle": ":", "markersize": 3}
                     (line,) = ax.plot(np.arange(1, len(g) + 1), g, label=f"G, {name}", **hollow)
                     line.set_gid(f"spectrum/{group}/G/{step}")
-            classes = run.config.data.num_classes if classes is None else classes
+            classes = classes or _num_classes(run)
+            if classes:
+                for x in (classes - 0.5, classes + 0.5):
+                    ax.axvline(x, color="0.6", linewidth=0.5, linestyle=":", zorder=0)
+                ax.text(
+                    classes + 0.9,
+                    0.03,
+                    "C−1 | C",
+                    transform=ax.get_xaxis_transform(),
+                    ha="left",
+                    va="bottom",
+                    fontsize=6,
+                    color="0.4",
+                )
             ax.set_yscale("log")
             ax.set_title(group)
             ax.set_xlabel("eigenvalue index")

@@ -50,6 +50,26 @@ def _sharpness_ratio(r: Record) -> Eigenvalues | None:
     return Eigenvalues((ratio,), (top.residuals[0] / edge,), top.converged)
 
 
+OUTLIER_GAP = 1.2
+
+
+def outlier_count(values) -> tuple[int, float] | None:
+    """How many of the top eigenvalues stand apart from the rest: the ``k`` of the largest ratio
+    ``λ_k / λ_{k+1}`` among positive top values (at least 10 of them), or 0 when that largest
+    gap is under 20% (no eigenvalue stands apart); and the ratio."""
+    v = np.asarray(values, float)
+    if len(v) < 10 or not np.all(v > 0):
+        return None
+    ratios = v[:-1] / v[1:]
+    k = int(np.argmax(ratios))
+    return (k + 1 if ratios[k] >= OUTLIER_GAP else 0), float(ratios[k])
+
+
+def _outliers(e: Eigenvalues | None) -> float | None:
+    found = outlier_count(e.values) if e is not None else None
+    return None if found is None else float(found[0])
+
+
 COLUMNS = [
     Column("loss", lambda r: r.train_loss),
     Column("test acc.", lambda r: r.test_accuracy),
@@ -62,6 +82,8 @@ COLUMNS = [
     Column("‖R‖F/‖H‖F", _relative_residual),
     Column("neg. mass", lambda r: r.density.negative_mass if r.density else None),
     Column("λmax/edge", _sharpness_ratio),
+    Column("outliers H", lambda r: _outliers(r.top_eigenvalues)),
+    Column("outliers G", lambda r: _outliers(r.gauss_newton.top if r.gauss_newton else None)),
     Column("B_simple", lambda r: r.gradient_noise.simple_noise_scale if r.gradient_noise else None),
     Column(
         "ρ(ν, diag H)",
@@ -224,7 +246,8 @@ LEGEND = (
     "neg. mass: SLQ spectral mass below −√eps·max|node| (exact zeros excluded); λmax/edge: "
     "λmax over the edge of stability (2/η for gradient descent, so η·λmax/2; above 1 is past the "
     "edge); B_simple: tr Σ/|g|² of per-example gradients; ρ(ν, diag H): Spearman correlation of "
-    "the optimizer's second moment with the Hessian diagonal."
+    "the optimizer's second moment with the Hessian diagonal; outliers: the k of the largest gap "
+    "λk/λk+1 among the top eigenvalues (10 or more), 0 when no gap reaches 20%."
 )
 
 
