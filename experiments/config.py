@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     # core for small networks). 0: one per CPU core on a CPU, 2 on an accelerator.
     c.workers = 0
     # One compiled program for every activation ("yes"), one per activation ("no"), or "auto":
-    # shared on an accelerator (compile-bound), separate on a CPU (faster to compile and run).
+    # shared whenever the run has more than one activation.
     c.share_activations = "auto"
 
     c.data = ml_collections.ConfigDict()

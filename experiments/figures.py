@@ -199,6 +199,14 @@ def _top(r):
     return None if e is None else list(e.values)
 
 
+def _top_of(members):
+    """The top-eigenvalue series of a group: ``top_eigenvalues`` where the group has them (its
+    records without them left out, so a series never mixes k values with one), else λmax."""
+    if any(r.top_eigenvalues is not None for m in members for r in m.records):
+        return lambda r: list(r.top_eigenvalues.values) if r.top_eigenvalues else None
+    return lambda r: list(r.lambda_max.values) if r.lambda_max else None
+
+
 def _bottom(r):
     e = r.bottom_eigenvalues
     return None if e is None else list(e.values)
@@ -206,14 +214,16 @@ def _bottom(r):
 
 def eigenvalue_figure(run):
     plt = _pyplot()
-    groups = _groups(run)
+    groups = [(g, ms) for g, ms in _groups(run) if _has([(g, ms)], _top)]
     edge, edge_label = _edge(groups)
     with plt.rc_context(PAPER_RC):
         fig, axes, cols = _panels(plt, len(groups), 2.2, sharex=True)
         highest = -np.inf
         for i, ((group, members), ax) in enumerate(zip(groups, axes.ravel(), strict=False)):
             style = plotting.series_style(i)
-            steps, top, per_seed = series(members, _top)
+            steps, top, per_seed = series(members, _top_of(members))
+            if not len(steps):
+                continue
             highest = max(highest, float(np.max(top)))
             lines = plotting.plot_trajectories(
                 ax, steps, top, label=f"top {top.shape[-1]}", style=style
@@ -226,11 +236,13 @@ def eigenvalue_figure(run):
                     ax.plot(
                         seed_steps, values[:, 0], color=style["color"], linewidth=0.4, alpha=0.5
                     )
-            if _has([(group, members)], _bottom):
-                _, bottom, _ = series(members, _bottom)
+            bottom_steps, bottom, _ = series(members, _bottom)
+            if len(bottom_steps):
                 hollow = {**style, "markerfacecolor": "none"}
                 label = f"bottom {bottom.shape[-1]} (hollow)"
-                lines = plotting.plot_trajectories(ax, steps, bottom, label=label, style=hollow)
+                lines = plotting.plot_trajectories(
+                    ax, bottom_steps, bottom, label=label, style=hollow
+                )
                 for j, line in enumerate(lines):
                     line.set_gid(f"eig/{group}/bottom{j}")
                     line.set_linewidth(0.7)
@@ -415,15 +427,28 @@ def spectrum_figure(run):
     and at the last step, a panel per group, log axis: outliers stand apart from the bulk. The
     dotted lines mark C − 1 and C (the read-out's width)."""
     plt = _pyplot()
-    groups = _groups(run)
+    groups = [
+        (g, ms)
+        for g, ms in _groups(run)
+        if _has([(g, ms)], lambda r: r.top_eigenvalues is not None)
+    ]
     classes = None
     with plt.rc_context(PAPER_RC):
         fig, axes, _ = _panels(plt, len(groups), 2.3, sharex=False)
         for (group, members), ax in zip(groups, axes.ravel(), strict=False):
-            final = max(report.common_steps(members) or [0])
+            with_top = [
+                {r.step for r in m.records if r.top_eigenvalues is not None} for m in members
+            ]
+            final = max(set.intersection(*with_top) or {0})
             for j, (step, name) in enumerate(((0, "init"), (final, f"step {final}"))):
                 style = plotting.series_style(j)
-                records = [m.record(step) for m in members if step in m.steps]
+                records = [
+                    m.record(step)
+                    for m in members
+                    if step in m.steps and m.record(step).top_eigenvalues is not None
+                ]
+                if not records:
+                    continue
                 top = np.mean([r.top_eigenvalues.values for r in records], axis=0)
                 index = np.arange(1, len(top) + 1)
                 (line,) = ax.plot(index, top, label=f"H, {name}", **{**style, "markersize": 3})
@@ -608,7 +633,9 @@ def compare(workdirs, out, *, sigma: float | None = None) -> list[pathlib.Path]:
         for group, members in _groups(run):
             curves.append((f"{run.workdir.name}: {group}", members))
     if not curves:
-        raise ValueError("none of the run directories holds a measurement yet")
+        from experiments.errors import RunDirError
+
+        raise RunDirError("none of the run directories holds a measurement yet")
     densities = {}
     for label, members in curves:
         step = max(report.common_steps(members) or [0])

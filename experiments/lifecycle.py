@@ -195,13 +195,32 @@ def _diff(a, b, prefix="") -> list[str]:
     return out
 
 
-def _unreadable(path: pathlib.Path) -> bool:
-    if not path.exists():
-        return False
-    try:
-        storage.read_npz(path, "spectra file", ())
-    except RunDirError:
-        return True
+# Record fields whose measurement writes arrays to the step's spectra file.
+_SPECTRA_FIELDS = (
+    "top_eigenvalues",
+    "bottom_eigenvalues",
+    "gauss_newton",
+    "density",
+    "diagonal",
+    "optimizer_state",
+)
+
+
+def _lost_files(folder: MemberDir, record: dict, eigenvectors: int) -> bool:
+    """Whether the files of the measurement ``record`` are missing or unreadable."""
+    step = record["step"]
+    paths = []
+    if any(record.get(f) is not None for f in _SPECTRA_FIELDS):
+        paths.append(folder.spectra(step))
+    if eigenvectors:
+        paths.append(folder.eigenvectors(step))
+    for path in paths:
+        if not path.exists():
+            return True
+        try:
+            storage.read_npz(path, "file", ())
+        except RunDirError:
+            return True
     return False
 
 
@@ -210,7 +229,16 @@ def _set_status(folder: MemberDir, **status) -> dict:
     return status
 
 
-def run_member(
+def run_member(spec: MemberSpec, *args, **kwargs) -> dict:
+    """Train ``spec`` through its schedule, measuring at each step that has no record yet.
+
+    JAX's x64 switch is per thread: each member enters its own, so members in threads compute
+    in their config's dtype."""
+    with jax.enable_x64(spec.config.dtype == "float64"):
+        return _run_member(spec, *args, **kwargs)
+
+
+def _run_member(
     spec: MemberSpec,
     folder: MemberDir,
     setup_: Setup,
@@ -221,17 +249,22 @@ def run_member(
     on_measurement: Callable | None = None,
     stop=None,
 ) -> dict:
-    """Train ``spec`` through its schedule, measuring at each step that has no record yet."""
     config = spec.config
     schedule = config_lib.schedule(config)
     status = storage.read_json(folder.status, {})
-    if status.get("state") == "failed":
-        return status  # final: its reason stands, its measurements are kept
     log = storage.MetricsLog(folder.metrics)
-    # A step whose spectra file is unreadable lost part of its measurement: measure it again.
-    damaged = {step for step in log.steps if _unreadable(folder.spectra(step))}
+    # A step whose spectra or eigenvector file is lost or unreadable lost part of its
+    # measurement: measure it again.
+    damaged = {
+        r["step"] for r in log.records if _lost_files(folder, r, config.measure.save_eigenvectors)
+    }
     missing = sorted({s for s in schedule if s not in log.steps} | damaged)
-    if status.get("state") == "done" and not missing:
+    if status.get("state") == "failed":
+        # Final: its reason stands. Records lost before the step it reached are repaired.
+        missing = [s for s in missing if s <= status.get("step", -1)]
+        if not missing:
+            return status
+    elif status.get("state") == "done" and not missing:
         return status
     storage.write_json(
         folder.info,
@@ -247,7 +280,8 @@ def run_member(
             "config": json.loads(config.to_json_best_effort()),
         },
     )
-    _set_status(folder, state="running")
+    if status.get("state") != "failed":
+        _set_status(folder, state="running")
 
     optimizer = train.make_optimizer(config.train)
     s = setup_
@@ -336,4 +370,6 @@ def run_member(
                     folder.checkpoint(step).unlink()
         if on_measurement is not None:
             on_measurement(spec.name, target)
+    if status.get("state") == "failed":
+        return status
     return _set_status(folder, state="done", step=schedule[-1])

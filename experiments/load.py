@@ -81,8 +81,9 @@ class Member:
             self.config,
         )
         self.run._require_dtype(self.config.dtype)
-        arrays = lifecycle.device_data(self.run.data, self.config.dtype)
-        return lifecycle.setup(spec, self.model_activations, self.run.data, arrays)
+        dataset = self.run.data_of(self)
+        arrays = lifecycle.device_data(dataset, self.config.dtype)
+        return lifecycle.setup(spec, self.model_activations, dataset, arrays)
 
     def _bind(self, fn):
         from experiments import models
@@ -169,6 +170,7 @@ class Run:
     provenance: dict
     members: dict[str, Member] = dataclasses.field(default_factory=dict)
     member_fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
+    _datasets: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def data(self):
@@ -181,6 +183,24 @@ class Run:
             raise RunDirError(
                 f"the data of {self.workdir} changed since the run (fingerprint "
                 f"{data_lib.fingerprint(dataset)}, recorded {want}); the records cannot be reproduced"
+            )
+        return dataset
+
+    def data_of(self, member: Member):
+        """The data set of ``member`` (a sweep may change the data), checked against its
+        fingerprint: loading must give what the member was measured on."""
+        from experiments import data as data_lib
+        from experiments import lifecycle
+
+        key = member.config.data.to_json_best_effort(sort_keys=True)
+        if key not in self._datasets:
+            self._datasets[key] = data_lib.load(member.config.data)
+        dataset = self._datasets[key]
+        got = lifecycle.fingerprint(member.config, data_lib.fingerprint(dataset))
+        if got != self.member_fingerprints.get(member.name, got):
+            raise RunDirError(
+                f"the data of {member.name} in {self.workdir} changed since the run; its records "
+                "cannot be reproduced"
             )
         return dataset
 
@@ -221,6 +241,13 @@ def load_run(workdir) -> Run:
         info = storage.read_json(folder.info)
         if info is None:
             continue  # not started
+        missing = [
+            k
+            for k in ("fingerprint", "group", "activation", "activation_index", "seed", "config")
+            if k not in info
+        ]
+        if missing:
+            raise RunDirError(f"{folder.info} is corrupt (it lacks {', '.join(missing)})")
         run.member_fingerprints[name] = info["fingerprint"]
         run.members[name] = Member(
             run=run,
@@ -228,7 +255,7 @@ def load_run(workdir) -> Run:
             group=info["group"],
             activation=info["activation"],
             activation_index=info["activation_index"],
-            model_activations=tuple(info["model_activations"]),
+            model_activations=tuple(info.get("model_activations", [info["activation"]])),
             seed=info["seed"],
             overrides=info.get("overrides", {}),
             config=ml_collections.ConfigDict(info["config"]),

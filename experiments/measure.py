@@ -341,7 +341,14 @@ def _finite(estimate: Estimate, name: str) -> Estimate:
     return estimate
 
 
-@register_measurement("trace", defaults={"matvecs": 60}, check=_at_least(4, "matvecs"))
+def _trace_check(settings, info):
+    message = _at_least(4, "matvecs")(settings, info)
+    if message is None and settings.matvecs // 3 > info.get("num_params", settings.matvecs):
+        return f"matvecs={settings.matvecs}: the Hutch++ sketch (a third) exceeds the {info['num_params']} parameters"
+    return message
+
+
+@register_measurement("trace", defaults={"matvecs": 60}, check=_trace_check)
 def _trace(ctx: Context) -> Estimate:
     """tr H by Hutch++ (Meyer et al. 2021), with its standard error. With gauss_newton in the
     plan and the same matvecs, it comes from their shared run (the same number)."""
@@ -427,12 +434,37 @@ def _density(ctx: Context) -> Density:
     )
 
 
+@functools.partial(jax.jit, static_argnames="num_matvecs")
+def _diagonal_and_mean(H, key, *, num_matvecs):
+    # The probes and numbers of cv.diagonal(H, key=key), and the per-probe means z^T H z / n for
+    # the error bar of the diagonal's mean (its entries share probes, so they are correlated).
+    H = H.prepared()
+    z = cv.rademacher(key, (num_matvecs, H.size), H.dtype)
+    products = z * apply_rows(H, z)
+    per_probe = jnp.mean(products, axis=1)
+    root_m = jnp.sqrt(num_matvecs)
+    return (
+        jnp.mean(products, axis=0),
+        jnp.std(products, axis=0, ddof=1) / root_m,
+        jnp.mean(per_probe),
+        jnp.std(per_probe, ddof=1) / root_m,
+    )
+
+
 def _hessian_diagonal(ctx: Context, matvecs: int, exact: bool):
-    H = ctx.hessian()
-    if exact:
-        return np.diag(np.asarray(cv.dense(H))), np.zeros(H.size), H.size
-    d = cv.diagonal(H, num_matvecs=matvecs, key=ctx.key_for("diagonal"))
-    return np.asarray(d.diagonal), np.asarray(d.standard_error), matvecs
+    """``(diagonal, per-entry SE, Estimate of its mean)``, once per measurement and settings."""
+
+    def run():
+        H = ctx.hessian()
+        if exact:
+            diag = np.diag(np.asarray(cv.dense(H)))
+            return diag, np.zeros(H.size), Estimate(float(diag.mean()), 0.0, H.size)
+        d, se, mean, mean_se = _diagonal_and_mean(H, ctx.key_for("diagonal"), num_matvecs=matvecs)
+        if not np.all(np.isfinite(np.asarray(d))):
+            raise FloatingPointError("diagonal: a matvec returned NaN or inf")
+        return np.asarray(d), np.asarray(se), Estimate(float(mean), float(mean_se), matvecs)
+
+    return ctx.cached(("diagonal", matvecs, exact), run)
 
 
 @register_measurement(
@@ -442,12 +474,8 @@ def _diagonal(ctx: Context) -> Diagonal:
     """The Hessian diagonal: Bekas et al.'s estimator with per-entry standard errors, or with
     ``exact=True`` the diagonal of the dense Hessian (n matvecs; small networks)."""
     s = ctx.settings
-    diag, se, _ = ctx.cached("diagonal", lambda: _hessian_diagonal(ctx, s.matvecs, s.exact))
+    diag, se, mean = _hessian_diagonal(ctx, s.matvecs, s.exact)
     ctx.spectra.update(diagonal=diag, diagonal_standard_error=se)
-    n = len(diag)
-    mean = Estimate(
-        float(np.mean(diag)), float(np.sqrt(np.sum(se**2)) / n), 0 if s.exact else s.matvecs
-    )
     negative = float(np.mean(diag < -2 * se)) if not s.exact else float(np.mean(diag < 0))
     return Diagonal(mean, negative, bool(s.exact))
 
@@ -476,13 +504,15 @@ def _optimizer_state_check(settings, info):
     defaults={"diagonal_matvecs": 100, "exact": False},
     check=_optimizer_state_check,
 )
-def _optimizer_state(ctx: Context) -> OptimizerState:
+def _optimizer_state(ctx: Context) -> OptimizerState | None:
     """Adam / RMSProp's bias-corrected second moment ν against the Hessian diagonal: Pearson and
     Spearman over parameters (exact zeros of the diagonal excluded and counted), overall and per
     layer; and √ν, what the update divides by, against |diag H|."""
     s = ctx.settings
+    if ctx.step == 0:
+        return None  # no gradient seen yet: the bias-corrected moment is 0/0
     nu_tree = train.OPTIMIZERS.get(ctx.config.train.optimizer).second_moment(ctx.opt_state)
-    diag, _, _ = ctx.cached("diagonal", lambda: _hessian_diagonal(ctx, s.diagonal_matvecs, s.exact))
+    diag, _, _ = _hessian_diagonal(ctx, s.diagonal_matvecs, s.exact)
     layout = cv.Layout.of(ctx.params)
     nu = np.asarray(layout.ravel(nu_tree))
     zero = diag == 0.0
@@ -549,7 +579,8 @@ def _per_example_sums(loss, chunk: int):
 
         n = cv.Layout.of(params).size
         dtype = cv.Layout.of(params).dtype
-        init = (jnp.zeros(n, jnp.promote_types(dtype, jnp.float32)), jnp.zeros((), jnp.float32))
+        wide = jnp.promote_types(dtype, jnp.float32)
+        init = (jnp.zeros(n, wide), jnp.zeros((), wide))
         carry = init
         if full:
             blocks = jax.tree_util.tree_map(
@@ -607,6 +638,12 @@ def measure(ctx: Context, *, test_data: dict, member: str, fingerprint: str) -> 
             value = jax.block_until_ready(entry.fn(ctx))
         except FloatingPointError as err:
             raise MeasurementFailed(f"{name}: {err}") from None
+        except Exception as err:  # noqa: BLE001
+            if entry.field is not None:
+                raise  # a built-in measurement's error is a bug to see whole
+            raise MeasurementFailed(
+                f"the registered measurement {name!r} raised {type(err).__name__}: {err}"
+            ) from err
         timings[name] = time.perf_counter() - t0
         if entry.field is not None:
             fields[entry.field] = value
@@ -636,6 +673,8 @@ def warm_up(
     plan: tuple[str, ...],
     workers: int,
     extra: tuple[Callable[[], Any], ...] = (),
+    *,
+    x64: bool = False,
 ) -> None:
     """Compile every measurement of ``plan`` at once, one measurement a thread, by taking it on
     ``make_context()`` and discarding the result. XLA compiles distinct programs in parallel
@@ -647,15 +686,21 @@ def warm_up(
         ctx = make_context()
         ctx.plan, ctx._name = plan, name
         ctx.settings = getattr(ctx.config.measure, name, None)
-        try:
-            jax.block_until_ready(MEASUREMENTS.get(name).fn(ctx))
-        except FloatingPointError:
-            pass  # the member's own measurement reports it
+        jax.block_until_ready(MEASUREMENTS.get(name).fn(ctx))
+
+    def guarded(fn, *args):
+        # x64 is per thread; an error here is the members' to report, with their step and name.
+        with jax.enable_x64(x64):
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001
+                pass
 
     # The costliest first, so that the threads finish together.
     order = sorted(plan, key=lambda n: n not in ("gauss_newton", "density", "frobenius"))
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = [pool.submit(one, name) for name in order] + [pool.submit(f) for f in extra]
+        futures = [pool.submit(guarded, one, name) for name in order]
+        futures += [pool.submit(guarded, f) for f in extra]
         for f in futures:
             f.result()
 

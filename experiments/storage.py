@@ -72,9 +72,12 @@ def read_npz(path: pathlib.Path, what: str = "file", keys=None) -> dict[str, np.
             names = f.files if keys is None else [k for k in keys if k in f.files]
             return {k: np.asarray(f[k]) for k in names}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        remedy = {
+            "checkpoint": "delete it (the member retrains from its seed or an earlier checkpoint)",
+            "spectra file": "run the same command again to measure that step anew",
+        }.get(what, "delete it or use a new --workdir")
         raise RunDirError(
-            f"{path}: the {what} is corrupt ({_reason(err).split('. ')[0]}); "
-            "delete it (it is rebuilt from the kept parameters) or use a new --workdir"
+            f"{path}: the {what} is corrupt ({_reason(err).split('. ')[0]}); {remedy}"
         ) from None
 
 

@@ -18,6 +18,9 @@ from experiments.errors import ConfigError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
+# Fields that hold for a whole run (one JAX process, one compiled program): not sweepable.
+RUN_LEVEL = ("dtype", "workers", "share_activations")
+
 
 @dataclasses.dataclass(frozen=True)
 class Axis:
@@ -80,6 +83,10 @@ def _coerce(path: str, text: str, current):
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"sweep {path}: {text!r} is not True or False")
+    elif isinstance(value, bool):
+        raise ConfigError(
+            f"sweep {path}: {text!r} is a bool, the field is a {type(current).__name__}"
+        )
     elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     elif isinstance(current, tuple) and isinstance(value, list | tuple):
@@ -104,6 +111,8 @@ def parse(spec: str, config) -> Axis:
         )
     if path in ("activations", "seeds", "sweep"):
         raise ConfigError(f"sweep {spec!r}: {path} is swept by setting it (it is already a list)")
+    if path in RUN_LEVEL:
+        raise ConfigError(f"sweep {spec!r}: {path} holds for the whole run; it cannot be swept")
     node, leaf = _field(config, path)
     if isinstance(node[leaf], ml_collections.ConfigDict):
         raise ConfigError(f"sweep {path}: a section, not a field; sweep one of its fields")
@@ -159,6 +168,13 @@ def members(config) -> list[MemberSpec]:
                         f"{group}-seed{seed}", group, activation, index, seed, overrides, resolved
                     )
                 )
+    names = [m.name for m in out]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ConfigError(
+            f"config key sweep: different values give the same member name {clash[0]!r} "
+            "(names keep letters, digits and ._=+-); choose values that differ there"
+        )
     return out
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("flax")
 from test_experiments import ROOT, cli, load_config, quiet, strip_timings  # noqa: E402
 
 import experiments  # noqa: E402
-from experiments import lifecycle, report, storage, train  # noqa: E402
+from experiments import lifecycle, measure, report, storage, train  # noqa: E402
 from experiments import run as run_lib  # noqa: E402
 from experiments.errors import RunDirError  # noqa: E402
 from experiments.record import Eigenvalues, Estimate, Record  # noqa: E402
@@ -588,3 +588,147 @@ def test_members_share_one_compiled_program(tmp_path):
         config.share_activations = "no"
     plan = run_lib.prepare(config, tmp_path / "other")
     assert len({id(s.loss) for s in plan.setups.values()}) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Found in review.
+
+
+def test_float64_members_in_threads_compute_in_float64(tmp_path):
+    # JAX's x64 switch is per thread: each member (and the warm-up) enters its own.
+    config = load_config()
+    with config.unlocked():
+        config.dtype = "float64"
+        config.workers = 2
+        config.train.steps = 10
+        config.measure.quantities = ("lambda_max", "gradient_noise")
+        config.measure.gradient_noise.num_examples = 20
+        config.measure.gradient_noise.chunk = 8
+    statuses = run_lib.run(config, tmp_path, progress=quiet())
+    assert {s["state"] for s in statuses.values()} == {"done"}
+    run = experiments.load_run(tmp_path)
+    with jax.enable_x64(True):
+        for member in run.members.values():
+            params = member.params(10)
+            assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.float64
+            H = cv.hessian(member.loss, params, member.measure_data)
+            exact = np.linalg.eigvalsh(np.asarray(cv.dense(H)))[-1]
+            assert member.records[-1].lambda_max.values[0] == pytest.approx(exact, rel=1e-9)
+            assert member.records[-1].gradient_noise.trace_covariance > 0
+
+
+def test_a_data_sweep_gives_each_member_its_data(tmp_path):
+    config = light_config()
+    with config.unlocked():
+        config.activations = ("relu",)
+        config.train.steps = 0
+        config.sweep = ("data.num_train=100,150",)
+    run_lib.run(config, tmp_path, progress=quiet())
+    run = experiments.load_run(tmp_path)
+    for n in (100, 150):
+        member = run.members[f"relu-num_train={n}-seed0"]
+        assert member.measure_data["x"].shape == (n, 64)
+        H = cv.hessian(member.loss, member.params(0), member.measure_data)
+        top = cv.eigsh(H, k=3, num_steps=20, key=measure.measurement_key(0, 0, "eig"))
+        assert top.eigenvalues[0] == pytest.approx(member.records[0].top_eigenvalues.values[0])
+    fps = set(run.member_fingerprints.values())
+    assert len(fps) == 2
+
+
+@pytest.mark.parametrize(
+    "sweep,match",
+    [
+        ("dtype=float32,float64", "dtype holds for the whole run; it cannot be swept"),
+        ("train.steps=True,10", "'True' is a bool, the field is a int"),
+        ("data.path=a/b.npz,a_b.npz", "different values give the same member name"),
+    ],
+)
+def test_sweeps_that_cannot_run_as_asked_are_refused(tmp_path, sweep, match):
+    config = light_config()
+    with config.unlocked():
+        config.sweep = (sweep,)
+    with pytest.raises(ValueError, match=match):
+        run_lib.run(config, tmp_path, progress=quiet())
+    assert not (tmp_path / "members").exists()
+
+
+def test_figures_follow_each_measurements_own_schedule(tmp_path):
+    from experiments import figures
+
+    config = load_config()
+    with config.unlocked():
+        config.activations = ("relu",)
+        config.measure.every = 5
+        config.measure.quantities = ("lambda_max", "top_eigenvalues", "bottom_eigenvalues")
+        config.measure.top_eigenvalues.every = 10
+        config.measure.bottom_eigenvalues.steps = (0, 15)
+        config.measure.top_eigenvalues.lanczos_steps = 20
+    run_lib.run(config, tmp_path, progress=quiet())
+    member = experiments.load_run(tmp_path).members["relu-seed0"]
+    have_top = [r.step for r in member.records if r.top_eigenvalues is not None]
+    have_bottom = [r.step for r in member.records if r.bottom_eigenvalues is not None]
+    assert member.steps == [0, 5, 10, 15, 20] and have_top == [0, 10, 20]
+    assert have_bottom == [0, 15, 20]
+    lines = {
+        line.get_gid(): line
+        for ax in figures.eigenvalue_figure(experiments.load_run(tmp_path)).axes
+        for line in ax.lines
+        if line.get_gid()
+    }
+    assert list(lines["eig/relu/top0"].get_xdata()) == have_top
+    assert list(lines["eig/relu/bottom0"].get_xdata()) == have_bottom
+    assert figures.draw_all(tmp_path)
+
+
+def test_diagonal_settings_are_their_own_and_its_mean_has_an_honest_error_bar(tmp_path):
+    config = load_config()
+    with config.unlocked():
+        config.activations = ("relu",)
+        config.train.optimizer, config.train.learning_rate = "adam", 0.01
+        config.train.steps, config.measure.every = 10, 10
+        config.measure.quantities = ("optimizer_state", "diagonal")
+        config.measure.optimizer_state.exact = True
+        config.measure.diagonal.matvecs = 12
+    run_lib.run(config, tmp_path, progress=quiet())
+    member = experiments.load_run(tmp_path).members["relu-seed0"]
+    assert member.records[0].optimizer_state is None  # no gradient seen yet at step 0
+    record = member.records[-1]
+    assert not record.diagonal.exact and record.diagonal.mean.num_matvecs == 12
+    # The diagonal's mean is tr H / n: its error bar is Hutchinson's with the same probes
+    # (entries that share probes are correlated, so it is not sqrt(sum se_i^2) / n).
+    H = cv.hessian(member.loss, member.params(10), member.measure_data)
+    tr = cv.trace(
+        H, num_matvecs=12, key=measure.measurement_key(0, 10, "diagonal"), method="hutchinson"
+    )
+    assert record.diagonal.mean.value == pytest.approx(float(tr.value) / H.size, rel=1e-4)
+    assert record.diagonal.mean.standard_error == pytest.approx(
+        float(tr.standard_error) / H.size, rel=1e-4
+    )
+    exact = np.diag(np.asarray(cv.dense(H)))
+    assert np.allclose(member.spectra(10)["diagonal"], exact, atol=20 * exact.std())
+    assert record.optimizer_state.second_moment.num_parameters > 0
+
+
+def test_lost_results_of_a_stopped_member_and_deleted_spectra_are_repaired(finished, tmp_path):
+    workdir = copy_of(finished, tmp_path)
+    relu = workdir / "members" / "relu-seed0"
+    storage.write_json(relu / "status.json", {"state": "failed", "message": "diverged", "step": 15})
+    lines = (relu / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (relu / "metrics.jsonl").write_text(lines[0] + lines[2])  # step 10 lost
+    (workdir / "members" / "tanh-seed0" / "spectra" / "step_000020.npz").unlink()
+    assert sorted(resume(workdir)) == [("relu-seed0", 10), ("tanh-seed0", 20)]
+    assert json.loads((relu / "status.json").read_text())["state"] == "failed"  # still final
+    assert (workdir / "members" / "tanh-seed0" / "spectra" / "step_000020.npz").exists()
+    assert resume(workdir) == []
+
+
+def test_damaged_member_json_and_empty_compare_are_one_line_errors(finished, tmp_path):
+    workdir = copy_of(finished, tmp_path)
+    (workdir / "members" / "relu-seed0" / "member.json").write_text('{"name": "relu-seed0"}')
+    with pytest.raises(RunDirError, match="member.json is corrupt \\(it lacks fingerprint"):
+        experiments.load_run(workdir)
+    (tmp_path / "empty").mkdir()
+    storage.write_json(tmp_path / "empty" / "config.json", json.loads(light_config().to_json()))
+    out = cli("compare", f"--runs={tmp_path / 'empty'}", f"--workdir={tmp_path / 'cmp'}")
+    assert out.returncode == 2
+    assert out.stderr == "error: none of the run directories holds a measurement yet\n"
