@@ -52,6 +52,12 @@ def _main(argv):
 
     try:
         return _command(command)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: every finished measurement is kept; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
     except BrokenPipeError:  # `... | head`: the reader left; nothing is wrong with the run
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

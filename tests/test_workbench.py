@@ -732,3 +732,28 @@ def test_damaged_member_json_and_empty_compare_are_one_line_errors(finished, tmp
     out = cli("compare", f"--runs={tmp_path / 'empty'}", f"--workdir={tmp_path / 'cmp'}")
     assert out.returncode == 2
     assert out.stderr == "error: none of the run directories holds a measurement yet\n"
+
+
+def test_an_interrupted_command_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "experiments", "run", "--config=configs/smoke.py"]
+    args += [f"--workdir={tmp_path}", "--config.train.steps=2000", "--config.measure.every=10"]
+    args += ["--config.measure.quantities=('lambda_max',)", "--quiet"]
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "members" / "relu-seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(storage.read_metrics(log)) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().endswith(
+        "interrupted: every finished measurement is kept; run the same command to resume"
+    )
+    assert "Traceback" not in err
+    kept = storage.read_metrics(log)
+    assert len(kept) >= 3 and [r["step"] for r in kept] == list(range(0, 10 * len(kept), 10))
