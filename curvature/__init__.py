@@ -9,6 +9,8 @@ estimate: :func:`eigsh` / :func:`lanczos` / :func:`power_iteration` for eigenpai
 
 from curvature.density import SpectralDensity as SpectralDensity
 from curvature.density import spectral_density as spectral_density
+from curvature.fisher import empirical_fisher as empirical_fisher
+from curvature.fisher import per_example_gradients as per_example_gradients
 from curvature.krylov import EigshResult as EigshResult
 from curvature.krylov import LanczosResult as LanczosResult
 from curvature.krylov import eigsh as eigsh
@@ -43,11 +45,13 @@ __all__ = [
     "dense",
     "diagonal",
     "eigsh",
+    "empirical_fisher",
     "frobenius_norm_squared",
     "from_matrix",
     "gauss_newton",
     "hessian",
     "lanczos",
+    "per_example_gradients",
     "power_iteration",
     "rademacher",
     "spectral_density",

@@ -675,6 +675,30 @@ class _GaussNewtonMatvec:
 
         return data_mean(ggn, operands["data"], self.batching)
 
+    def exact_diagonal(self, operands):
+        """``diag(G)`` from per-example Jacobians: ``diag(J_i^T H_i J_i)`` summed over the
+        examples, with ``H_i`` the output loss's Hessian on example ``i`` (exact when the output
+        loss is a mean of per-example terms, as the named losses are). Memory: a chunk's
+        Jacobians, ``batch x outputs x n``."""
+        params = operands["params"]
+
+        def chunk(batch):
+            size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+
+            def one(example):
+                ex = jax.tree_util.tree_map(lambda x: x[None], example)
+                out = self.model(params, ex)
+                jac = jax.jacrev(lambda p: self.model(p, ex).reshape(-1))(params)
+                jac = jax.vmap(self.layout.ravel)(jac)  # (outputs, n)
+                hess = jax.hessian(lambda o: self.loss.value(o.reshape(out.shape), ex))(
+                    out.reshape(-1)
+                )
+                return jnp.sum(jac * (hess @ jac), axis=0)
+
+            return jnp.sum(jax.vmap(one)(batch), axis=0) / size
+
+        return data_mean(chunk, operands["data"], self.batching)
+
     def prepare(self, operands):
         if not self.batching.single_chunk:
             return None

@@ -130,15 +130,35 @@ def diagonal(
     op: LinearOperator,
     /,
     *,
-    num_matvecs: int,
-    key: jax.Array,
+    num_matvecs: int | None = None,
+    key: jax.Array | None = None,
+    method: str = "bekas",
     probe_batch_size: int | None = None,
 ) -> DiagonalResult:
-    """Estimate ``diag(A)`` (flat, ``(n,)``; ``op.unravel`` gives per-parameter maps).
+    """``diag(A)`` (flat, ``(n,)``; ``op.unravel`` gives per-parameter maps).
 
-    Each entry is the mean of ``z_i (A z)_i`` over Rademacher probes, with its standard error. The
-    variance of entry ``i`` is ``sum_{j != i} A_ij^2``: small for diagonally dominant operators.
+    Args:
+      method: ``"bekas"`` (default): each entry is the mean of ``z_i (A z)_i`` over
+        ``num_matvecs`` Rademacher probes (``key``), with its standard error; the variance of
+        entry ``i`` is ``sum_{j != i} A_ij^2``, small for diagonally dominant operators.
+        ``"exact"``: the exact diagonal, standard errors zero. For a Gauss-Newton operator or an
+        empirical Fisher it comes from per-example Jacobians (a few gradients' cost, memory of a
+        chunk's Jacobians); for any other operator from ``n`` matvecs with the unit vectors,
+        ``probe_batch_size`` (default 32) at a time: for small networks and tests.
     """
+    if method == "exact":
+        fast = getattr(op.fn, "exact_diagonal", None)
+        if fast is not None:
+            result = _fast_exact_diagonal(op)
+        else:
+            block = positive_int(probe_batch_size or 32, "probe_batch_size")
+            result = _exact_diagonal(op, block=min(block, op.size))
+        _check_finite(result.diagonal, "diagonal")
+        return result
+    if method != "bekas":
+        raise ValueError(f"method must be 'bekas' or 'exact', got {method!r}")
+    if num_matvecs is None or key is None:
+        raise ValueError("diagonal(method='bekas') needs num_matvecs and key")
     _check_key(key)
     num_matvecs = positive_int(num_matvecs, "num_matvecs")
     probe_batch_size = _batch(probe_batch_size)
@@ -147,6 +167,29 @@ def diagonal(
     result = _diagonal(op, key, num_matvecs=num_matvecs, probe_batch_size=probe_batch_size)
     _check_finite(result.diagonal, "diagonal")
     return result
+
+
+@jax.jit
+def _fast_exact_diagonal(op):
+    d = op.fn.exact_diagonal(op.operands)
+    return DiagonalResult(d, jnp.zeros_like(d), jnp.asarray(0))
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def _exact_diagonal(op, *, block):
+    # Unit vectors in blocks: e_j^T A e_j for j in the block, through lax.map over the blocks.
+    op = op.prepared()
+    n = op.size
+    starts = jnp.arange(0, n, block)
+
+    def one(start):
+        idx = start + jnp.arange(block)
+        rows = jax.nn.one_hot(idx, n, dtype=op.dtype)  # past the end: a zero row, dropped below
+        products = jax.vmap(op.apply)(rows)
+        return jnp.sum(rows * products, axis=1)
+
+    d = jax.lax.map(one, starts).reshape(-1)[:n]
+    return DiagonalResult(d, jnp.zeros_like(d), jnp.asarray(n))
 
 
 @functools.partial(jax.jit, static_argnames=("num_matvecs", "probe_batch_size"))

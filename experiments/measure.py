@@ -456,8 +456,8 @@ def _hessian_diagonal(ctx: Context, matvecs: int, exact: bool):
 
     def run():
         H = ctx.hessian()
-        if exact:
-            diag = np.diag(np.asarray(cv.dense(H)))
+        if exact:  # n matvecs with the unit vectors, never the n x n matrix
+            diag = np.asarray(cv.diagonal(H, method="exact").diagonal)
             return diag, np.zeros(H.size), Estimate(float(diag.mean()), 0.0, H.size)
         d, se, mean, mean_se = _diagonal_and_mean(H, ctx.key_for("diagonal"), num_matvecs=matvecs)
         if not np.all(np.isfinite(np.asarray(d))):
@@ -472,7 +472,8 @@ def _hessian_diagonal(ctx: Context, matvecs: int, exact: bool):
 )
 def _diagonal(ctx: Context) -> Diagonal:
     """The Hessian diagonal: Bekas et al.'s estimator with per-entry standard errors, or with
-    ``exact=True`` the diagonal of the dense Hessian (n matvecs; small networks)."""
+    ``exact=True`` the exact diagonal (``curvature.diagonal(H, method="exact")``: n matvecs;
+    small networks)."""
     s = ctx.settings
     diag, se, mean = _hessian_diagonal(ctx, s.matvecs, s.exact)
     ctx.spectra.update(diagonal=diag, diagonal_standard_error=se)

@@ -1,0 +1,134 @@
+"""The empirical Fisher and per-example gradients.
+
+* :func:`empirical_fisher`: $F = \\frac1N \\sum_i g_i g_i^T$ with $g_i = \\nabla \\ell_i$ the
+  gradient of example $i$'s loss, as a matrix-free operator with the same normalisation as
+  :func:`curvature.hessian` (chunks weighted by their sizes, exact for uneven chunks). A matvec
+  never forms the $g_i$: $c_i = g_i^T v$ is one forward-mode product of the vector of
+  per-example losses, and $\\sum_i c_i g_i$ its transpose, about two gradients in all.
+* :func:`per_example_gradients`: the $g_i$ of one batch, stacked on a leading axis.
+
+The *true* Fisher of a softmax classifier, $E_{y \\sim p_\\theta(\\cdot|x)}[\\nabla \\log p\\,
+\\nabla \\log p^T]$, equals the Gauss-Newton matrix of the cross-entropy loss
+(``gauss_newton(..., loss="cross_entropy")``): only the name differs (Martens 2014). The empirical
+Fisher uses the observed labels instead and is a different matrix (Kunstner et al. 2019).
+
+``curvature.diagonal(F, method="exact")`` computes the diagonal $\\frac1N \\sum_i g_i^2$ from
+per-example gradients, in a few gradients' time rather than ``n`` matvecs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from curvature.operators import (
+    Batching,
+    Layout,
+    LinearOperator,
+    _check_finite_params,
+    _check_finite_value,
+    _check_scalar,
+    _is_traced,
+    _mean_loss,
+    data_mean,
+)
+
+__all__ = ["empirical_fisher", "per_example_gradients"]
+
+PyTree = Any
+
+
+def _per_example_losses(loss: Callable, params: PyTree, batch: PyTree) -> jax.Array:
+    """``(b,)``: ``loss`` on each example of ``batch`` alone (a batch of one)."""
+    return jax.vmap(lambda ex: loss(params, jax.tree_util.tree_map(lambda x: x[None], ex)))(batch)
+
+
+def per_example_gradients(loss: Callable, params: PyTree, batch: PyTree) -> PyTree:
+    """The gradient of each example's loss: a pytree like ``params`` with a leading axis of the
+    batch size. ``loss(params, batch)`` is the batch mean, as everywhere in this library, so the
+    mean of the per-example gradients is the batch gradient."""
+    return jax.vmap(
+        lambda ex: jax.grad(loss)(params, jax.tree_util.tree_map(lambda x: x[None], ex))
+    )(batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EmpiricalFisherMatvec:
+    loss: Callable
+    layout: Layout
+    batching: Batching
+    name = "empirical_fisher"
+
+    def _chunk(self, params, batch, tangent):
+        losses, forward = jax.linearize(lambda p: _per_example_losses(self.loss, p, batch), params)
+        (back,) = jax.linear_transpose(forward, params)(forward(tangent) / losses.shape[0])
+        return self.layout.ravel(back)
+
+    def __call__(self, operands, v):
+        params, tangent = operands["params"], self.layout.unravel(v)
+        return data_mean(lambda b: self._chunk(params, b, tangent), operands["data"], self.batching)
+
+    def prepare(self, operands):
+        if not self.batching.single_chunk:
+            return None
+        params, data = operands["params"], operands["data"]
+        losses, forward = jax.linearize(lambda p: _per_example_losses(self.loss, p, data), params)
+        transpose = jax.linear_transpose(forward, params)
+        size = losses.shape[0]
+
+        def fisher(v):
+            (back,) = transpose(forward(self.layout.unravel(v)) / size)
+            return self.layout.ravel(back)
+
+        return fisher
+
+    def exact_diagonal(self, operands):
+        def chunk(batch):
+            grads = per_example_gradients(self.loss, operands["params"], batch)
+            flat = jax.vmap(self.layout.ravel)(grads)
+            return jnp.mean(flat**2, axis=0)
+
+        return data_mean(chunk, operands["data"], self.batching)
+
+
+def empirical_fisher(
+    loss: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    data: PyTree,
+    *,
+    batch_size: int | None = None,
+    check: bool = True,
+) -> LinearOperator:
+    """The empirical Fisher $F = \\frac1N \\sum_i \\nabla\\ell_i \\nabla\\ell_i^T$ over the
+    ``N`` examples of ``data``, as a matrix-free operator.
+
+    Args:
+      loss, params, data, batch_size, check: as for :func:`curvature.hessian`; ``loss`` is the
+        batch mean, and example ``i``'s loss is ``loss`` on a batch of that example alone.
+
+    Cost: one matvec is a forward-mode product of the per-example losses and its transpose, about
+    two gradients on the whole data set; the per-example gradients are never formed (but
+    ``diagonal(F, method="exact")`` forms them, a chunk at a time).
+
+    Example:
+      >>> import jax.numpy as jnp, curvature
+      >>> loss = lambda w, batch: jnp.mean(batch["x"] @ w)
+      >>> data = {"x": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
+      >>> curvature.dense(curvature.empirical_fisher(loss, jnp.ones(2), data))  # mean of x x^T
+      Array([[0.5, 0. ],
+             [0. , 2. ]], dtype=float32)
+    """
+    layout = Layout.of(params)
+    batching = Batching.of(data, batch_size)
+    data = jax.tree_util.tree_map(jnp.asarray, data)
+    if check:
+        _check_finite_params(params)
+        _check_scalar(loss, (params, batching.first(data)), "loss(params, batch)")
+        if not _is_traced(data):
+            _check_finite_value(_mean_loss(loss, params, data, batching), "the mean loss")
+    matvec = _EmpiricalFisherMatvec(loss, layout, batching)
+    return LinearOperator(matvec, {"params": params, "data": data}, layout)
