@@ -25,17 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from curvature.operators import (
-    Batching,
-    Layout,
-    LinearOperator,
-    _check_finite_params,
-    _check_finite_value,
-    _check_scalar,
-    _is_traced,
-    _mean_loss,
-    data_mean,
-)
+from curvature.operators import Batching, Layout, LinearOperator, data_mean, loss_operator
 
 __all__ = ["empirical_fisher", "per_example_gradients"]
 
@@ -122,13 +112,6 @@ def empirical_fisher(
       Array([[0.5, 0. ],
              [0. , 2. ]], dtype=float32)
     """
-    layout = Layout.of(params)
-    batching = Batching.of(data, batch_size)
-    data = jax.tree_util.tree_map(jnp.asarray, data)
-    if check:
-        _check_finite_params(params)
-        _check_scalar(loss, (params, batching.first(data)), "loss(params, batch)")
-        if not _is_traced(data):
-            _check_finite_value(_mean_loss(loss, params, data, batching), "the mean loss")
-    matvec = _EmpiricalFisherMatvec(loss, layout, batching)
-    return LinearOperator(matvec, {"params": params, "data": data}, layout)
+    return loss_operator(
+        _EmpiricalFisherMatvec, loss, params, data, batch_size=batch_size, check=check
+    )

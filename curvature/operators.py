@@ -561,6 +561,12 @@ def hessian(
       Array([[1., 0.],
              [0., 4.]], dtype=float32)
     """
+    return loss_operator(_HessianMatvec, loss, params, data, batch_size=batch_size, check=check)
+
+
+def loss_operator(matvec_type, loss, params, data, *, batch_size, check) -> LinearOperator:
+    """An operator ``matvec_type(loss, layout, batching)`` of a batch-mean ``loss``: the checks
+    and the chunking shared by :func:`hessian` and :func:`curvature.empirical_fisher`."""
     layout = Layout.of(params)
     batching = Batching.of(data, batch_size)
     data = jax.tree_util.tree_map(jnp.asarray, data)
@@ -569,7 +575,7 @@ def hessian(
         _check_scalar(loss, (params, batching.first(data)), "loss(params, batch)")
         if not _is_traced(data):
             _check_finite_value(_mean_loss(loss, params, data, batching), "the mean loss")
-    matvec = _HessianMatvec(loss, layout, batching)
+    matvec = matvec_type(loss, layout, batching)
     return LinearOperator(matvec, {"params": params, "data": data}, layout)
 
 
