@@ -7,6 +7,11 @@ estimate: :func:`eigsh` / :func:`lanczos` / :func:`power_iteration` for eigenpai
 :mod:`curvature.plotting` (imports matplotlib only when used).
 """
 
+from curvature.blocks import BlockOperator as BlockOperator
+from curvature.blocks import BlockSummary as BlockSummary
+from curvature.blocks import block_summary as block_summary
+from curvature.blocks import layer_groups as layer_groups
+from curvature.blocks import restrict as restrict
 from curvature.density import SpectralDensity as SpectralDensity
 from curvature.density import spectral_density as spectral_density
 from curvature.fisher import empirical_fisher as empirical_fisher
@@ -34,6 +39,11 @@ from curvature.stochastic_trace import trace as trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockOperator",
+    "BlockSummary",
+    "block_summary",
+    "layer_groups",
+    "restrict",
     "DiagonalResult",
     "EigshResult",
     "LanczosResult",

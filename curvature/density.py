@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvature.krylov import _check_finite, _check_key, _check_steps, _lanczos_run, tridiagonal
-from curvature.operators import LinearOperator, positive_int
+from curvature.operators import LinearOperator, positive_int, require_square
 from curvature.stochastic_trace import rademacher
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -142,6 +142,7 @@ def spectral_density(
     for small networks, the same numbers up to round-off).
     """
     _check_key(key)
+    require_square(op, "spectral_density")
     num_steps = _check_steps(op, num_steps)
     num_probes = positive_int(num_probes, "num_probes")
     if probe_batch_size is not None:

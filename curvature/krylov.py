@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from curvature.operators import LinearOperator, apply_rows, positive_int
+from curvature.operators import LinearOperator, apply_rows, positive_int, require_square
 
 __all__ = ["EigshResult", "LanczosResult", "eigsh", "lanczos", "tridiagonal"]
 
@@ -168,6 +168,7 @@ def lanczos(
     Use :func:`tridiagonal` to form ``T``.
     """
     _check_key(key)
+    require_square(op, "lanczos")
     num_steps = _check_steps(op, num_steps)
     return _lanczos(op, key, num_steps=num_steps, reorthogonalize=reorthogonalize)
 
@@ -239,6 +240,7 @@ def eigsh(
     so they are honest whatever happened in the recurrence. Cost: ``num_steps + k`` matvecs.
     """
     _check_key(key)
+    require_square(op, "eigsh")
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
     k = positive_int(k, "k")

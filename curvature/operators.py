@@ -246,6 +246,18 @@ def _matmat(op: LinearOperator, x: jax.Array) -> jax.Array:
     return jax.vmap(op.apply, in_axes=1, out_axes=1)(x)
 
 
+def require_square(op: LinearOperator, what: str) -> None:
+    """A clear error for an off-diagonal block given to an estimator that needs a square,
+    symmetric operator."""
+    m, k = op.shape
+    if m != k:
+        raise ValueError(
+            f"{what} needs a square, symmetric operator; this is an off-diagonal block of shape "
+            f"({m}, {k}) from restrict(op, rows, cols): use restrict(op, rows) for a diagonal "
+            "block, or frobenius_norm_squared / dense / @ for this one"
+        )
+
+
 def apply_rows(op: LinearOperator, rows: jax.Array, batch_size: int | None = None) -> jax.Array:
     """``A`` applied to each row of ``rows`` (shape ``(k, n)``), inside compiled code.
 
@@ -336,17 +348,16 @@ def dense(op: LinearOperator, *, max_size: int = 20_000) -> jax.Array:
 
     Meant for small models: tests, and a user's own check against :func:`jax.hessian`.
     """
-    if op.size > max_size:
-        raise ValueError(
-            f"dense() would build a {op.size} x {op.size} matrix; raise max_size if you mean it"
-        )
+    m, k = op.shape
+    if max(m, k) > max_size:
+        raise ValueError(f"dense() would build a {m} x {k} matrix; raise max_size if you mean it")
     return _dense(op)
 
 
 @jax.jit
 def _dense(op):
     # Rows A e_i in groups of 64 tangents: bounded memory for the model's activations.
-    rows = jax.lax.map(op.apply, jnp.eye(op.size, dtype=op.dtype), batch_size=64)
+    rows = jax.lax.map(op.apply, jnp.eye(op.shape[1], dtype=op.dtype), batch_size=64)
     return rows.T
 
 

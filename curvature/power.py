@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from curvature.krylov import _check_finite, _check_key
-from curvature.operators import LinearOperator, apply_rows, positive_int
+from curvature.operators import LinearOperator, apply_rows, positive_int, require_square
 
 __all__ = ["PowerIterationResult", "power_iteration"]
 
@@ -110,6 +110,7 @@ def power_iteration(
     ``while_loop`` s).
     """
     _check_key(key)
+    require_square(op, "power_iteration")
     k = positive_int(k, "k")
     if k > op.size:
         raise ValueError(f"k={k} exceeds the operator's dimension n={op.size}")

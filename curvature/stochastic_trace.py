@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from curvature.krylov import _check_finite, _check_key
-from curvature.operators import LinearOperator, apply_rows, positive_int
+from curvature.operators import LinearOperator, apply_rows, positive_int, require_square
 
 __all__ = ["DiagonalResult", "TraceResult", "diagonal", "frobenius_norm_squared", "trace"]
 
@@ -100,6 +100,7 @@ def trace(
       probe_batch_size: vmap this many probes at once (more memory, shared forward passes).
     """
     _check_key(key)
+    require_square(op, "trace")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     minimum = 4 if method == "hutch++" else 2
@@ -146,6 +147,7 @@ def diagonal(
         chunk's Jacobians); for any other operator from ``n`` matvecs with the unit vectors,
         ``probe_batch_size`` (default 32) at a time: for small networks and tests.
     """
+    require_square(op, "diagonal")
     if method == "exact":
         fast = getattr(op.fn, "exact_diagonal", None)
         if fast is not None:
@@ -195,7 +197,7 @@ def _exact_diagonal(op, *, block):
 @functools.partial(jax.jit, static_argnames=("num_matvecs", "probe_batch_size"))
 def _frobenius(op, key, *, num_matvecs, probe_batch_size):
     op = op.prepared()
-    z = rademacher(key, (num_matvecs, op.size), op.dtype)
+    z = rademacher(key, (num_matvecs, op.shape[1]), op.dtype)
     samples = jnp.sum(apply_rows(op, z, probe_batch_size) ** 2, axis=1)
     value, error = _mean_and_error(samples)
     return TraceResult(value, error, jnp.asarray(num_matvecs))

@@ -16,6 +16,15 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Free every compiled program after each test module. Each XLA:CPU executable holds memory
+    maps for its code; the whole suite compiles enough of them in one process to pass the
+    kernel's vm.max_map_count (65,530), and the next compile then crashes."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture
 def x64():
     with jax.enable_x64(True):

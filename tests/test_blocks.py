@@ -1,0 +1,126 @@
+"""Blocks of H, G and R = H - G against the dense float64 Hessian's blocks, ReLU and tanh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_problem
+
+import curvature as cv
+
+
+def operators(activation):
+    params, data, model, loss, _ = make_problem(activation, "cross_entropy")
+    H = cv.hessian(loss, params, data, batch_size=5)
+    G = cv.gauss_newton(model, params, data, loss="cross_entropy")
+    return params, {"H": H, "G": G, "R": H - G}
+
+
+def index_of(params, mask):
+    """Flat indices of the leaves ``mask`` selects."""
+    sizes = [x.size for x in jax.tree_util.tree_leaves(params)]
+    starts = np.cumsum([0] + sizes)
+    if not isinstance(mask, list) or not all(isinstance(m, bool) for m in mask):
+        mask = jax.tree_util.tree_leaves(mask)  # a selector pytree
+    return np.concatenate(
+        [np.arange(starts[i], starts[i + 1]) for i, keep in enumerate(mask) if keep]
+    )
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_every_block_equals_the_dense_submatrix(x64, activation):
+    params, ops = operators(activation)
+    groups = cv.layer_groups(params)
+    assert list(groups) == ["0", "1", "2"]  # three layers, weight and bias each
+    for name, op in ops.items():
+        full = np.asarray(cv.dense(op), np.float64)
+        total = 0.0
+        for rows in groups.values():
+            r = index_of(params, rows)
+            block = cv.restrict(op, rows)
+            assert np.allclose(np.asarray(cv.dense(block)), full[np.ix_(r, r)], atol=1e-12), name
+            total += np.trace(np.asarray(cv.dense(block)))
+            for cols in groups.values() if name == "R" else ():  # off-diagonal: R's suffice
+                c = index_of(params, cols)
+                if cols != rows:
+                    off = cv.restrict(op, rows, cols)
+                    assert off.shape == (len(r), len(c))
+                    assert np.allclose(np.asarray(cv.dense(off)), full[np.ix_(r, c)], atol=1e-12)
+        # Per-layer traces add up to the total.
+        assert total == pytest.approx(np.trace(full), rel=1e-10, abs=1e-12)
+    # ReLU: the residual's same-layer blocks have a zero diagonal (so a zero trace) while its
+    # cross-layer blocks do not vanish; tanh adds same-layer terms in the hidden layers. The
+    # read-out layer enters linearly: a zero diagonal for both.
+    R = np.asarray(cv.dense(ops["R"]), np.float64)
+    for name, rows in groups.items():
+        r = index_of(params, rows)
+        same = np.max(np.abs(np.diag(R[np.ix_(r, r)])))
+        assert (same < 1e-12) == (activation == "relu" or name == "2"), (name, same)
+    r0, r1 = index_of(params, groups["0"]), index_of(params, groups["1"])
+    assert np.max(np.abs(R[np.ix_(r0, r1)])) > 1e-3  # cross-layer curvature, for ReLU too
+
+
+def test_selectors_estimators_and_vectors_on_a_block(x64, key):
+    params, ops = operators("tanh")
+    H = ops["H"]
+    full = np.asarray(cv.dense(H), np.float64)
+    by_callable = cv.restrict(H, lambda path, leaf: path[0].idx == 1)  # layer 1: w and b
+    by_tree = cv.restrict(
+        H, [{"b": False, "w": False}, {"b": True, "w": True}, {"b": False, "w": False}]
+    )
+    r = index_of(params, [False, False, True, True, False, False])
+    sub = full[np.ix_(r, r)]
+    assert np.allclose(np.asarray(cv.dense(by_callable)), sub) and np.allclose(
+        np.asarray(cv.dense(by_tree)), sub
+    )
+    top = cv.eigsh(by_callable, k=2, num_steps=by_callable.size, key=key)
+    assert np.allclose(top.eigenvalues, np.linalg.eigvalsh(sub)[::-1][:2], rtol=1e-8)
+    tr = cv.trace(by_callable, num_matvecs=30, key=key)
+    assert abs(float(tr.value) - np.trace(sub)) < 4 * float(tr.standard_error) + 1e-10
+    assert np.allclose(cv.diagonal(by_callable, method="exact").diagonal, np.diag(sub))
+    density = cv.spectral_density(by_callable, num_probes=2, num_steps=10, key=key)
+    assert density.nodes.shape == (2, 10)
+    # Vectors of the block map to pytrees with None for the leaves left out.
+    tree = by_callable.unravel(jnp.arange(by_callable.size, dtype=jnp.float64))
+    assert tree[0] == {"b": None, "w": None} and tree[1]["w"].shape == params[1]["w"].shape
+    assert np.array_equal(by_callable.ravel(tree), np.arange(by_callable.size))
+    # An off-diagonal block: Frobenius norm only, and a clear error elsewhere.
+    layers = list(cv.layer_groups(params).values())
+    rows, cols = layers[0], layers[1]
+    off = cv.restrict(H, rows, cols)
+    want = full[np.ix_(index_of(params, rows), index_of(params, cols))]
+    fro = cv.frobenius_norm_squared(off, num_matvecs=200, key=key)
+    assert abs(float(fro.value) - np.sum(want**2)) < 4 * float(fro.standard_error)
+    with pytest.raises(
+        ValueError, match="eigsh needs a square, symmetric operator; this is an off-diagonal block"
+    ):
+        cv.eigsh(off, k=1, key=key)
+    with pytest.raises(ValueError, match="rows selects no parameter leaf"):
+        cv.restrict(H, lambda path, leaf: False)
+    with pytest.raises(
+        ValueError, match="a selector is a pytree of bools shaped like the parameters"
+    ):
+        cv.restrict(H, [True, False])
+
+
+def test_block_summary_against_dense_blocks(x64, key):
+    params, ops = operators("relu")
+    R = ops["R"]
+    full = np.asarray(cv.dense(R), np.float64)
+    summary = cv.block_summary(R, key=key, probes=64, trace_matvecs=30, lanczos_steps=20)
+    groups = cv.layer_groups(params)
+    assert summary.names == ("0", "1", "2")
+    for i, rows in enumerate(groups.values()):
+        r = index_of(params, rows)
+        assert summary.sizes[i] == len(r)
+        block = full[np.ix_(r, r)]
+        # A ReLU network's same-layer residual has a zero diagonal: a zero trace, within error.
+        assert abs(summary.trace[i] - np.trace(block)) <= 4 * summary.trace_se[i] + 1e-10
+        assert summary.top[i] == pytest.approx(np.linalg.eigvalsh(block)[-1], rel=1e-6, abs=1e-9)
+        for j, cols in enumerate(groups.values()):
+            want = np.sum(full[np.ix_(r, index_of(params, cols))] ** 2)
+            got, se = summary.frobenius_sq[i, j], summary.frobenius_sq_se[i, j]
+            assert abs(got - want) <= 4 * se + 1e-12, (i, j, got, want, se)
+    # The table adds up to the whole squared norm, within the combined error.
+    total_se = np.sqrt(np.sum(summary.frobenius_sq_se**2))
+    assert abs(summary.frobenius_sq.sum() - np.sum(full**2)) <= 4 * total_se
