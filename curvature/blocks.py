@@ -262,7 +262,8 @@ def block_summary(
     parameters: ``groups`` maps names to selectors (default :func:`layer_groups`), and every
     parameter leaf must belong to exactly one group for the Frobenius table to add up.
 
-    Cost: ``groups × (probes + trace_matvecs + lanczos_steps + 1)`` matvecs."""
+    Cost: ``groups × (probes + trace_matvecs + lanczos_steps + 1)`` matvecs; ``lanczos_steps=0``
+    skips the top eigenvalues (NaN)."""
     from curvature.krylov import eigsh
     from curvature.stochastic_trace import diagonal, rademacher, trace
 
@@ -299,6 +300,9 @@ def block_summary(
             tr[j], tr_se[j] = float(t.value), float(t.standard_error)
         else:  # a small block: exactly, from its n <= trace_matvecs unit vectors
             tr[j] = float(jnp.sum(diagonal(block, method="exact").diagonal))
-        e = eigsh(block, k=1, num_steps=min(lanczos_steps, block.size), key=keys[3 * j + 2])
-        top[j], res[j] = float(e.eigenvalues[0]), float(e.residual_norms[0])
+        if lanczos_steps:
+            e = eigsh(block, k=1, num_steps=min(lanczos_steps, block.size), key=keys[3 * j + 2])
+            top[j], res[j] = float(e.eigenvalues[0]), float(e.residual_norms[0])
+        else:  # not asked for
+            top[j] = res[j] = np.nan
     return BlockSummary(names, np.array(sizes), tr, tr_se, top, res, fro, fro_se)

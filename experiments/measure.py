@@ -36,11 +36,13 @@ from curvature.operators import apply_rows
 from experiments import train
 from experiments.errors import ConfigError
 from experiments.record import (
+    Blocks,
     Correlation,
     Density,
     Diagonal,
     Eigenvalues,
     Estimate,
+    Fisher,
     Frobenius,
     GaussNewton,
     GradientNoise,
@@ -479,6 +481,60 @@ def _diagonal(ctx: Context) -> Diagonal:
     ctx.spectra.update(diagonal=diag, diagonal_standard_error=se)
     negative = float(np.mean(diag < -2 * se)) if not s.exact else float(np.mean(diag < 0))
     return Diagonal(mean, negative, bool(s.exact))
+
+
+@register_measurement(
+    "fisher",
+    defaults={"k": 5, "lanczos_steps": 40, "trace_matvecs": 30},
+    check=lambda s, info: _steps_check()(s, info) or _at_least(4, "trace_matvecs")(s, info),
+)
+def _fisher(ctx: Context) -> Fisher:
+    """The empirical Fisher (``curvature.empirical_fisher``) on the measurement set: its top
+    eigenvalues (Lanczos) and its trace (Hutch++)."""
+    s = ctx.settings
+    F = ctx.cached(
+        "F",
+        lambda: cv.empirical_fisher(
+            ctx.loss, ctx.params, ctx.data, batch_size=ctx.batch_size, check=False
+        ),
+    )
+    top = cv.eigsh(F, k=s.k, which="LA", num_steps=s.lanczos_steps, key=ctx.key_for("fisher"))
+    trace = cv.trace(F, num_matvecs=s.trace_matvecs, key=ctx.key_for("fisher_trace"))
+    return Fisher(_eigen(top), _estimate(trace))
+
+
+@register_measurement(
+    "blocks", defaults={"probes": 16, "trace_matvecs": 30}, check=_at_least(2, "probes")
+)
+def _blocks(ctx: Context) -> Blocks:
+    """The curvature by layer (``curvature.block_summary`` of H, G and R = H - G, layers from
+    ``curvature.layer_groups``): per-layer traces, and the squared Frobenius norm of every
+    same-layer and cross-layer block, with standard errors."""
+    s = ctx.settings
+    H, G = ctx.hessian(), ctx.gauss_newton()
+    out = {}
+    for name, op in (("hessian", H), ("gauss_newton", G), ("residual", H - G)):
+        out[name] = cv.block_summary(
+            op,
+            key=ctx.key_for("blocks"),
+            probes=s.probes,
+            trace_matvecs=s.trace_matvecs,
+            lanczos_steps=0,
+            params=ctx.params,
+        )
+    first = out["hessian"]
+
+    def table(x):
+        return tuple(tuple(float(v) for v in row) for row in np.asarray(x))
+
+    return Blocks(
+        names=tuple(first.names),
+        sizes=tuple(int(v) for v in first.sizes),
+        trace={k: tuple(float(v) for v in b.trace) for k, b in out.items()},
+        trace_se={k: tuple(float(v) for v in b.trace_se) for k, b in out.items()},
+        frobenius_sq={k: table(b.frobenius_sq) for k, b in out.items()},
+        frobenius_sq_se={k: table(b.frobenius_sq_se) for k, b in out.items()},
+    )
 
 
 def _correlation(a: np.ndarray, b: np.ndarray, zero: np.ndarray) -> Correlation:

@@ -14,6 +14,8 @@ import math
 import typing
 from typing import Any
 
+import numpy as np
+
 FORMAT = 2  # the record layout; bumped when a field changes meaning
 
 
@@ -128,6 +130,42 @@ class GradientNoise:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fisher:
+    """The empirical Fisher (mean of per-example gradient outer products): top eigenvalues and
+    Hutch++ trace."""
+
+    top: Eigenvalues
+    trace: Estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """The curvature by layer: per operator (``hessian``, ``gauss_newton``, ``residual``) the
+    per-layer traces and the table of squared block Frobenius norms ``[i][j]`` (layer i's rows,
+    layer j's columns), each with standard errors."""
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    trace: dict[str, tuple[float, ...]]
+    trace_se: dict[str, tuple[float, ...]]
+    frobenius_sq: dict[str, tuple[tuple[float, ...], ...]]
+    frobenius_sq_se: dict[str, tuple[tuple[float, ...], ...]]
+
+    def same_layer_share(self, operator: str = "residual") -> Estimate:
+        """The share of ``||A||_F^2`` in same-layer blocks (the diagonal of the table), with a
+        delta-method standard error (blocks estimated independently)."""
+        table = np.asarray(self.frobenius_sq[operator])
+        se = np.asarray(self.frobenius_sq_se[operator])
+        same, total = float(np.trace(table)), float(table.sum())
+        if total <= 0:
+            return Estimate(math.nan, math.nan)
+        share = same / total
+        # d share / d block: (1 - share) / total on the diagonal, -share / total elsewhere.
+        grad = np.where(np.eye(len(table), dtype=bool), 1.0 - share, -share) / total
+        return Estimate(share, float(np.sqrt(np.sum((grad * se) ** 2))))
+
+
+@dataclasses.dataclass(frozen=True)
 class Record:
     """One measurement of one sweep member at one training step."""
 
@@ -151,6 +189,8 @@ class Record:
     diagonal: Diagonal | None = None
     optimizer_state: OptimizerState | None = None
     gradient_noise: GradientNoise | None = None
+    fisher: Fisher | None = None
+    blocks: Blocks | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     format: int = FORMAT

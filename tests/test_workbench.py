@@ -757,3 +757,42 @@ def test_an_interrupted_command_says_how_to_resume(tmp_path):
     assert "Traceback" not in err
     kept = storage.read_metrics(log)
     assert len(kept) >= 3 and [r["step"] for r in kept] == list(range(0, 10 * len(kept), 10))
+
+
+def test_fisher_and_blocks_measurements_against_dense(tmp_path):
+    config = load_config()
+    with config.unlocked():
+        config.train.steps, config.measure.every = 20, 20
+        config.measure.quantities = ("fisher", "blocks")
+        config.measure.fisher.k, config.measure.fisher.lanczos_steps = 2, 30
+        config.measure.blocks.probes = 24
+    run_lib.run(config, tmp_path, progress=quiet())
+    run = experiments.load_run(tmp_path)
+    shares = {}
+    for member in run.members.values():
+        record = member.records[-1]
+        params = member.params(20)
+        F = cv.empirical_fisher(member.loss, params, member.measure_data)
+        exact = np.linalg.eigvalsh(np.asarray(cv.dense(F), np.float64))[::-1]
+        assert np.allclose(record.fisher.top.values, exact[:2], rtol=1e-3)
+        assert abs(record.fisher.trace.value - exact.sum()) < 4 * record.fisher.trace.standard_error
+        blocks = record.blocks
+        assert blocks.names == ("hidden/0", "hidden/1", "readout")
+        assert sum(blocks.sizes) == F.size
+        H = cv.hessian(member.loss, params, member.measure_data)
+        G = cv.gauss_newton(member.model, params, member.measure_data, loss="cross_entropy")
+        R = np.asarray(cv.dense(H - G), np.float64)
+        edges = np.cumsum((0,) + blocks.sizes)
+        for i in range(3):
+            for j in range(3):
+                want = np.sum(R[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] ** 2)
+                got = blocks.frobenius_sq["residual"][i][j]
+                assert abs(got - want) <= 4 * blocks.frobenius_sq_se["residual"][i][j] + 1e-9
+            block_trace = np.trace(R[edges[i] : edges[i + 1], edges[i] : edges[i + 1]])
+            se = blocks.trace_se["residual"][i]
+            assert abs(blocks.trace["residual"][i] - block_trace) <= 4 * se + 1e-6
+        shares[member.activation] = blocks.same_layer_share("residual")
+    # The question this project started from: a ReLU network's residual R = H - G has no
+    # same-layer curvature at all (each layer enters piecewise linearly); tanh's has.
+    assert shares["relu"].value < 1e-9
+    assert shares["tanh"].value > 4 * shares["tanh"].standard_error > 0
