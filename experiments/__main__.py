@@ -78,9 +78,9 @@ def _command(command):
     if command == "compare":
         if len(_RUNS.value) < 1:
             raise app.UsageError("compare needs --runs=DIR1,DIR2,...")
-        from experiments import figures
+        from experiments import pages
 
-        for path in figures.compare(_RUNS.value, _WORKDIR.value, sigma=_SIGMA.value):
+        for path in pages.compare(_RUNS.value, _WORKDIR.value, sigma=_SIGMA.value):
             print(f"wrote {path}")
         return 0
     if command == "run":

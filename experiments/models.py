@@ -88,7 +88,8 @@ def _switch(names: tuple[str, ...], index, forward: Callable):
     """``forward(activation_fn)`` for the activation ``names[index]``.
 
     One switch around the whole forward pass, not one per layer: each branch is a plain network
-    that XLA fuses as usual (a switch per layer blocks fusion and runs about 30% slower)."""
+    that XLA fuses as usual (a switch per layer blocks fusion: 60 ms against 51 ms for a 60-matvec
+    Hutch++ on the main job's network)."""
     if len(names) == 1:
         return forward(activation_fn(names[0]))
     branches = [functools.partial(forward, activation_fn(n)) for n in names]
