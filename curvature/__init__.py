@@ -12,6 +12,8 @@ from curvature.blocks import BlockSummary as BlockSummary
 from curvature.blocks import block_summary as block_summary
 from curvature.blocks import layer_groups as layer_groups
 from curvature.blocks import restrict as restrict
+from curvature.builders import gauss_newton as gauss_newton
+from curvature.builders import hessian as hessian
 from curvature.density import SpectralDensity as SpectralDensity
 from curvature.density import spectral_density as spectral_density
 from curvature.fisher import empirical_fisher as empirical_fisher
@@ -21,12 +23,10 @@ from curvature.krylov import LanczosResult as LanczosResult
 from curvature.krylov import eigsh as eigsh
 from curvature.krylov import lanczos as lanczos
 from curvature.krylov import tridiagonal as tridiagonal
-from curvature.operators import Layout as Layout
-from curvature.operators import LinearOperator as LinearOperator
-from curvature.operators import dense as dense
-from curvature.operators import from_matrix as from_matrix
-from curvature.operators import gauss_newton as gauss_newton
-from curvature.operators import hessian as hessian
+from curvature.linear_operator import Layout as Layout
+from curvature.linear_operator import LinearOperator as LinearOperator
+from curvature.linear_operator import dense as dense
+from curvature.linear_operator import from_matrix as from_matrix
 from curvature.power import PowerIterationResult as PowerIterationResult
 from curvature.power import power_iteration as power_iteration
 from curvature.stochastic_trace import DiagonalResult as DiagonalResult

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvature.operators import Layout, LinearOperator, apply_rows
+from curvature.linear_operator import Layout, LinearOperator, apply_rows
 
 __all__ = ["BlockOperator", "BlockSummary", "block_summary", "layer_groups", "restrict"]
 

@@ -21,8 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvature.krylov import _check_finite, _check_key, _check_steps, _lanczos_run, tridiagonal
-from curvature.operators import LinearOperator, positive_int, require_square
+from curvature._checks import (
+    check_finite_result,
+    check_key,
+    check_steps,
+    positive_int,
+    require_square,
+)
+from curvature.krylov import _lanczos_run, tridiagonal
+from curvature.linear_operator import LinearOperator
 from curvature.stochastic_trace import rademacher
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -141,9 +148,9 @@ def spectral_density(
     when that many probes run together (vmapped: their matvecs become one matrix product, faster
     for small networks, the same numbers up to round-off).
     """
-    _check_key(key)
+    check_key(key)
     require_square(op, "spectral_density")
-    num_steps = _check_steps(op, num_steps)
+    num_steps = check_steps(op, num_steps)
     num_probes = positive_int(num_probes, "num_probes")
     if probe_batch_size is not None:
         probe_batch_size = positive_int(probe_batch_size, "probe_batch_size")
@@ -156,5 +163,5 @@ def spectral_density(
         reorthogonalize=reorthogonalize,
         probe_batch_size=probe_batch_size,
     )
-    _check_finite(result.nodes, "spectral_density")
+    check_finite_result(result.nodes, "spectral_density")
     return result

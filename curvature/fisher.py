@@ -25,7 +25,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from curvature.operators import Batching, Layout, LinearOperator, data_mean, loss_operator
+from curvature._batching import data_mean
+from curvature.builders import LossMatvec, loss_operator
+from curvature.linear_operator import LinearOperator
 
 __all__ = ["empirical_fisher", "per_example_gradients"]
 
@@ -47,26 +49,26 @@ def per_example_gradients(loss: Callable, params: PyTree, batch: PyTree) -> PyTr
 
 
 @dataclasses.dataclass(frozen=True)
-class _EmpiricalFisherMatvec:
-    loss: Callable
-    layout: Layout
-    batching: Batching
+class _EmpiricalFisherMatvec(LossMatvec):
     name = "empirical_fisher"
-
-    def _chunk(self, params, batch, tangent):
-        losses, forward = jax.linearize(lambda p: _per_example_losses(self.loss, p, batch), params)
-        (back,) = jax.linear_transpose(forward, params)(forward(tangent) / losses.shape[0])
-        return self.layout.ravel(back)
 
     def __call__(self, operands, v):
         params, tangent = operands["params"], self.layout.unravel(v)
-        return data_mean(lambda b: self._chunk(params, b, tangent), operands["data"], self.batching)
+        loss = self.bound_loss(operands)
+
+        def chunk(batch):
+            losses, forward = jax.linearize(lambda p: _per_example_losses(loss, p, batch), params)
+            (back,) = jax.linear_transpose(forward, params)(forward(tangent) / losses.shape[0])
+            return self.layout.ravel(back)
+
+        return data_mean(chunk, operands["data"], self.batching)
 
     def prepare(self, operands):
         if not self.batching.single_chunk:
             return None
         params, data = operands["params"], operands["data"]
-        losses, forward = jax.linearize(lambda p: _per_example_losses(self.loss, p, data), params)
+        loss = self.bound_loss(operands)
+        losses, forward = jax.linearize(lambda p: _per_example_losses(loss, p, data), params)
         transpose = jax.linear_transpose(forward, params)
         size = losses.shape[0]
 
@@ -77,8 +79,10 @@ class _EmpiricalFisherMatvec:
         return fisher
 
     def exact_diagonal(self, operands):
+        loss = self.bound_loss(operands)
+
         def chunk(batch):
-            grads = per_example_gradients(self.loss, operands["params"], batch)
+            grads = per_example_gradients(loss, operands["params"], batch)
             flat = jax.vmap(self.layout.ravel)(grads)
             return jnp.mean(flat**2, axis=0)
 
@@ -113,5 +117,11 @@ def empirical_fisher(
              [0. , 2. ]], dtype=float32)
     """
     return loss_operator(
-        _EmpiricalFisherMatvec, loss, params, data, batch_size=batch_size, check=check
+        _EmpiricalFisherMatvec,
+        loss,
+        params,
+        data,
+        batch_size=batch_size,
+        check=check,
+        what="empirical_fisher()",
     )

@@ -27,7 +27,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from curvature.operators import LinearOperator, apply_rows, positive_int, require_square
+from curvature._checks import (
+    check_finite_result,
+    check_key,
+    check_steps,
+    positive_int,
+    require_square,
+)
+from curvature.linear_operator import LinearOperator, apply_rows
 
 __all__ = ["EigshResult", "LanczosResult", "eigsh", "lanczos", "tridiagonal"]
 
@@ -135,21 +142,6 @@ def _lanczos_run(
     return LanczosResult(alphas, betas[:-1], basis[:num_steps], betas[-1], restarts)
 
 
-def _check_steps(op: LinearOperator, num_steps: int) -> int:
-    num_steps = positive_int(num_steps, "num_steps")
-    if num_steps > op.size:
-        raise ValueError(
-            f"num_steps={num_steps} exceeds the operator's dimension n={op.size}; a Krylov basis "
-            "has at most n vectors"
-        )
-    return num_steps
-
-
-def _check_key(key) -> None:
-    if key is None:
-        raise TypeError("a PRNG key is required: pass key=jax.random.key(seed)")
-
-
 @functools.partial(jax.jit, static_argnames=("num_steps", "reorthogonalize"))
 def _lanczos(op, key, *, num_steps, reorthogonalize):
     op = op.prepared()
@@ -167,9 +159,9 @@ def lanczos(
     ``reorthogonalize=False`` only the three-term recurrence is used (cheaper, but ghosts appear).
     Use :func:`tridiagonal` to form ``T``.
     """
-    _check_key(key)
+    check_key(key)
     require_square(op, "lanczos")
-    num_steps = _check_steps(op, num_steps)
+    num_steps = check_steps(op, num_steps)
     return _lanczos(op, key, num_steps=num_steps, reorthogonalize=reorthogonalize)
 
 
@@ -239,7 +231,7 @@ def eigsh(
     Returns an :class:`EigshResult` whose residual norms are recomputed with ``k`` extra matvecs,
     so they are honest whatever happened in the recurrence. Cost: ``num_steps + k`` matvecs.
     """
-    _check_key(key)
+    check_key(key)
     require_square(op, "eigsh")
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
@@ -248,7 +240,7 @@ def eigsh(
         raise ValueError(f"k={k} exceeds the operator's dimension n={op.size}")
     if num_steps is None:
         num_steps = min(op.size, max(4 * k, 40))
-    num_steps = _check_steps(op, num_steps)
+    num_steps = check_steps(op, num_steps)
     if probe_batch_size is not None:
         probe_batch_size = positive_int(probe_batch_size, "probe_batch_size")
     if num_steps < k:
@@ -267,17 +259,5 @@ def eigsh(
         reorthogonalize=reorthogonalize,
         probe_batch_size=probe_batch_size,
     )
-    _check_finite(result.eigenvalues, "eigsh")
+    check_finite_result(result.eigenvalues, "eigsh")
     return result
-
-
-def _check_finite(values: jax.Array, name: str) -> None:
-    """One host sync after a whole run (never inside one); skipped under tracing, so every
-    estimator can itself be called inside ``jax.jit``."""
-    if isinstance(values, jax.core.Tracer):
-        return
-    if not bool(jnp.all(jnp.isfinite(values))):
-        raise FloatingPointError(
-            f"{name} produced non-finite values {values}: the operator's matvec returned NaN or "
-            "inf (check the loss and the data for non-finite values, or use float64)"
-        )

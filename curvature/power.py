@@ -17,8 +17,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from curvature.krylov import _check_finite, _check_key
-from curvature.operators import LinearOperator, apply_rows, positive_int, require_square
+from curvature._checks import check_finite_result, check_key, positive_int, require_square
+from curvature.linear_operator import LinearOperator, apply_rows
 
 __all__ = ["PowerIterationResult", "power_iteration"]
 
@@ -109,7 +109,7 @@ def power_iteration(
     Cost: ``sum(num_iters) + k`` matvecs, one compiled program (a ``scan`` over pairs of
     ``while_loop`` s).
     """
-    _check_key(key)
+    check_key(key)
     require_square(op, "power_iteration")
     k = positive_int(k, "k")
     if k > op.size:
@@ -118,5 +118,5 @@ def power_iteration(
     if tol is None:
         tol = float(jnp.finfo(op.dtype).eps) ** 0.5
     result = _power(op, key, jnp.asarray(tol, op.dtype), jnp.asarray(max_iters, jnp.int32), k=k)
-    _check_finite(result.eigenvalues, "power_iteration")
+    check_finite_result(result.eigenvalues, "power_iteration")
     return result

@@ -21,8 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from curvature.krylov import _check_finite, _check_key
-from curvature.operators import LinearOperator, apply_rows, positive_int, require_square
+from curvature._checks import check_finite_result, check_key, positive_int, require_square
+from curvature.linear_operator import LinearOperator, apply_rows
 
 __all__ = ["DiagonalResult", "TraceResult", "diagonal", "frobenius_norm_squared", "trace"]
 
@@ -57,9 +57,27 @@ def _batch(probe_batch_size):
     return None if probe_batch_size is None else positive_int(probe_batch_size, "probe_batch_size")
 
 
-def _mean_and_error(samples: jax.Array, axis: int = 0):
-    m = samples.shape[axis]
-    return jnp.mean(samples, axis=axis), jnp.std(samples, axis=axis, ddof=1) / jnp.sqrt(m)
+def _mean_and_error(samples: jax.Array):
+    m = samples.shape[0]
+    return jnp.mean(samples, axis=0), jnp.std(samples, axis=0, ddof=1) / jnp.sqrt(m)
+
+
+def _trace_sample(z, az):
+    return jnp.sum(z * az, axis=1)
+
+
+def _diagonal_sample(z, az):
+    return z * az
+
+
+def _norm_sample(z, az):
+    return jnp.sum(az**2, axis=1)
+
+
+def _monte_carlo(op, probes, sample, probe_batch_size):
+    """The body of every Monte Carlo estimator here: ``sample(z, A z)`` per probe row of
+    ``probes``, its mean and the standard error of the mean."""
+    return _mean_and_error(sample(probes, apply_rows(op, probes, probe_batch_size)))
 
 
 @functools.partial(jax.jit, static_argnames=("num_matvecs", "method", "probe_batch_size"))
@@ -68,8 +86,7 @@ def _trace(op, key, *, num_matvecs, method, probe_batch_size):
     n, dtype = op.size, op.dtype
     if method == "hutchinson":
         z = rademacher(key, (num_matvecs, n), dtype)
-        samples = jnp.sum(z * apply_rows(op, z, probe_batch_size), axis=1)
-        value, error = _mean_and_error(samples)
+        value, error = _monte_carlo(op, z, _trace_sample, probe_batch_size)
         return TraceResult(value, error, jnp.asarray(num_matvecs))
     sketch = num_matvecs // 3
     key_s, key_g = jax.random.split(key)
@@ -78,8 +95,7 @@ def _trace(op, key, *, num_matvecs, method, probe_batch_size):
     exact = jnp.sum(q.T * apply_rows(op, q.T, probe_batch_size))
     g = rademacher(key_g, (num_matvecs - 2 * sketch, n), dtype)
     g = g - (g @ q) @ q.T
-    samples = jnp.sum(g * apply_rows(op, g, probe_batch_size), axis=1)
-    value, error = _mean_and_error(samples)
+    value, error = _monte_carlo(op, g, _trace_sample, probe_batch_size)
     return TraceResult(exact + value, error, jnp.asarray(num_matvecs))
 
 
@@ -99,7 +115,7 @@ def trace(
         (``num_matvecs >= 2``). See the module docstring for both and their standard errors.
       probe_batch_size: vmap this many probes at once (more memory, shared forward passes).
     """
-    _check_key(key)
+    check_key(key)
     require_square(op, "trace")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -115,7 +131,7 @@ def trace(
     result = _trace(
         op, key, num_matvecs=num_matvecs, method=method, probe_batch_size=probe_batch_size
     )
-    _check_finite(result.value, "trace")
+    check_finite_result(result.value, "trace")
     return result
 
 
@@ -123,7 +139,7 @@ def trace(
 def _diagonal(op, key, *, num_matvecs, probe_batch_size):
     op = op.prepared()
     z = rademacher(key, (num_matvecs, op.size), op.dtype)
-    d, error = _mean_and_error(z * apply_rows(op, z, probe_batch_size))
+    d, error = _monte_carlo(op, z, _diagonal_sample, probe_batch_size)
     return DiagonalResult(d, error, jnp.asarray(num_matvecs))
 
 
@@ -155,19 +171,19 @@ def diagonal(
         else:
             block = positive_int(probe_batch_size or 32, "probe_batch_size")
             result = _exact_diagonal(op, block=min(block, op.size))
-        _check_finite(result.diagonal, "diagonal")
+        check_finite_result(result.diagonal, "diagonal")
         return result
     if method != "bekas":
         raise ValueError(f"method must be 'bekas' or 'exact', got {method!r}")
     if num_matvecs is None or key is None:
         raise ValueError("diagonal(method='bekas') needs num_matvecs and key")
-    _check_key(key)
+    check_key(key)
     num_matvecs = positive_int(num_matvecs, "num_matvecs")
     probe_batch_size = _batch(probe_batch_size)
     if num_matvecs < 2:
         raise ValueError(f"diagonal needs num_matvecs >= 2 for a standard error, got {num_matvecs}")
     result = _diagonal(op, key, num_matvecs=num_matvecs, probe_batch_size=probe_batch_size)
-    _check_finite(result.diagonal, "diagonal")
+    check_finite_result(result.diagonal, "diagonal")
     return result
 
 
@@ -198,8 +214,7 @@ def _exact_diagonal(op, *, block):
 def _frobenius(op, key, *, num_matvecs, probe_batch_size):
     op = op.prepared()
     z = rademacher(key, (num_matvecs, op.shape[1]), op.dtype)
-    samples = jnp.sum(apply_rows(op, z, probe_batch_size) ** 2, axis=1)
-    value, error = _mean_and_error(samples)
+    value, error = _monte_carlo(op, z, _norm_sample, probe_batch_size)
     return TraceResult(value, error, jnp.asarray(num_matvecs))
 
 
@@ -216,11 +231,11 @@ def frobenius_norm_squared(
     Pass the same ``key`` for two operators to compare them on shared probes (e.g. ``H`` and
     ``H - G``), which cancels much of the noise in their ratio.
     """
-    _check_key(key)
+    check_key(key)
     num_matvecs = positive_int(num_matvecs, "num_matvecs")
     probe_batch_size = _batch(probe_batch_size)
     if num_matvecs < 2:
         raise ValueError(f"num_matvecs must be >= 2 for a standard error, got {num_matvecs!r}")
     result = _frobenius(op, key, num_matvecs=num_matvecs, probe_batch_size=probe_batch_size)
-    _check_finite(result.value, "frobenius_norm_squared")
+    check_finite_result(result.value, "frobenius_norm_squared")
     return result

@@ -88,6 +88,24 @@ def test_gauss_newton_arguments(problem):
         cv.gauss_newton(model, params, data, loss="cross_entropy")
     with pytest.raises(TypeError, match="needs targets"):
         cv.gauss_newton(lambda p, b: model(p, {"x": b}), params, data["x"], loss="mse")
+    both = {**data, "target": data["y"]}
+    with pytest.raises(ValueError, match=r"several target keys \['y', 'target'\]"):
+        cv.gauss_newton(model, params, both, loss="mse")
+    with pytest.raises(ValueError, match="targets='label': the batch has no such entry"):
+        cv.gauss_newton(model, params, data, loss="mse", targets="label")
+    with pytest.raises(ValueError, match="targets= applies to the named losses"):
+        cv.gauss_newton(model, params, data, loss=lambda o, b: jnp.mean(o), targets="y")
+
+
+def test_non_float_parameters_are_named():
+    params = {"w": jnp.ones(3), "rng": jax.random.key(0)}
+    loss = lambda p, b: jnp.mean(b @ p["w"])  # noqa: E731
+    with pytest.raises(
+        TypeError, match=r"params leaf \['rng'\] has dtype key<fry>.*curvature.flax"
+    ):
+        cv.hessian(loss, params, jnp.ones((2, 3)))
+    with pytest.raises(TypeError, match=r"params leaf \['n'\] has dtype int32"):
+        cv.hessian(loss, {"w": jnp.ones(3), "n": jnp.ones(2, jnp.int32)}, jnp.ones((2, 3)))
 
 
 def test_nonfinite_matvec_is_reported():

@@ -142,6 +142,21 @@ def test_hessian_accepts_tuple_data_and_pytree_batches(x64):
     assert rel_err(a, b) < 1e-12
 
 
+def test_named_losses_read_the_targets_they_are_told(x64):
+    params, data, model, _, _ = make_problem("tanh", "cross_entropy")
+    reference = cv.dense(cv.gauss_newton(model, params, data, loss="cross_entropy"))
+    renamed = {"inputs": data["x"], "class": data["y"]}
+    net = lambda p, b: model(p, {"x": b["inputs"]})  # noqa: E731
+    for targets in ("class", lambda b: b["class"]):
+        op = cv.gauss_newton(net, params, renamed, loss="cross_entropy", targets=targets)
+        np.testing.assert_allclose(cv.dense(op), reference, rtol=1e-12, atol=1e-14)
+    pairs = (data["x"], data["y"])
+    op = cv.gauss_newton(
+        lambda p, b: model(p, {"x": b[0]}), params, pairs, loss="cross_entropy", targets=1
+    )
+    np.testing.assert_allclose(cv.dense(op), reference, rtol=1e-12, atol=1e-14)
+
+
 def test_batch_size_larger_than_data_and_bad_values(x64):
     params, data, _, loss, _ = make_problem("tanh", "mse")
     h = dense_hessian(loss, params, data)
