@@ -215,14 +215,14 @@ LOSSES.register("mse", Loss(_mse_one_hot, _mse_one_hot))  # on one-hot labels
 # Pure functions.
 
 
-@functools.cache
 def pure_functions(graphdef, rest_treedef, loss_name: str):
     """``model(params, batch)`` and ``loss(params, batch)`` for one architecture and loss.
 
-    ``batch`` holds ``x``, ``y`` and the ``activation`` column (see the module docstring).
-    Cached, so every member of a sweep with this architecture shares the same function objects
-    and therefore every compiled program (curvature operators key their caches on them). The
-    models have no dropout or batch statistics: the evaluation view is the training view.
+    ``batch`` holds ``x``, ``y`` and the ``activation`` column (see the module docstring). Fresh
+    closures on every call, and yet every member of a sweep with this architecture shares every
+    compiled program: curvature's operators and the trainer compare functions by structure (the
+    same code over an equal graphdef and loss). The models have no dropout or batch statistics:
+    the evaluation view is the training view.
     """
     rest = jax.tree_util.tree_unflatten(rest_treedef, [])
     output_loss = LOSSES.get(loss_name).value

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from curvature._closures import Canonical, canonical
 from experiments.registry import Registry
 
 
@@ -86,7 +87,6 @@ def edge_of_stability(train_cfg) -> float | None:
 OK, NON_FINITE, DIVERGED = 0, 1, 2
 
 
-@functools.cache
 def trainer(loss_fn, optimizer: str, batch_size: int, num_train: int):
     """A compiled ``train(params, opt_state, start, stop, x, y, key, activation, limit)``.
 
@@ -94,8 +94,31 @@ def trainer(loss_fn, optimizer: str, batch_size: int, num_train: int):
     loss or gradient (keeping the last finite parameters) or at a loss above ``limit`` (divergence),
     and returns ``(params, opt_state, step, reason, loss)``. Minibatch ``i`` of epoch ``e`` is slice
     ``i`` of ``permutation(fold_in(key, e))``, so the data order depends on the step alone.
-    Cached per loss, optimizer kind and data size: activations and hyperparameters are arguments.
+    One compiled program per loss (compared by structure, as curvature's operators compare it),
+    optimizer kind and data size: activations and hyperparameters are arguments.
     """
+    static, captured, _ = canonical(loss_fn)
+    return functools.partial(_train, static, optimizer, batch_size, num_train, captured)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _train(
+    loss: Canonical,
+    optimizer: str,
+    batch_size: int,
+    num_train: int,
+    captured,
+    params,
+    opt_state,
+    start,
+    stop,
+    x,
+    y,
+    key,
+    activation,
+    limit,
+):
+    loss_fn = loss.bind(captured)
     full_batch = batch_size == 0 or batch_size >= num_train
     steps_per_epoch = 1 if full_batch else max(1, num_train // batch_size)
 
@@ -110,41 +133,37 @@ def trainer(loss_fn, optimizer: str, batch_size: int, num_train: int):
             x, y = x[idx], y[idx]
         return {"x": x, "y": y, "activation": jnp.full((len(y),), activation, jnp.int32)}
 
-    @jax.jit
-    def train(params, opt_state, start, stop, x, y, key, activation, limit):
-        # The update function reads its hyperparameters from the state (inject_hyperparams), so
-        # building it here with placeholder values changes nothing.
-        update = OPTIMIZERS.get(optimizer).make(_PLACEHOLDER).update
+    # The update function reads its hyperparameters from the state (inject_hyperparams), so
+    # building it here with placeholder values changes nothing.
+    update = OPTIMIZERS.get(optimizer).make(_PLACEHOLDER).update
 
-        def cond(carry):
-            return (carry[2] < stop) & (carry[3] == OK)
+    def cond(carry):
+        return (carry[2] < stop) & (carry[3] == OK)
 
-        def body(carry):
-            params, opt_state, step, _, _, order = carry
-            if not full_batch:  # a new permutation only when an epoch starts
-                order = jax.lax.cond(
-                    step % steps_per_epoch == 0, lambda: epoch_order(step, key), lambda: order
-                )
-            batch = minibatch(x, y, step, order, activation)
-            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-            finite = jnp.isfinite(loss) & jnp.all(
-                jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
+    def body(carry):
+        params, opt_state, step, _, _, order = carry
+        if not full_batch:  # a new permutation only when an epoch starts
+            order = jax.lax.cond(
+                step % steps_per_epoch == 0, lambda: epoch_order(step, key), lambda: order
             )
-            reason = jnp.where(finite, jnp.where(loss > limit, DIVERGED, OK), NON_FINITE)
-            updates, new_state = update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            keep = functools.partial(jnp.where, reason == OK)
-            params = jax.tree_util.tree_map(keep, new_params, params)
-            opt_state = jax.tree_util.tree_map(keep, new_state, opt_state)
-            step = step + (reason == OK).astype(step.dtype)
-            return params, opt_state, step, reason, loss, order
+        batch = minibatch(x, y, step, order, activation)
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
+        )
+        reason = jnp.where(finite, jnp.where(loss > limit, DIVERGED, OK), NON_FINITE)
+        updates, new_state = update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = functools.partial(jnp.where, reason == OK)
+        params = jax.tree_util.tree_map(keep, new_params, params)
+        opt_state = jax.tree_util.tree_map(keep, new_state, opt_state)
+        step = step + (reason == OK).astype(step.dtype)
+        return params, opt_state, step, reason, loss, order
 
-        order = epoch_order(start, key) if not full_batch else jnp.zeros((), jnp.int32)
-        init = (params, opt_state, start, jnp.asarray(OK), jnp.asarray(0.0, x.dtype), order)
-        params, opt_state, step, reason, loss, _ = jax.lax.while_loop(cond, body, init)
-        return params, opt_state, step, reason, loss
-
-    return train
+    order = epoch_order(start, key) if not full_batch else jnp.zeros((), jnp.int32)
+    init = (params, opt_state, start, jnp.asarray(OK), jnp.asarray(0.0, x.dtype), order)
+    params, opt_state, step, reason, loss, _ = jax.lax.while_loop(cond, body, init)
+    return params, opt_state, step, reason, loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,15 +175,18 @@ class _Placeholder:
 _PLACEHOLDER = _Placeholder()
 
 
-@functools.cache
 def evaluator(loss_fn, model_fn):
-    """A compiled ``evaluate(params, batch) -> (loss, accuracy, gradient norm)``."""
+    """A compiled ``evaluate(params, batch) -> (loss, accuracy, gradient norm)``: one program per
+    pair of functions, compared by structure."""
+    loss, loss_arrays, _ = canonical(loss_fn)
+    model, model_arrays, _ = canonical(model_fn)
+    return functools.partial(_evaluate, loss, model, (loss_arrays, model_arrays))
 
-    @jax.jit
-    def evaluate(params, batch):
-        loss, grad = jax.value_and_grad(loss_fn)(params, batch)
-        accuracy = jnp.mean(jnp.argmax(model_fn(params, batch), axis=-1) == batch["y"])
-        grad_norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grad)))
-        return loss, accuracy, grad_norm
 
-    return evaluate
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _evaluate(loss: Canonical, model: Canonical, captured, params, batch):
+    loss_fn, model_fn = loss.bind(captured[0]), model.bind(captured[1])
+    value, grad = jax.value_and_grad(loss_fn)(params, batch)
+    accuracy = jnp.mean(jnp.argmax(model_fn(params, batch), axis=-1) == batch["y"])
+    grad_norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grad)))
+    return value, accuracy, grad_norm
