@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 _MAX_DEPTH = 24
+_BY_IDENTITY = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType)
 _SCALARS = (bool, int, float, complex, str, bytes, type(None), type(Ellipsis))
 
 
@@ -187,10 +188,14 @@ class _Builder:
         for name in sorted(_global_names(fn.__code__)):
             if name in fn.__globals__:
                 value = fn.__globals__[name]
-                if isinstance(value, (jax.Array, np.ndarray, np.generic, *_SCALARS)):
-                    names.append((name, self.template(value, depth)))
-                else:  # modules, functions, classes: by identity, as jax.jit would
+                if (
+                    isinstance(value, _BY_IDENTITY)
+                    or callable(value)
+                    and not hasattr(value, "__dataclass_fields__")
+                ):  # modules, functions, classes: by identity, as jax.jit would
                     names.append((name, _Identity(value)))
+                else:  # arrays, scalars, containers, dataclasses (a linen Module): by value
+                    names.append((name, self.template(value, depth)))
         defaults = fn.__defaults__ or ()
         kwdefaults = fn.__kwdefaults__ or {}
         return _Function(
@@ -206,8 +211,11 @@ class _Builder:
 
 
 def _plain_dataclass(obj) -> bool:
-    """A dataclass instance that its constructor rebuilds from its fields (and not a pytree)."""
+    """A frozen dataclass instance that its constructor rebuilds from its fields (and not a
+    pytree). Mutable dataclasses (a linen Module, say) are compared by their own equality."""
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return False
+    if not obj.__dataclass_params__.frozen:
         return False
     if not all(f.init for f in dataclasses.fields(obj)):
         return False

@@ -165,3 +165,21 @@ def test_rebuilding_from_the_same_module_reuses_compiled_programs():
 def test_not_a_flax_model_is_a_clear_error():
     with pytest.raises(TypeError, match="NNX module .* or linen variables"):
         cvf.hessian(loss_fn, {"w": jnp.ones(3)}, make_data(dtype=jnp.float32))
+
+
+def test_a_new_but_equal_linen_module_reuses_compiled_programs(x64):
+    # curvature.gauss_newton on linen's apply: the module is captured, compared by its equality.
+    data = make_data()
+    variables = LinenNet().init(jax.random.key(1), data["x"], train=False)
+    sizes = []
+    for _ in range(3):
+        net = LinenNet()  # equal to the last one, not the same object
+        op = cv.gauss_newton(
+            lambda v, b, net=net: net.apply(v, b["x"], train=False),
+            variables,
+            data,
+            loss="cross_entropy",
+        )
+        cv.eigsh(op, k=1, num_steps=5, key=jax.random.key(0))
+        sizes.append(krylov._eigsh._cache_size())
+    assert sizes[0] == sizes[1] == sizes[2]
