@@ -9,6 +9,7 @@ estimate: :func:`eigsh` / :func:`lanczos` / :func:`power_iteration` for eigenpai
 
 from curvature.blocks import BlockOperator as BlockOperator
 from curvature.blocks import BlockSummary as BlockSummary
+from curvature.blocks import block_densities as block_densities
 from curvature.blocks import block_summary as block_summary
 from curvature.blocks import layer_groups as layer_groups
 from curvature.blocks import restrict as restrict
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockOperator",
     "BlockSummary",
+    "block_densities",
     "block_summary",
     "layer_groups",
     "restrict",

@@ -11,6 +11,7 @@ every block of a partition (per layer, by default).
 * :func:`block_summary`: per group the trace (Hutch++), the top eigenvalue (Lanczos) and, per pair
   of groups, the squared Frobenius norm of the block with its standard error, from one probe
   matvec per group and probe (a probe on group ``j`` yields every block of column ``j`` at once).
+* :func:`block_densities`: the spectral density (SLQ) of every diagonal block.
 * :func:`layer_groups`: the default partition, one group per layer of the parameter pytree.
 """
 
@@ -27,7 +28,14 @@ import numpy as np
 
 from curvature.linear_operator import Layout, LinearOperator, apply_rows
 
-__all__ = ["BlockOperator", "BlockSummary", "block_summary", "layer_groups", "restrict"]
+__all__ = [
+    "BlockOperator",
+    "BlockSummary",
+    "block_densities",
+    "block_summary",
+    "layer_groups",
+    "restrict",
+]
 
 PyTree = Any
 Selector = PyTree | Callable[[tuple, jax.Array], bool]
@@ -248,6 +256,44 @@ def _block_norms(op, z_full, group_of_entry, *, num_groups):
     return per_group.T  # (probes, groups)
 
 
+def _partition(op, groups, params) -> tuple[PyTree, dict[str, list[bool]]]:
+    params = _params_of(op) if params is None else params
+    if groups is None:
+        groups = layer_groups(params)
+    if not isinstance(groups, dict):
+        groups = {f"group{i}": g for i, g in enumerate(groups)}
+    masks = {name: _leaf_mask(op, sel, params, f"group {name!r}") for name, sel in groups.items()}
+    return params, masks
+
+
+def block_densities(
+    op: LinearOperator,
+    groups: dict[str, Any] | Sequence | None = None,
+    *,
+    key: jax.Array,
+    num_probes: int = 8,
+    num_steps: int = 40,
+    params: PyTree = None,
+) -> dict:
+    """The spectral density (SLQ, :func:`curvature.spectral_density`) of every diagonal block of
+    ``groups`` (default :func:`layer_groups`): ``{name: SpectralDensity}``, the per-block view of
+    Zhang et al. (2024). Group ``g`` (in order) uses ``jax.random.split(key, len(groups))[g]``;
+    a block smaller than ``num_steps`` gets as many steps as its size (then exact per probe).
+
+    Cost: ``groups × num_probes × num_steps`` full matvecs."""
+    from curvature.density import spectral_density
+
+    params, masks = _partition(op, groups, params)
+    keys = jax.random.split(key, len(masks))
+    out = {}
+    for k, (name, mask) in zip(keys, masks.items(), strict=True):
+        block = _restricted(op, params, mask, mask)
+        out[name] = spectral_density(
+            block, num_probes=num_probes, num_steps=min(num_steps, block.size), key=k
+        )
+    return out
+
+
 def block_summary(
     op: LinearOperator,
     groups: dict[str, Any] | Sequence | None = None,
@@ -267,12 +313,7 @@ def block_summary(
     from curvature.krylov import eigsh
     from curvature.stochastic_trace import diagonal, rademacher, trace
 
-    params = _params_of(op) if params is None else params
-    if groups is None:
-        groups = layer_groups(params)
-    if not isinstance(groups, dict):
-        groups = {f"group{i}": g for i, g in enumerate(groups)}
-    masks = {name: _leaf_mask(op, sel, params, f"group {name!r}") for name, sel in groups.items()}
+    params, masks = _partition(op, groups, params)
     owners = np.sum([np.array(m) for m in masks.values()], axis=0)
     if np.any(owners != 1):
         raise ValueError("groups must partition the parameter leaves: every leaf in exactly one")

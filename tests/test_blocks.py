@@ -124,3 +124,24 @@ def test_block_summary_against_dense_blocks(x64, key):
     # The table adds up to the whole squared norm, within the combined error.
     total_se = np.sqrt(np.sum(summary.frobenius_sq_se**2))
     assert abs(summary.frobenius_sq.sum() - np.sum(full**2)) <= 4 * total_se
+
+
+def test_block_densities_are_the_dense_blocks_spectra(x64, key):
+    # With as many Lanczos steps as the block has rows, SLQ is exact per probe: each block's
+    # density has the probes' trace (Hutchinson's with the same key) and nodes in its spectrum.
+    params, ops = operators("tanh")
+    H = ops["H"]
+    full = np.asarray(cv.dense(H), np.float64)
+    groups = cv.layer_groups(params)
+    densities = cv.block_densities(H, key=key, num_probes=6, num_steps=100)
+    keys = jax.random.split(key, len(groups))
+    assert tuple(densities) == tuple(groups)
+    for k, (name, rows) in zip(keys, groups.items(), strict=True):
+        r = index_of(params, rows)
+        eigs = np.linalg.eigvalsh(full[np.ix_(r, r)])
+        d = densities[name]
+        hutch = cv.trace(cv.restrict(H, rows), num_matvecs=6, key=k, method="hutchinson")
+        np.testing.assert_allclose(d.trace()[0], hutch.value, rtol=1e-8)
+        nodes = np.asarray(d.nodes)[np.asarray(d.weights) > 1e-12]
+        assert nodes.min() >= eigs[0] - 1e-8 and nodes.max() <= eigs[-1] + 1e-8
+        assert np.isclose(nodes.max(), eigs[-1], rtol=1e-6)  # the extremes are found exactly
