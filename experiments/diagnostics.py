@@ -93,37 +93,72 @@ def _fisher(ctx: Context) -> Fisher:
     return Fisher(_eigen(top), _estimate(trace))
 
 
-@register_measurement(
-    "blocks", defaults={"probes": 16, "trace_matvecs": 30}, check=_at_least(2, "probes")
-)
+def _layer_of_entry(params) -> tuple[tuple[str, ...], np.ndarray]:
+    """The layers of ``curvature.layer_groups(params)`` and, per entry of the flat parameter
+    vector (``ravel_pytree`` order), the index of its layer."""
+    groups = cv.layer_groups(params)
+    sizes = [leaf.size for leaf in jax.tree_util.tree_leaves(params)]
+    owner = np.zeros(len(sizes), np.int32)
+    for g, selector in enumerate(groups.values()):
+        owner[np.asarray(jax.tree_util.tree_leaves(selector), bool)] = g
+    return tuple(groups), np.repeat(owner, sizes)
+
+
+@functools.partial(jax.jit, static_argnames="num_groups")
+def _block_statistics(H, G, z, layer_of_entry, *, num_groups):
+    # Probes z (m, n), each on one layer's entries. One product with H and one with G per probe
+    # give every block of H, G and R = H - G in that probe's column: per operator the squared
+    # norm of each layer's part of A z, (m, layers), and the quadratic forms z^T A z, (m,).
+    hz = apply_rows(H.prepared(), z)
+    gz = apply_rows(G.prepared(), z)
+    out = {}
+    for name, az in (("hessian", hz), ("gauss_newton", gz), ("residual", hz - gz)):
+        wide = az.astype(jnp.promote_types(az.dtype, jnp.float32))
+        squares = jax.ops.segment_sum((wide**2).T, layer_of_entry, num_segments=num_groups).T
+        out[name] = (squares, jnp.sum(z * wide, axis=1))
+    return out
+
+
+@register_measurement("blocks", defaults={"probes": 32}, check=_at_least(2, "probes"))
 def _blocks(ctx: Context) -> Blocks:
-    """The curvature by layer (``curvature.block_summary`` of H, G and R = H - G, layers from
-    ``curvature.layer_groups``): per-layer traces, and the squared Frobenius norm of every
-    same-layer and cross-layer block, with standard errors."""
+    """The curvature by layer (layers from ``curvature.layer_groups``) of H, G and R = H - G:
+    per layer the trace (Hutchinson) and per pair of layers the squared Frobenius norm of the
+    block, each with its standard error. ``probes`` Rademacher probes on each layer's entries,
+    each multiplied once by H and once by G (R's products are their difference): a probe on
+    layer j gives block (i, j) as ``||(A z)_i||^2`` and layer j's trace as ``z^T A z``.
+    Cost: layers x probes matvecs of H and of G, one compiled program."""
     s = ctx.settings
     H, G = ctx.hessian(), ctx.gauss_newton()
-    out = {}
-    for name, op in (("hessian", H), ("gauss_newton", G), ("residual", H - G)):
-        out[name] = cv.block_summary(
-            op,
-            key=ctx.key_for("blocks"),
-            probes=s.probes,
-            trace_matvecs=s.trace_matvecs,
-            lanczos_steps=0,
-            params=ctx.params,
+    names, layer_of_entry = _layer_of_entry(ctx.params)
+    count, m = len(names), s.probes
+    key = ctx.key_for("blocks")
+    z = jnp.concatenate(
+        [
+            cv.rademacher(jax.random.fold_in(key, j), (m, H.size), H.dtype)
+            * jnp.asarray(layer_of_entry == j, H.dtype)
+            for j in range(count)
+        ]
+    )
+    stats = _block_statistics(H, G, z, jnp.asarray(layer_of_entry), num_groups=count)
+    trace, trace_se, fro, fro_se = {}, {}, {}, {}
+    for name, (squares, quad) in stats.items():
+        squares = np.asarray(squares, np.float64).reshape(count, m, count)  # (column j, probe, i)
+        quad = np.asarray(quad, np.float64).reshape(count, m)
+        if not (np.all(np.isfinite(squares)) and np.all(np.isfinite(quad))):
+            raise FloatingPointError("blocks: a matvec returned NaN or inf")
+        fro[name] = tuple(tuple(float(v) for v in row) for row in squares.mean(axis=1).T)
+        fro_se[name] = tuple(
+            tuple(float(v) for v in row) for row in (squares.std(axis=1, ddof=1) / np.sqrt(m)).T
         )
-    first = out["hessian"]
-
-    def table(x):
-        return tuple(tuple(float(v) for v in row) for row in np.asarray(x))
-
+        trace[name] = tuple(float(v) for v in quad.mean(axis=1))
+        trace_se[name] = tuple(float(v) for v in quad.std(axis=1, ddof=1) / np.sqrt(m))
     return Blocks(
-        names=tuple(first.names),
-        sizes=tuple(int(v) for v in first.sizes),
-        trace={k: tuple(float(v) for v in b.trace) for k, b in out.items()},
-        trace_se={k: tuple(float(v) for v in b.trace_se) for k, b in out.items()},
-        frobenius_sq={k: table(b.frobenius_sq) for k, b in out.items()},
-        frobenius_sq_se={k: table(b.frobenius_sq_se) for k, b in out.items()},
+        names=names,
+        sizes=tuple(int(np.sum(layer_of_entry == j)) for j in range(count)),
+        trace=trace,
+        trace_se=trace_se,
+        frobenius_sq=fro,
+        frobenius_sq_se=fro_se,
     )
 
 

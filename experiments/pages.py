@@ -34,6 +34,15 @@ CAPTIONS = {
     "step; dashed: 1, the edge; ×: eigenvalues whose Lanczos residual did not converge.",
     "spectrum": "Top Hessian (filled) and Gauss-Newton (hollow, dotted) eigenvalues against their "
     "index at initialisation and at the last step, mean over seeds.",
+    "blocks": "Where the residual R = H − G lives (blocks measurement): (a) the share of ‖R‖F² in "
+    "same-layer blocks, at initialisation and at the last step measured, the rest coupling "
+    "different layers; (b) the same share of ‖H‖F², ‖G‖F² and ‖R‖F² at that step. Bars: mean "
+    "over seeds; error bars: ± the standard error of that mean, from the estimators' own "
+    "standard errors; dots: seeds. A piecewise-linear activation (ReLU) has no same-layer R: "
+    "0 up to float round-off (e.g. 1e-09).",
+    "activation_parameter": "Curvature at the last step against the activation's parameter, "
+    "mean ± sd over seeds (one seed: ± the standard error); horizontal lines: the activations "
+    "without a parameter (ReLU), with their ± sd band.",
 }
 
 

@@ -162,7 +162,14 @@ class Blocks:
         share = same / total
         # d share / d block: (1 - share) / total on the diagonal, -share / total elsewhere.
         grad = np.where(np.eye(len(table), dtype=bool), 1.0 - share, -share) / total
-        return Estimate(share, float(np.sqrt(np.sum((grad * se) ** 2))))
+        error = float(np.sqrt(np.sum((grad * se) ** 2)))
+        # R's products are differences of H's and G's, each exact to round-off only: a share
+        # below ROUND_OFF_SHARE cannot be told from zero (ReLU's same-layer R, measured at
+        # ~1e-9 in float32), so the error bar is never smaller.
+        return Estimate(share, max(error, ROUND_OFF_SHARE))
+
+
+ROUND_OFF_SHARE = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)

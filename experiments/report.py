@@ -80,6 +80,7 @@ COLUMNS = [
     Column("tr G", lambda r: r.gauss_newton.trace if r.gauss_newton else None),
     Column("tr R", lambda r: r.gauss_newton.residual_trace if r.gauss_newton else None),
     Column("‖R‖F/‖H‖F", _relative_residual),
+    Column("R same-layer", lambda r: r.blocks.same_layer_share("residual") if r.blocks else None),
     Column("neg. mass", lambda r: r.density.negative_mass if r.density else None),
     Column("λmax/edge", _sharpness_ratio),
     Column("outliers H", lambda r: _outliers(r.top_eigenvalues)),
@@ -246,8 +247,10 @@ LEGEND = (
     "neg. mass: SLQ spectral mass below −√eps·max|node| (exact zeros excluded); λmax/edge: "
     "λmax over the edge of stability (2/η for gradient descent, so η·λmax/2; above 1 is past the "
     "edge); B_simple: tr Σ/|g|² of per-example gradients; ρ(ν, diag H): Spearman correlation of "
-    "the optimizer's second moment with the Hessian diagonal; outliers: the k of the largest gap "
-    "λk/λk+1 among the top eigenvalues (10 or more), 0 when no gap reaches 20%."
+    "the optimizer's second moment with the Hessian diagonal; R same-layer: the share of ‖R‖F² in "
+    "same-layer blocks (blocks of ‖·‖F² from probes on each layer; the rest couples different "
+    "layers; 0 up to round-off for piecewise-linear activations such as ReLU); outliers: the k of "
+    "the largest gap λk/λk+1 among the top eigenvalues (10 or more), 0 when no gap reaches 20%."
 )
 
 

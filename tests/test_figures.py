@@ -24,6 +24,10 @@ def saved_run(tmp_path_factory):
     with config.unlocked():
         config.seeds = (0, 1)
         config.activations = ("relu", "softplus:4")
+        # The curvature by layer at the first and last steps only (the main job's plan).
+        config.measure.quantities = (*config.measure.quantities, "blocks")
+        config.measure.blocks.steps = (0, 20)
+        config.measure.blocks.probes = 8
     run_lib.run(config, workdir, progress=quiet())
     return workdir, experiments.load_run(workdir)
 
@@ -123,6 +127,7 @@ def test_figures_are_legible_at_paper_size(saved_run):
         figures.training_figure,
         figures.sharpness_figure,
         figures.spectrum_figure,
+        figures.blocks_figure,
         lambda r: figures.density_figure(r)[0],
     ):
         fig = make(run)
@@ -178,12 +183,87 @@ def test_draw_all_writes_png_pdf_and_report(saved_run):
     workdir, _ = saved_run
     paths = figures.draw_all(workdir)
     names = {p.name for p in paths}
-    for stem in ("density", "eigenvalues", "trace", "training", "edge_of_stability"):
+    for stem in ("density", "eigenvalues", "trace", "training", "edge_of_stability", "blocks"):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
         assert (workdir / "figures" / f"{stem}.png").stat().st_size > 10_000
     text = (workdir / "report.md").read_text()
     assert "![density](figures/density.png)" in text and "| relu | 2 | 0 | 20 |" in text
     assert "<img src='figures/eigenvalues.png'" in (workdir / "report.html").read_text()
+
+
+def test_block_figure_draws_the_recorded_same_layer_shares(saved_run):
+    _, run = saved_run
+    fig = figures.blocks_figure(run)
+    bars = {p.get_gid(): p for ax in fig.axes for p in ax.patches if p.get_gid()}
+    for group, members in run.groups().items():
+        assert [r.step for r in members[0].records if r.blocks] == [0, 20]  # its own schedule
+        for step, panel in ((0, "R/step 0"), (20, "R/step 20"), (20, "step 20/‖R‖F²")):
+            shares = [m.record(step).blocks.same_layer_share("residual") for m in members]
+            bar = bars[f"blocks/{panel}/{group}"]
+            assert bar.get_width() == pytest.approx(np.mean([e.value for e in shares]))
+        for operator, label in (("hessian", "H"), ("gauss_newton", "G")):
+            shares = [m.record(20).blocks.same_layer_share(operator) for m in members]
+            width = bars[f"blocks/step 20/‖{label}‖F²/{group}"].get_width()
+            assert width == pytest.approx(np.mean([e.value for e in shares]))
+    # Error bars: ± the standard error of the seeds' mean, from the estimators' own SEs.
+    shares = [m.record(20).blocks.same_layer_share("residual") for m in run.groups()["softplus_4"]]
+    se = np.sqrt(sum(e.standard_error**2 for e in shares)) / 2
+    segments = [
+        seg
+        for c in fig.axes[0].collections
+        for seg in c.get_segments()
+        if np.isclose(seg[1, 0] - seg[0, 0], 2 * se)
+    ]
+    assert segments, "no error bar of the softplus share at step 20"
+    # ReLU's residual couples only different layers: no same-layer share beyond round-off;
+    # softplus has one, and H itself keeps same-layer curvature for ReLU too.
+    assert bars["blocks/R/step 20/relu"].get_width() < 1e-6
+    assert bars["blocks/R/step 20/softplus_4"].get_width() > 0.05
+    assert bars["blocks/step 20/‖H‖F²/relu"].get_width() > 0.05
+    # The summary prints the share with its error bar.
+    rows = {row["group"]: row for row in report.summary_rows(run)}
+    assert rows["softplus_4"]["R same-layer"].mean == pytest.approx(
+        np.mean([e.value for e in shares])
+    )
+    assert " ± " in rows["softplus_4"]["R same-layer"].text()
+
+
+def test_parameter_figure_draws_each_value_against_the_reference():
+    from experiments.report import Cell
+
+    def row(group, activation, **cells):
+        return {"group": group, "activation": activation, "overrides": {}, **cells}
+
+    rows = [
+        row("relu", "relu", **{"λmax(H)": Cell(0.6, 0.05, None), "tr H": Cell(7.0, 0.2, 0.01)}),
+        *(
+            row(
+                f"softplus_{b}",
+                f"softplus:{b}",
+                **{"λmax(H)": Cell(0.6 + 1 / b, 0.1, None), "tr H": Cell(7.0 + 5 / b, 0.3, 0.01)},
+            )
+            for b in (20, 2, 5)
+        ),
+        row("tanh", "tanh", **{"λmax(H)": Cell(0.4, 0.01, None)}),
+    ]
+    base, series, references = figures.parameter_series(rows)
+    assert base == "softplus" and [p for p, _ in series] == [2.0, 5.0, 20.0]
+    assert [r["group"] for r in references] == ["relu", "tanh"]
+    fig = figures.parameter_panels(base, series, references)
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 2  # λmax and trace: present
+    lines = lines_by_gid(fig)
+    assert np.allclose(lines["param/λmax(H)/λmax(H)"].get_xdata(), [2, 5, 20])
+    assert np.allclose(lines["param/λmax(H)/λmax(H)"].get_ydata(), [1.1, 0.8, 0.65])
+    assert np.allclose(lines["param/λmax(H)/λmax(H)/relu"].get_ydata(), 0.6)
+    assert "param/λmax(H)/λmax(H)/tanh" in lines and "param/trace/tr H/tanh" not in lines
+    for ax in fig.axes:  # every series of a panel differs in more than colour
+        drawn = [x for x in ax.lines if x.get_gid()]  # not the error bars' caps
+        styles = [(x.get_linestyle(), x.get_marker(), x.get_markerfacecolor()) for x in drawn]
+        assert len(styles) == len(set(styles))
+    assert fig.axes[0].get_xscale() == "log" and "β" in fig.axes[-1].get_xlabel()
+    # One parameter value, or only swept groups: nothing to draw.
+    assert figures.parameter_series(rows[:2]) is None
+    assert figures.parameter_series([{**r, "overrides": {"seed": 1}} for r in rows]) is None
 
 
 def test_plot_and_compare_commands_redraw_without_recomputing(saved_run, tmp_path):
