@@ -36,7 +36,7 @@ from curvature._checks import (
 )
 from curvature.linear_operator import LinearOperator, apply_rows
 
-__all__ = ["EigshResult", "LanczosResult", "eigsh", "lanczos", "tridiagonal"]
+__all__ = ["EigshResult", "LanczosResult", "eigsh", "lanczos", "safe_norm", "tridiagonal"]
 
 _WHICH = ("LA", "SA", "LM", "BE")
 
@@ -81,15 +81,24 @@ class EigshResult(NamedTuple):
     num_matvecs: jax.Array
 
 
+def safe_norm(x: jax.Array, axis=None) -> jax.Array:
+    """``||x||_2`` computed as ``m ||x / m||`` with ``m = max |x|``: no underflow of the squares
+    for tiny vectors (an operator of scale 1e-20 in float32), no overflow for huge ones."""
+    m = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    m_safe = jnp.where(m > 0, m, 1.0)
+    out = jnp.linalg.norm(x / m_safe, axis=axis, keepdims=True) * m
+    return out.reshape(()) if axis is None else jnp.squeeze(out, axis)
+
+
 def _orthogonalize(basis: jax.Array, w: jax.Array) -> jax.Array:
     """Remove from ``w`` its components along the rows of ``basis``; twice when needed (DGKS)."""
 
     def cgs(x):
         return x - basis.T @ (basis @ x)
 
-    norm_before = jnp.linalg.norm(w)
+    norm_before = safe_norm(w)
     w = cgs(w)
-    return jax.lax.cond(jnp.linalg.norm(w) < norm_before / math.sqrt(2.0), cgs, lambda x: x, w)
+    return jax.lax.cond(safe_norm(w) < norm_before / math.sqrt(2.0), cgs, lambda x: x, w)
 
 
 def _lanczos_run(
@@ -99,7 +108,7 @@ def _lanczos_run(
     n, dtype = op.size, op.dtype
     eps = jnp.finfo(dtype).eps
     breakdown_tol = eps**0.75
-    q0 = (v0 / jnp.linalg.norm(v0)).astype(dtype)
+    q0 = (v0 / safe_norm(v0)).astype(dtype)
     # One spare row receives q_m, so every step writes row j + 1 in place.
     basis = jnp.zeros((num_steps + 1, n), dtype).at[0].set(q0)
     alphas = jnp.zeros((num_steps,), dtype)
@@ -111,19 +120,19 @@ def _lanczos_run(
         q_prev = basis[jnp.maximum(j - 1, 0)]
         beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], 0.0)
         w = op.apply(q)
-        anorm = jnp.maximum(anorm, jnp.linalg.norm(w))
+        anorm = jnp.maximum(anorm, safe_norm(w))
         alpha = jnp.vdot(q, w)
         w = w - alpha * q - beta_prev * q_prev
         if reorthogonalize:
             w = _orthogonalize(basis, w)
-        beta = jnp.linalg.norm(w)
+        beta = safe_norm(w)
         is_last = j == num_steps - 1
         broke = (beta <= breakdown_tol * anorm) & ~is_last
 
         def restart(_):
             r = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
             r = _orthogonalize(basis, _orthogonalize(basis, r))
-            return r / jnp.linalg.norm(r), jnp.zeros((), dtype)
+            return r / safe_norm(r), jnp.zeros((), dtype)
 
         def proceed(_):
             return w / jnp.where(beta > 0, beta, 1.0), beta
@@ -183,18 +192,55 @@ def _select(theta: jax.Array, k: int, which: str) -> jax.Array:
     return jnp.concatenate([jnp.arange(m - 1, m - 1 - top, -1), jnp.arange(bottom - 1, -1, -1)])
 
 
+def eigh_tridiagonal(run: LanczosResult) -> tuple[jax.Array, jax.Array]:
+    """Eigenpairs of ``T``, computed on ``T`` scaled to unit max entry (any operator scale)."""
+    t = tridiagonal(run)
+    scale = jnp.max(jnp.abs(t))
+    scale = jnp.where(scale > 0, scale, 1.0)
+    theta, s = jnp.linalg.eigh(t / scale)
+    return theta * scale, s
+
+
+def _no_gradient(tree):
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.stop_gradient(x) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _hellmann_feynman(fn, layout, values, vectors, operands):
+    """``values``, with the derivative ``v_i^T (dA) v_i`` in the operator's arrays."""
+    return values
+
+
+@_hellmann_feynman.defjvp
+def _hellmann_feynman_jvp(fn, layout, primals, tangents):
+    values, vectors, operands = primals
+    _, _, d_operands = tangents
+
+    def rayleigh(ops):
+        op = LinearOperator(fn, ops, layout)
+        return jnp.sum(vectors.T * jax.vmap(op.apply)(vectors.T), axis=1)
+
+    _, d_values = jax.jvp(rayleigh, (operands,), (d_operands,))
+    return values, d_values
+
+
 @functools.partial(
     jax.jit, static_argnames=("k", "which", "num_steps", "reorthogonalize", "probe_batch_size")
 )
 def _eigsh(op, key, tol, *, k, which, num_steps, reorthogonalize, probe_batch_size):
-    op = op.prepared()
-    run = _lanczos(op, key, num_steps=num_steps, reorthogonalize=reorthogonalize)
-    theta, s = jnp.linalg.eigh(tridiagonal(run))
+    # The Lanczos run is not differentiated (its operands are frozen); the eigenvalues' derivative
+    # is Hellmann-Feynman's, attached at the end at no cost when nothing is differentiated.
+    frozen = _no_gradient(op).prepared()
+    run = _lanczos(frozen, key, num_steps=num_steps, reorthogonalize=reorthogonalize)
+    theta, s = eigh_tridiagonal(run)
     idx = _select(theta, k, which)
     values = theta[idx]
     vectors = run.basis.T @ s[:, idx]
-    av = apply_rows(op, vectors.T, probe_batch_size)
-    residuals = jnp.linalg.norm(av - values[:, None] * vectors.T, axis=1)
+    av = apply_rows(frozen, vectors.T, probe_batch_size)
+    residuals = safe_norm(av - values[:, None] * vectors.T, axis=1)
+    values = _hellmann_feynman(op.fn, op.layout, values, vectors, op.operands)
     scale = jnp.max(jnp.abs(theta))
     converged = residuals <= tol * scale
     return EigshResult(values, vectors, residuals, converged, jnp.asarray(num_steps + k))
@@ -230,6 +276,14 @@ def eigsh(
 
     Returns an :class:`EigshResult` whose residual norms are recomputed with ``k`` extra matvecs,
     so they are honest whatever happened in the recurrence. Cost: ``num_steps + k`` matvecs.
+    Results do not depend on the operator's scale (norms are computed without underflow, ``T``
+    is diagonalised at unit scale): an operator of norm 1e-20 in float32 gives its eigenvalues.
+
+    Differentiable: under ``jax.grad`` / ``jax.jvp`` the eigenvalues have the derivative
+    ``v_i^T (dA) v_i`` (Hellmann-Feynman), exact for a converged, simple eigenvalue; the Lanczos
+    run itself is not differentiated, and the eigenvectors and residuals carry no derivative.
+    For a repeated eigenvalue the derivative is that of the Rayleigh quotient of the returned
+    vector (the eigenvalue itself is not differentiable there).
     """
     check_key(key)
     require_square(op, "eigsh")
