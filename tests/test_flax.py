@@ -59,7 +59,7 @@ def dense_reference(net, data, fn):
     copy.eval()
     graphdef, params, rest = nnx.split(copy, nnx.Param, ...)
     flat, unravel = ravel_pytree(params)
-    return jax.hessian(lambda f: fn(nnx.merge(graphdef, unravel(f), rest), data))(flat)
+    return jax.jit(jax.hessian(lambda f: fn(nnx.merge(graphdef, unravel(f), rest), data)))(flat)
 
 
 def test_nnx_hessian_gauss_newton_and_fisher_match_dense(x64):
@@ -74,14 +74,16 @@ def test_nnx_hessian_gauss_newton_and_fisher_match_dense(x64):
     graphdef, params, rest = nnx.split(copy, nnx.Param, ...)
     flat, unravel = ravel_pytree(params)
     outputs = lambda f: nnx.merge(graphdef, unravel(f), rest)(data["x"])  # noqa: E731
-    jac = jax.jacobian(lambda f: outputs(f).reshape(-1))(flat)
+    jac = jax.jit(jax.jacobian(lambda f: outputs(f).reshape(-1)))(flat)
     h_out = jax.hessian(lambda o: xent(o.reshape(-1, 3), data["y"]))(outputs(flat).reshape(-1))
     g = cvf.gauss_newton(lambda m, b: m(b["x"]), net, data, loss="cross_entropy", batch_size=8)
     np.testing.assert_allclose(cv.dense(g), jac.T @ h_out @ jac, rtol=1e-10, atol=1e-12)
     # The empirical Fisher: the mean of per-example gradient outer products.
-    grads = jax.vmap(
-        jax.grad(lambda f, x, y: xent(outputs_of(graphdef, rest, unravel, f, x), y[None])),
-        in_axes=(None, 0, 0),
+    grads = jax.jit(
+        jax.vmap(
+            jax.grad(lambda f, x, y: xent(outputs_of(graphdef, rest, unravel, f, x), y[None])),
+            in_axes=(None, 0, 0),
+        )
     )(flat, data["x"], data["y"])
     f = cvf.empirical_fisher(loss_fn, net, data)
     np.testing.assert_allclose(cv.dense(f), grads.T @ grads / 21, rtol=1e-10, atol=1e-12)
