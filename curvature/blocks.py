@@ -127,6 +127,12 @@ class BlockOperator(LinearOperator):
     def shape(self) -> tuple[int, int]:
         return (self.layout.size, self.in_layout.size)
 
+    def prepared(self) -> BlockOperator:
+        out = LinearOperator.prepared(self)
+        if out is self:
+            return self
+        return BlockOperator(out.fn, out.operands, self.layout, self.in_layout)
+
     def ravel_in(self, tree: PyTree) -> jax.Array:
         return self.in_layout.ravel(tree)
 

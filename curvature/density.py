@@ -28,9 +28,14 @@ from curvature._checks import (
     positive_int,
     require_square,
 )
-from curvature.krylov import _lanczos_run, tridiagonal
+from curvature.krylov import (
+    _lanczos_recurrence,
+    _lanczos_run,
+    check_basis_memory,
+    eigh_tridiagonal,
+)
 from curvature.linear_operator import LinearOperator
-from curvature.stochastic_trace import rademacher
+from curvature.stochastic_trace import probe_rows
 
 __all__ = ["SpectralDensity", "spectral_density"]
 
@@ -118,16 +123,19 @@ def _slq(op, key, *, num_probes, num_steps, reorthogonalize, probe_batch_size=No
     n, dtype = op.size, op.dtype
     # The probes are exactly those of trace(..., method="hutchinson") with the same key, so the
     # two trace estimates agree; restart keys are derived apart from them.
-    probes = rademacher(key, (num_probes, n), dtype)
     key_restart = jax.random.fold_in(key, 0x5EED)
 
-    def one(args):
-        i, z = args
-        run = _lanczos_run(op, z, jax.random.fold_in(key_restart, i), num_steps, reorthogonalize)
-        theta, s = jnp.linalg.eigh(tridiagonal(run))
+    def one(i):
+        z = probe_rows(key, i[None], n, dtype)[0]  # drawn here: the probes are never all held
+        restart = jax.random.fold_in(key_restart, i)
+        if reorthogonalize:
+            run = _lanczos_run(op, z, restart, num_steps, True)
+        else:  # the quadrature needs only T: no basis
+            run = _lanczos_recurrence(op, z, restart, num_steps)
+        theta, s = eigh_tridiagonal(run)
         return theta, s[0] ** 2
 
-    nodes, weights = jax.lax.map(one, (jnp.arange(num_probes), probes), batch_size=probe_batch_size)
+    nodes, weights = jax.lax.map(one, jnp.arange(num_probes), batch_size=probe_batch_size)
     return SpectralDensity(nodes, weights, jnp.asarray(n))
 
 
@@ -146,7 +154,14 @@ def spectral_density(
     Cost: ``num_probes * num_steps`` matvecs; memory: one ``(num_steps, n)`` basis at a time
     (probes run one after another in one compiled ``lax.map``), or ``probe_batch_size`` bases
     when that many probes run together (vmapped: their matvecs become one matrix product, faster
-    for small networks, the same numbers up to round-off).
+    for small networks, the same numbers up to round-off). The basis memory is checked before it
+    is allocated.
+
+    Low-memory mode: ``reorthogonalize=False`` keeps two vectors per probe instead of the basis
+    (memory ``O(n)``). The Lanczos vectors then lose orthogonality once Ritz values converge and
+    ``T`` gets spurious copies ("ghosts") of converged eigenvalues, which share those
+    eigenvalues' weight: the quadrature's moments and the smoothed density stay close to the full
+    mode's (tested), individual nodes do not.
     """
     check_key(key)
     require_square(op, "spectral_density")
@@ -155,6 +170,8 @@ def spectral_density(
     if probe_batch_size is not None:
         probe_batch_size = positive_int(probe_batch_size, "probe_batch_size")
         probe_batch_size = None if probe_batch_size <= 1 else min(probe_batch_size, num_probes)
+    if reorthogonalize:
+        check_basis_memory(op, num_steps, "spectral_density", copies=probe_batch_size or 1)
     result = _slq(
         op,
         key,

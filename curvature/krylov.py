@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -151,27 +152,126 @@ def _lanczos_run(
     return LanczosResult(alphas, betas[:-1], basis[:num_steps], betas[-1], restarts)
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "reorthogonalize"))
-def _lanczos(op, key, *, num_steps, reorthogonalize):
+def _lanczos_recurrence(op: LinearOperator, v0: jax.Array, key: jax.Array, num_steps: int):
+    """The three-term recurrence alone, keeping two vectors instead of the basis: memory
+    ``O(n)``. Returns a :class:`LanczosResult` whose ``basis`` has no rows."""
+    n, dtype = op.size, op.dtype
+    breakdown_tol = jnp.finfo(dtype).eps ** 0.75
+    q0 = (v0 / safe_norm(v0)).astype(dtype)
+
+    def step(j, state):
+        q_prev, q, alphas, betas, restarts, anorm = state
+        beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], 0.0)
+        w = op.apply(q)
+        anorm = jnp.maximum(anorm, safe_norm(w))
+        alpha = jnp.vdot(q, w)
+        w = w - alpha * q - beta_prev * q_prev
+        beta = safe_norm(w)
+        broke = (beta <= breakdown_tol * anorm) & (j < num_steps - 1)
+
+        def restart(_):  # orthogonal to the last two vectors only: all this mode keeps
+            r = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
+            for v in (q, q_prev, q, q_prev):
+                r = r - jnp.vdot(v, r) * v
+            return r / safe_norm(r), jnp.zeros((), dtype)
+
+        def proceed(_):
+            return w / jnp.where(beta > 0, beta, 1.0), beta
+
+        q_next, beta = jax.lax.cond(broke, restart, proceed, None)
+        return (
+            q,
+            q_next,
+            alphas.at[j].set(alpha),
+            betas.at[j].set(beta),
+            restarts + broke.astype(jnp.int32),
+            anorm,
+        )
+
+    zeros = jnp.zeros((num_steps,), dtype)
+    init = (jnp.zeros_like(q0), q0, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
+    _, _, alphas, betas, restarts, _ = jax.lax.fori_loop(0, num_steps, step, init)
+    return LanczosResult(alphas, betas[:-1], jnp.zeros((0, n), dtype), betas[-1], restarts)
+
+
+def basis_bytes(op: LinearOperator, num_steps: int, copies: int = 1) -> int:
+    """Bytes of the Lanczos basis: ``copies * (num_steps + 1)`` vectors of length ``n``."""
+    return copies * (num_steps + 1) * op.size * op.dtype.itemsize
+
+
+def check_basis_memory(op: LinearOperator, num_steps: int, what: str, copies: int = 1) -> None:
+    """A clear error, before anything is allocated, when the Lanczos basis would not fit in the
+    memory of the default device (its free memory on an accelerator, physical memory on CPU)."""
+    need = basis_bytes(op, num_steps, copies)
+    have = available_bytes()
+    if have is None or need <= 0.9 * have:
+        return
+    raise MemoryError(
+        f"{what}: the Lanczos basis needs about {need / 2**30:.2f} GiB ({copies} x "
+        f"{num_steps + 1} vectors of n={op.size:,} {op.dtype}) and the device has "
+        f"{have / 2**30:.2f} GiB available. Ways out: fewer num_steps (memory grows with them); "
+        "reorthogonalize=False with lanczos(store_basis=False) or spectral_density, which keep "
+        "two vectors instead of the basis (ghost Ritz values appear; the density's moments "
+        "stay accurate); power_iteration for a few top eigenpairs (k vectors); restrict() to a "
+        "block of the parameters; or shard the parameters over several devices."
+    )
+
+
+def available_bytes() -> int | None:
+    """Free memory of the default device: ``bytes_limit - bytes_in_use`` where the device reports
+    it (GPU, TPU), else the machine's physical memory (CPU); ``None`` if neither is known."""
+    device = jax.local_devices()[0]  # addressable under jax.distributed too
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps", "reorthogonalize", "store_basis"))
+def _lanczos(op, key, *, num_steps, reorthogonalize, store_basis=True):
     op = op.prepared()
     key_start, key_restart = jax.random.split(key)
     v0 = jax.random.normal(key_start, (op.size,), op.dtype)
+    if not store_basis:
+        return _lanczos_recurrence(op, v0, key_restart, num_steps)
     return _lanczos_run(op, v0, key_restart, num_steps, reorthogonalize)
 
 
 def lanczos(
-    op: LinearOperator, /, *, num_steps: int, key: jax.Array, reorthogonalize: bool = True
+    op: LinearOperator,
+    /,
+    *,
+    num_steps: int,
+    key: jax.Array,
+    reorthogonalize: bool = True,
+    store_basis: bool = True,
 ) -> LanczosResult:
     """``num_steps`` Lanczos steps from a Gaussian start vector drawn with ``key``.
 
-    Cost: ``num_steps`` matvecs; memory: the ``(num_steps, n)`` basis. With
-    ``reorthogonalize=False`` only the three-term recurrence is used (cheaper, but ghosts appear).
-    Use :func:`tridiagonal` to form ``T``.
+    Cost: ``num_steps`` matvecs; memory: the ``(num_steps + 1, n)`` basis, checked against the
+    device's memory before it is allocated (a ``MemoryError`` names the ways out). With
+    ``reorthogonalize=False`` only the three-term recurrence is used (cheaper, but once Ritz
+    values converge the vectors lose orthogonality and ``T`` gets spurious copies, "ghosts", of
+    them). ``store_basis=False`` (with ``reorthogonalize=False``) keeps two vectors instead of
+    the basis, memory ``O(n)``: ``T`` is the same as with the stored basis, ``basis`` is returned
+    empty. Use :func:`tridiagonal` to form ``T``.
     """
     check_key(key)
     require_square(op, "lanczos")
     num_steps = check_steps(op, num_steps)
-    return _lanczos(op, key, num_steps=num_steps, reorthogonalize=reorthogonalize)
+    if not store_basis and reorthogonalize:
+        raise ValueError(
+            "lanczos(store_basis=False) needs reorthogonalize=False: reorthogonalising against "
+            "the basis needs the basis"
+        )
+    if store_basis:
+        check_basis_memory(op, num_steps, "lanczos")
+    return _lanczos(
+        op, key, num_steps=num_steps, reorthogonalize=reorthogonalize, store_basis=store_basis
+    )
 
 
 def tridiagonal(result: LanczosResult) -> jax.Array:
@@ -301,6 +401,7 @@ def eigsh(
         raise ValueError(
             f"num_steps={num_steps} is smaller than k={k}: Lanczos gives at most num_steps Ritz pairs"
         )
+    check_basis_memory(op, num_steps, "eigsh")
     if tol is None:
         tol = float(jnp.finfo(op.dtype).eps) ** 0.5
     result = _eigsh(

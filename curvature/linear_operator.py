@@ -219,7 +219,8 @@ def _matvec(op: LinearOperator, v: jax.Array) -> jax.Array:
 
 @jax.jit
 def _matmat(op: LinearOperator, x: jax.Array) -> jax.Array:
-    return jax.vmap(op.apply, in_axes=1, out_axes=1)(x)
+    # One linearisation shared by every column (prepared), then the columns' tangent passes.
+    return jax.vmap(op.prepared().apply, in_axes=1, out_axes=1)(x)
 
 
 def apply_rows(op: LinearOperator, rows: jax.Array, batch_size: int | None = None) -> jax.Array:
@@ -321,5 +322,6 @@ def dense(op: LinearOperator, *, max_size: int = 20_000) -> jax.Array:
 @jax.jit
 def _dense(op):
     # Rows A e_i in groups of 64 tangents: bounded memory for the model's activations.
+    op = op.prepared()
     rows = jax.lax.map(op.apply, jnp.eye(op.shape[1], dtype=op.dtype), batch_size=64)
     return rows.T

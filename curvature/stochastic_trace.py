@@ -10,7 +10,11 @@
 * Diagonal (Bekas, Kokiopoulou & Saad 2007): $\\mathrm{diag}(A) = E[z \\odot A z]$, with a
   standard error per entry.
 
-Probes go through ``lax.map`` in groups of ``probe_batch_size`` (vmapped within a group).
+Memory: probes are drawn, multiplied and folded into running statistics a block at a time
+(``probe_batch_size`` probes, vmapped; by default as many as fit in 256 MiB of probe vectors, at
+most 16), so an estimator holds ``O(block * n)`` numbers whatever ``num_matvecs`` is; Hutch++
+adds its sketch, ``num_matvecs / 3`` vectors of length ``n`` by nature, orthonormalised in place
+(Gram-Schmidt twice, no QR workspace).
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from curvature._checks import check_finite_result, check_key, positive_int, require_square
-from curvature.linear_operator import LinearOperator, apply_rows
+from curvature.krylov import safe_norm
+from curvature.linear_operator import LinearOperator
 
 __all__ = ["DiagonalResult", "TraceResult", "diagonal", "frobenius_norm_squared", "trace"]
 
@@ -46,20 +52,113 @@ class DiagonalResult(NamedTuple):
 
 
 def rademacher(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-    """The +-1 probes used by every estimator here: ``trace(method="hutchinson")``,
-    :func:`diagonal`, :func:`frobenius_norm_squared` and ``spectral_density`` draw
-    ``rademacher(key, (num_probes, n), op.dtype)`` from the key they are given, so estimators called
-    with the same key share their probes."""
-    return jax.random.rademacher(key, shape, jnp.int8).astype(dtype)
+    """The +-1 probes used by every estimator here: ``trace``, :func:`diagonal`,
+    :func:`frobenius_norm_squared` and ``spectral_density`` draw probe ``i`` as row ``i`` of
+    ``rademacher(key, (num_probes, n), op.dtype)`` from the key they are given, so estimators
+    called with the same key share their probes. Row ``i`` comes from ``fold_in(key, i)``, so a
+    block of rows can be drawn alone (:func:`probe_rows`): the estimators never hold them all."""
+    shape = tuple(shape)
+    if len(shape) == 1:
+        return probe_rows(key, jnp.zeros((1,), jnp.int32), shape[0], dtype)[0]
+    rows = probe_rows(key, jnp.arange(int(np.prod(shape[:-1]))), shape[-1], dtype)
+    return rows.reshape(shape)
 
 
-def _batch(probe_batch_size):
-    return None if probe_batch_size is None else positive_int(probe_batch_size, "probe_batch_size")
+def probe_rows(key: jax.Array, rows: jax.Array, n: int, dtype) -> jax.Array:
+    """Rows ``rows`` (indices) of ``rademacher(key, (m, n), dtype)``, shape ``(len(rows), n)``."""
+    draw = lambda i: jax.random.rademacher(jax.random.fold_in(key, i), (n,), jnp.int8)  # noqa: E731
+    return jax.vmap(draw)(rows).astype(dtype)
 
 
-def _mean_and_error(samples: jax.Array):
-    m = samples.shape[0]
-    return jnp.mean(samples, axis=0), jnp.std(samples, axis=0, ddof=1) / jnp.sqrt(m)
+# Probe vectors a block may hold (z and A z, plus temporaries) when probe_batch_size is None.
+_BLOCK_BYTES = 256 * 2**20
+_MAX_AUTO_BLOCK = 16
+
+
+def block_size(n: int, dtype, count: int, probe_batch_size: int | None) -> int:
+    """Probes per block: ``probe_batch_size``, or by default as many as keep a block's probe
+    vectors within 256 MiB (at most 16, at least 1); never more than ``count``."""
+    if probe_batch_size is None:
+        per_probe = 4 * n * np.dtype(dtype).itemsize
+        probe_batch_size = max(1, min(_MAX_AUTO_BLOCK, _BLOCK_BYTES // per_probe))
+    return max(1, min(positive_int(probe_batch_size, "probe_batch_size"), count))
+
+
+def _merge(stats, block_stats):
+    """Chan et al.'s parallel update of (count, mean, M2) with a block's (count, mean, M2)."""
+    n_a, mean_a, m2_a = stats
+    n_b, mean_b, m2_b = block_stats
+    total = n_a + n_b
+    delta = mean_b - mean_a
+    weight = n_b / jnp.maximum(total, 1)
+    return total, mean_a + delta * weight, m2_a + m2_b + delta**2 * n_a * weight
+
+
+def monte_carlo(op, key, count: int, sample, block: int, project=None):
+    """The body of every Monte Carlo estimator here: the mean of ``sample(z, A z)`` over probes
+    ``z_i = rademacher(key, (count, n))[i]`` (each projected by ``project`` if given) and the
+    standard error of that mean.
+
+    Probes are drawn, multiplied (``block`` at a time, vmapped) and folded into running
+    statistics block by block in one ``scan``: memory ``O(block * n)``, whatever ``count`` is.
+    """
+    n, dtype = op.shape[1], op.dtype
+    num_blocks = -(-count // block)
+    acc = jnp.promote_types(dtype, jnp.float32)
+    if num_blocks == 1:  # one block: no loop (and less to compile)
+        z = probe_rows(key, jnp.arange(count), n, dtype)
+        if project is not None:
+            z = project(z)
+        samples = sample(z, jax.vmap(op.apply)(z)).astype(acc)
+        mean = jnp.mean(samples, axis=0)
+        error = jnp.std(samples, axis=0, ddof=1) / jnp.sqrt(count)
+        return mean.astype(dtype), error.astype(dtype)
+
+    def body(stats, b):
+        idx = b * block + jnp.arange(block)
+        valid = idx < count
+        z = probe_rows(key, idx, n, dtype)
+        if project is not None:
+            z = project(z)
+        z = jnp.where(valid[:, None], z, 0)
+        samples = sample(z, jax.vmap(op.apply)(z)).astype(acc)
+        mask = valid.reshape((-1,) + (1,) * (samples.ndim - 1))
+        m = jnp.sum(valid)
+        mean = jnp.sum(jnp.where(mask, samples, 0), axis=0) / jnp.maximum(m, 1)
+        m2 = jnp.sum(jnp.where(mask, (samples - mean) ** 2, 0), axis=0)
+        return _merge(stats, (m.astype(acc), mean, m2)), None
+
+    shape = jax.eval_shape(
+        sample,
+        jax.ShapeDtypeStruct((block, n), dtype),
+        jax.ShapeDtypeStruct((block, op.shape[0]), dtype),
+    ).shape[1:]
+    zeros = jnp.zeros(shape, acc)
+    init = (jnp.zeros((), acc), zeros, zeros)
+    (total, mean, m2), _ = jax.lax.scan(body, init, jnp.arange(num_blocks))
+    error = jnp.sqrt(m2 / (total - 1) / total)
+    return mean.astype(dtype), error.astype(dtype)
+
+
+def orthonormal_rows(y: jax.Array) -> jax.Array:
+    """Orthonormal rows spanning the rows of ``y`` (``(k, n)``): classical Gram-Schmidt twice,
+    row by row in place. Unlike a Householder QR of the ``n x k`` matrix it needs no workspace
+    beyond ``y`` (XLA's QR fails for ``n k > 2^31``) and keeps float32 orthogonality at round-off;
+    a row that is (numerically) in the span of the previous ones becomes zero."""
+    k = y.shape[0]
+    tiny = jnp.finfo(y.dtype).eps ** 0.75
+
+    def step(i, q):
+        v = q[i]
+        norm0 = safe_norm(v)
+        done = jnp.arange(k) < i
+        for _ in range(2):
+            v = v - q.T @ jnp.where(done, q @ v, 0)
+        norm = safe_norm(v)
+        keep = norm > tiny * norm0
+        return q.at[i].set(jnp.where(keep, v / jnp.where(keep, norm, 1.0), 0))
+
+    return jax.lax.fori_loop(0, k, step, y)
 
 
 def _trace_sample(z, az):
@@ -74,28 +173,51 @@ def _norm_sample(z, az):
     return jnp.sum(az**2, axis=1)
 
 
-def _monte_carlo(op, probes, sample, probe_batch_size):
-    """The body of every Monte Carlo estimator here: ``sample(z, A z)`` per probe row of
-    ``probes``, its mean and the standard error of the mean."""
-    return _mean_and_error(sample(probes, apply_rows(op, probes, probe_batch_size)))
+def _blocks_of(rows: jax.Array, block: int) -> jax.Array:
+    """``rows`` (``(k, n)``) zero-padded to whole blocks, ``(k / block, block, n)``."""
+    k = rows.shape[0]
+    padded = -(-k // block) * block
+    return jnp.pad(rows, ((0, padded - k), (0, 0))).reshape(padded // block, block, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("num_matvecs", "method", "probe_batch_size"))
-def _trace(op, key, *, num_matvecs, method, probe_batch_size):
+def hutch_plus_plus_sketch(op, key_s, sketch: int, block: int) -> jax.Array:
+    """``Q``: orthonormal rows spanning ``A S`` for ``sketch`` probes (``(sketch, n)``); the
+    probes are drawn a block at a time, so only ``A S`` is held."""
+    block = min(block, sketch)
+    n, dtype = op.shape[1], op.dtype
+
+    def one(b):
+        return jax.vmap(op.apply)(probe_rows(key_s, b * block + jnp.arange(block), n, dtype))
+
+    num_blocks = -(-sketch // block)
+    if num_blocks == 1:
+        y = one(0)
+    else:
+        y = jax.lax.map(one, jnp.arange(num_blocks)).reshape(-1, op.shape[0])[:sketch]
+    return orthonormal_rows(y)
+
+
+def quadratic_forms(op, q: jax.Array, block: int) -> jax.Array:
+    """``sum_i q_i^T A q_i`` over the rows of ``q``, a block at a time."""
+    if block >= q.shape[0]:
+        return jnp.sum(q * jax.vmap(op.apply)(q))
+    blocks = _blocks_of(q, block)
+    return jnp.sum(jax.lax.map(lambda qb: jnp.sum(qb * jax.vmap(op.apply)(qb)), blocks))
+
+
+@functools.partial(jax.jit, static_argnames=("num_matvecs", "method", "block"))
+def _trace(op, key, *, num_matvecs, method, block):
     op = op.prepared()
-    n, dtype = op.size, op.dtype
     if method == "hutchinson":
-        z = rademacher(key, (num_matvecs, n), dtype)
-        value, error = _monte_carlo(op, z, _trace_sample, probe_batch_size)
+        value, error = monte_carlo(op, key, num_matvecs, _trace_sample, block)
         return TraceResult(value, error, jnp.asarray(num_matvecs))
     sketch = num_matvecs // 3
     key_s, key_g = jax.random.split(key)
-    s = rademacher(key_s, (sketch, n), dtype)
-    q, _ = jnp.linalg.qr(apply_rows(op, s, probe_batch_size).T)  # (n, sketch)
-    exact = jnp.sum(q.T * apply_rows(op, q.T, probe_batch_size))
-    g = rademacher(key_g, (num_matvecs - 2 * sketch, n), dtype)
-    g = g - (g @ q) @ q.T
-    value, error = _monte_carlo(op, g, _trace_sample, probe_batch_size)
+    q = hutch_plus_plus_sketch(op, key_s, sketch, block)
+    exact = quadratic_forms(op, q, block)
+    value, error = monte_carlo(
+        op, key_g, num_matvecs - 2 * sketch, _trace_sample, block, lambda g: g - (g @ q.T) @ q
+    )
     return TraceResult(exact + value, error, jnp.asarray(num_matvecs))
 
 
@@ -113,7 +235,9 @@ def trace(
     Args:
       method: ``"hutch++"`` (default; needs ``num_matvecs >= 4``) or ``"hutchinson"``
         (``num_matvecs >= 2``). See the module docstring for both and their standard errors.
-      probe_batch_size: vmap this many probes at once (more memory, shared forward passes).
+      probe_batch_size: probes per block, vmapped (more memory, shared forward passes); memory
+        is ``O(probe_batch_size * n)`` plus, for Hutch++, its ``num_matvecs / 3`` sketch
+        vectors. Default: as many as fit in 256 MiB of probe vectors, at most 16.
     """
     check_key(key)
     require_square(op, "trace")
@@ -121,25 +245,22 @@ def trace(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     minimum = 4 if method == "hutch++" else 2
     num_matvecs = positive_int(num_matvecs, "num_matvecs")
-    probe_batch_size = _batch(probe_batch_size)
+    block = block_size(op.size, op.dtype, num_matvecs, probe_batch_size)
     if num_matvecs < minimum:
         raise ValueError(
             f"{method} needs num_matvecs >= {minimum} for a standard error, got {num_matvecs!r}"
         )
     if method == "hutch++" and num_matvecs // 3 > op.size:
         raise ValueError(f"hutch++ sketch of {num_matvecs // 3} exceeds the dimension n={op.size}")
-    result = _trace(
-        op, key, num_matvecs=num_matvecs, method=method, probe_batch_size=probe_batch_size
-    )
+    result = _trace(op, key, num_matvecs=num_matvecs, method=method, block=block)
     check_finite_result(result.value, "trace")
     return result
 
 
-@functools.partial(jax.jit, static_argnames=("num_matvecs", "probe_batch_size"))
-def _diagonal(op, key, *, num_matvecs, probe_batch_size):
+@functools.partial(jax.jit, static_argnames=("num_matvecs", "block"))
+def _diagonal(op, key, *, num_matvecs, block):
     op = op.prepared()
-    z = rademacher(key, (num_matvecs, op.size), op.dtype)
-    d, error = _monte_carlo(op, z, _diagonal_sample, probe_batch_size)
+    d, error = monte_carlo(op, key, num_matvecs, _diagonal_sample, block)
     return DiagonalResult(d, error, jnp.asarray(num_matvecs))
 
 
@@ -179,10 +300,10 @@ def diagonal(
         raise ValueError("diagonal(method='bekas') needs num_matvecs and key")
     check_key(key)
     num_matvecs = positive_int(num_matvecs, "num_matvecs")
-    probe_batch_size = _batch(probe_batch_size)
+    block = block_size(op.size, op.dtype, num_matvecs, probe_batch_size)
     if num_matvecs < 2:
         raise ValueError(f"diagonal needs num_matvecs >= 2 for a standard error, got {num_matvecs}")
-    result = _diagonal(op, key, num_matvecs=num_matvecs, probe_batch_size=probe_batch_size)
+    result = _diagonal(op, key, num_matvecs=num_matvecs, block=block)
     check_finite_result(result.diagonal, "diagonal")
     return result
 
@@ -210,11 +331,10 @@ def _exact_diagonal(op, *, block):
     return DiagonalResult(d, jnp.zeros_like(d), jnp.asarray(n))
 
 
-@functools.partial(jax.jit, static_argnames=("num_matvecs", "probe_batch_size"))
-def _frobenius(op, key, *, num_matvecs, probe_batch_size):
+@functools.partial(jax.jit, static_argnames=("num_matvecs", "block"))
+def _frobenius(op, key, *, num_matvecs, block):
     op = op.prepared()
-    z = rademacher(key, (num_matvecs, op.shape[1]), op.dtype)
-    value, error = _monte_carlo(op, z, _norm_sample, probe_batch_size)
+    value, error = monte_carlo(op, key, num_matvecs, _norm_sample, block)
     return TraceResult(value, error, jnp.asarray(num_matvecs))
 
 
@@ -233,9 +353,9 @@ def frobenius_norm_squared(
     """
     check_key(key)
     num_matvecs = positive_int(num_matvecs, "num_matvecs")
-    probe_batch_size = _batch(probe_batch_size)
+    block = block_size(op.shape[1], op.dtype, num_matvecs, probe_batch_size)
     if num_matvecs < 2:
         raise ValueError(f"num_matvecs must be >= 2 for a standard error, got {num_matvecs!r}")
-    result = _frobenius(op, key, num_matvecs=num_matvecs, probe_batch_size=probe_batch_size)
+    result = _frobenius(op, key, num_matvecs=num_matvecs, block=block)
     check_finite_result(result.value, "frobenius_norm_squared")
     return result

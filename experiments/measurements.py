@@ -7,6 +7,7 @@ the value of the record field of its name."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -15,6 +16,12 @@ import numpy as np
 
 import curvature as cv
 from curvature.operators import apply_rows
+from curvature.stochastic_trace import (
+    block_size,
+    hutch_plus_plus_sketch,
+    monte_carlo,
+    quadratic_forms,
+)
 from experiments.measure import Context, register_measurement
 from experiments.record import (
     Density,
@@ -160,18 +167,42 @@ def _shared_traces(H, G, key, *, num_matvecs):
     as many with G, where three separate runs would take twice as many of each.
     """
     H, G = H.prepared(), G.prepared()
-    n, dtype = H.size, H.dtype
+    n = H.size
     sketch = num_matvecs // 3
+    block = block_size(n, H.dtype, num_matvecs, None)
     key_s, key_g = jax.random.split(key)
-    s = cv.rademacher(key_s, (sketch, n), dtype)
-    q, _ = jnp.linalg.qr(apply_rows(H, s).T)  # (n, sketch): the top of H's range
-    exact_h, exact_g = (jnp.sum(q.T * apply_rows(op, q.T)) for op in (H, G))
-    g = cv.rademacher(key_g, (num_matvecs - 2 * sketch, n), dtype)
-    g = g - (g @ q) @ q.T
-    samples_h = jnp.sum(g * apply_rows(H, g), axis=1)
-    samples_g = jnp.sum(g * apply_rows(G, g), axis=1)
-    parts = ((exact_h, samples_h), (exact_g, samples_g), (exact_h - exact_g, samples_h - samples_g))
-    return [(exact + jnp.mean(x), jnp.std(x, ddof=1) / jnp.sqrt(x.shape[0])) for exact, x in parts]
+    q = hutch_plus_plus_sketch(H, key_s, sketch, block)  # the top of H's range
+    exact_h, exact_g = (quadratic_forms(op, q, block) for op in (H, G))
+    both = _Stacked(H, G)
+
+    def samples(g, products):  # per probe: g^T H g, g^T G g, g^T R g
+        hg, gg = products[:, :n], products[:, n:]
+        return jnp.stack([jnp.sum(g * hg, 1), jnp.sum(g * gg, 1), jnp.sum(g * (hg - gg), 1)], 1)
+
+    means, errors = monte_carlo(
+        both, key_g, num_matvecs - 2 * sketch, samples, block, lambda g: g - (g @ q.T) @ q
+    )
+    exact = (exact_h, exact_g, exact_h - exact_g)
+    return [(e + means[i], errors[i]) for i, e in enumerate(exact)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stacked:
+    """``v -> [H v, G v]``: two operators on shared probes, for the library's Monte Carlo body."""
+
+    h: cv.LinearOperator
+    g: cv.LinearOperator
+
+    @property
+    def shape(self):
+        return (2 * self.h.size, self.h.size)
+
+    @property
+    def dtype(self):
+        return self.h.dtype
+
+    def apply(self, v):
+        return jnp.concatenate([self.h.apply(v), self.g.apply(v)])
 
 
 def _traces(ctx: Context, matvecs: int) -> tuple[Estimate, Estimate, Estimate]:

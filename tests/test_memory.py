@@ -1,0 +1,112 @@
+"""Memory: the Monte Carlo estimators hold one block of probes whatever their number (read from
+XLA's memory analysis of the compiled programs), the Lanczos basis is estimated before it is
+allocated, and the low-memory Lanczos modes keep no basis."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import curvature as cv
+from curvature import stochastic_trace
+
+N = 50_000  # 200 kB a float32 vector
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagonal:
+    name = "diagonal"
+
+    def __call__(self, d, v):
+        return d * v
+
+
+def diagonal_operator(n=N):
+    d = jnp.linspace(1.0, 2.0, n)
+    return cv.LinearOperator(Diagonal(), d, cv.Layout.of(d))
+
+
+def temp_bytes(fn, op, **static):
+    compiled = fn.lower(op, jax.random.key(0), **static).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend reports no memory analysis")
+    return analysis.temp_size_in_bytes
+
+
+@pytest.mark.parametrize(
+    "fn, static",
+    [
+        (stochastic_trace._trace, {"method": "hutchinson"}),
+        (stochastic_trace._diagonal, {}),
+        (stochastic_trace._frobenius, {}),
+    ],
+)
+def test_probe_memory_does_not_grow_with_the_number_of_probes(fn, static):
+    op = diagonal_operator()
+    vector = N * 4
+    small = temp_bytes(fn, op, num_matvecs=20, block=4, **static)
+    large = temp_bytes(fn, op, num_matvecs=2000, block=4, **static)
+    # 2000 probes held at once would be 400 MB; a block of 4 is under 1 MB.
+    assert large <= small + vector, (small, large)
+    assert large < 40 * vector, large
+
+
+def test_hutch_plus_plus_holds_its_sketch_and_one_block():
+    op = diagonal_operator()
+    vector = N * 4
+    for num in (60, 300):
+        sketch = num // 3
+        used = temp_bytes(stochastic_trace._trace, op, num_matvecs=num, method="hutch++", block=4)
+        assert used < (sketch + 30) * vector, (num, used / vector)
+
+
+def test_the_lanczos_basis_is_checked_before_it_is_allocated(monkeypatch):
+    from curvature import krylov
+
+    op = diagonal_operator(1000)
+    monkeypatch.setattr(krylov, "available_bytes", lambda: 100_000)  # 100 kB free
+    message = r"the Lanczos basis needs about .* GiB \(1 x 41 vectors of n=1,000 float32\)"
+    with pytest.raises(MemoryError, match=message + ".*fewer num_steps.*store_basis=False"):
+        cv.eigsh(op, k=2, num_steps=40, key=jax.random.key(0))
+    with pytest.raises(MemoryError, match="lanczos: the Lanczos basis"):
+        cv.lanczos(op, num_steps=40, key=jax.random.key(0))
+    with pytest.raises(MemoryError, match=r"spectral_density: .* \(4 x 41 vectors"):
+        cv.spectral_density(
+            op, num_probes=8, num_steps=40, key=jax.random.key(0), probe_batch_size=4
+        )
+    # The low-memory modes need no basis and run.
+    run = cv.lanczos(
+        op, num_steps=40, key=jax.random.key(0), reorthogonalize=False, store_basis=False
+    )
+    assert run.basis.shape == (0, 1000)
+    cv.spectral_density(
+        op, num_probes=2, num_steps=40, key=jax.random.key(0), reorthogonalize=False
+    )
+
+
+def test_low_memory_lanczos_has_the_same_recurrence_and_slq_keeps_its_moments(x64):
+    # A spectrum with an outlier (converges early, so the plain recurrence grows ghosts).
+    eigs = jnp.concatenate([jnp.linspace(0.0, 1.0, 297), jnp.array([5.0, 8.0, 20.0])])
+    d = eigs[jax.random.permutation(jax.random.key(1), eigs.shape[0])]
+    op = cv.LinearOperator(Diagonal(), d, cv.Layout.of(d))
+    key = jax.random.key(0)
+    stored = cv.lanczos(op, num_steps=80, key=key, reorthogonalize=False)
+    streamed = cv.lanczos(op, num_steps=80, key=key, reorthogonalize=False, store_basis=False)
+    np.testing.assert_allclose(streamed.alphas, stored.alphas, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(streamed.betas, stored.betas, rtol=1e-12, atol=1e-12)
+    # SLQ without the basis against the full mode, same probes: the trace is identical and the
+    # moments tr(A^p)/n agree, though the low-memory nodes include ghosts.
+    full = cv.spectral_density(op, num_probes=6, num_steps=80, key=key)
+    low = cv.spectral_density(op, num_probes=6, num_steps=80, key=key, reorthogonalize=False)
+    np.testing.assert_allclose(low.trace()[0], full.trace()[0], rtol=1e-10)
+    for p in (2, 3, 4):
+        exact = float(jnp.mean(d**p))
+        assert low.moment(p)[0] == pytest.approx(full.moment(p)[0], rel=1e-6), p
+        assert abs(low.moment(p)[0] - exact) < 4 * low.moment(p)[1] + 1e-9, p
+    grid = np.linspace(-1, 21, 500)
+    _, a = full.density(grid, sigma=0.3)
+    _, b = low.density(grid, sigma=0.3)
+    assert np.trapezoid(np.abs(a - b), grid) < 0.02  # L1 distance of the smoothed densities
