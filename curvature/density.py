@@ -28,10 +28,10 @@ from curvature._checks import (
     positive_int,
     require_square,
 )
+from curvature._memory import check_basis_memory
 from curvature.krylov import (
     _lanczos_recurrence,
     _lanczos_run,
-    check_basis_memory,
     eigh_tridiagonal,
 )
 from curvature.linear_operator import LinearOperator

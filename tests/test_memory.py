@@ -64,10 +64,10 @@ def test_hutch_plus_plus_holds_its_sketch_and_one_block():
 
 
 def test_the_lanczos_basis_is_checked_before_it_is_allocated(monkeypatch):
-    from curvature import krylov
+    from curvature import _memory
 
     op = diagonal_operator(1000)
-    monkeypatch.setattr(krylov, "available_bytes", lambda: 100_000)  # 100 kB free
+    monkeypatch.setattr(_memory, "available_bytes", lambda: 100_000)  # 100 kB free
     message = r"the Lanczos basis needs about .* GiB \(1 x 41 vectors of n=1,000 float32\)"
     with pytest.raises(MemoryError, match=message + ".*fewer num_steps.*store_basis=False"):
         cv.eigsh(op, k=2, num_steps=40, key=jax.random.key(0))
