@@ -42,6 +42,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_time
 from jax import lax
 from sklearn.datasets import load_digits
 
@@ -129,15 +130,6 @@ def mlp_problem(n: int):
 
 # --------------------------------------------------------------------------------------------
 # Timing.
-
-
-def median_time(fn, *args, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def standalone(ops: dict, rounds: int = 9) -> dict:

@@ -15,12 +15,12 @@ import argparse
 import json
 import pathlib
 import platform
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import interleaved, median_time
 
 import curvature as cv
 from curvature import krylov
@@ -28,32 +28,7 @@ from curvature import krylov
 
 def timed(fn, *args, repeats=5):
     """Median wall time of ``fn(*args)`` after one warm-up call (which compiles)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def interleaved(calls: dict, rounds: int = 15) -> dict:
-    """Median times of several calls measured in alternation, in a shuffled order each round, so
-    that drifting machine load (2 shared cores) affects all of them alike; each is warmed up
-    (compiled) first. Run-to-run spread on our machines is about +-10%."""
-    for fn, args in calls.values():
-        jax.block_until_ready(fn(*args))
-    times = {name: [] for name in calls}
-    order = list(calls)
-    rng = np.random.default_rng(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            fn, args = calls[name]
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return median_time(fn, *args, repeats=repeats, warm_up=True)
 
 
 def compile_seconds(jitted, *args, **static):
@@ -105,7 +80,7 @@ def main():
     tangent = op.unravel(v)
     _, lin = jax.linearize(lambda q: jax.grad(loss)(q, data), params)
     linearized = jax.jit(lin)
-    medians = interleaved(
+    medians, _ = interleaved(
         {
             "grad_s": (grad, (params, data)),
             "plain_jvp_grad_hvp_s": (plain_hvp, (params, tangent)),

@@ -55,13 +55,13 @@ import json
 import pathlib
 import platform
 import re
-import statistics
 import time
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import interleaved
 from jax import lax
 
 import curvature as cv
@@ -269,27 +269,6 @@ BUILDERS = {"mlp": build_mlp, "resnet": build_resnet, "gpt": build_gpt}
 
 
 # --- measurement helpers ------------------------------------------------------------------------
-
-
-def interleaved(calls: dict, rounds: int) -> tuple[dict, dict]:
-    """Median times of several calls measured in alternation, in a shuffled order each round (as
-    in bench_core.py); each is called once first (compiles), that first time is returned too."""
-    first = {}
-    for name, (fn, args) in calls.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        first[name] = time.perf_counter() - t0
-    times = {name: [] for name in calls}
-    order = list(calls)
-    rng = np.random.default_rng(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            fn, args = calls[name]
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}, first
 
 
 def peak_bytes():
