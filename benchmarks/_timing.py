@@ -3,6 +3,9 @@ this directory is on ``sys.path``)."""
 
 from __future__ import annotations
 
+import json
+import pathlib
+import platform
 import statistics
 import time
 
@@ -40,3 +43,26 @@ def interleaved(calls: dict, rounds: int = 15) -> tuple[dict, dict]:
             fn, args = calls[name]
             times[name].append(once(fn, *args))
     return {name: statistics.median(t) for name, t in times.items()}, first
+
+
+def platform_record(**extra) -> dict:
+    """Where a benchmark ran: machine, Python, JAX, backend, device and matmul precision."""
+    return {
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
+        **extra,
+    }
+
+
+def write_result(out: dict, name: str, table: str) -> None:
+    """``out`` as ``benchmarks/results/<name>.json`` (with where it ran), and its table printed."""
+    out["platform"] = platform_record(dtype="float32")
+    path = pathlib.Path(__file__).parent / "results" / f"{name}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(table)
+    print(f"wrote {path}")

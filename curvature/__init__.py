@@ -36,12 +36,14 @@ from curvature.stochastic_trace import diagonal as diagonal
 from curvature.stochastic_trace import frobenius_norm_squared as frobenius_norm_squared
 from curvature.stochastic_trace import rademacher as rademacher
 from curvature.stochastic_trace import trace as trace
+from curvature.streaming import batches as batches
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockOperator",
     "BlockSummary",
+    "batches",
     "block_densities",
     "block_summary",
     "layer_groups",

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvature.linear_operator import Layout, LinearOperator, apply_rows
+from curvature.linear_operator import Layout, LinearOperator, apply_rows, host_driven
 
 __all__ = [
     "BlockOperator",
@@ -105,6 +105,16 @@ class _Restricted:
             return None
         return lambda v: _extract(linear(_embed(v, self.cols, self.size)), self.rows)
 
+    @property
+    def streamed(self) -> bool:
+        return bool(getattr(self.fn, "streamed", False))
+
+    def apply_rows(self, operands, rows):
+        full = jax.vmap(lambda v: _embed(v, self.cols, self.size))(rows)
+        hook = getattr(self.fn, "apply_rows", None)
+        products = hook(operands, full) if hook else jax.vmap(lambda v: self.fn(operands, v))(full)
+        return jax.vmap(lambda w: _extract(w, self.rows))(products)
+
 
 class BlockOperator(LinearOperator):
     """An off-diagonal block ``P_rows A P_colsᵀ``: ``m x k``, not symmetric. ``op @ v`` takes a
@@ -161,6 +171,7 @@ class BlockOperator(LinearOperator):
 jax.tree_util.register_pytree_node_class(BlockOperator)
 
 
+@host_driven
 @jax.jit
 def _block_matvec(op, v):
     return op.apply(v)
@@ -254,6 +265,7 @@ class BlockSummary(NamedTuple):
     frobenius_sq_se: np.ndarray
 
 
+@host_driven
 @functools.partial(jax.jit, static_argnames="num_groups")
 def _block_norms(op, z_full, group_of_entry, *, num_groups):
     # One full matvec per probe on group j's entries: the squared norm of every block (i, j).

@@ -32,12 +32,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from curvature import streaming
 from curvature._batching import Batching, data_mean
 from curvature._checks import (
     check_finite_params,
     check_finite_value,
     check_scalar,
     is_traced,
+    positive_int,
 )
 from curvature._closures import Canonical, canonical, stable
 from curvature._conv import CanonicalConvs, needs_rewrite
@@ -94,6 +96,25 @@ class _HessianMatvec(LossMatvec):
         _, tangent_of = jax.linearize(lambda p: grad(p, data), params)
         return lambda v: self.layout.ravel(tangent_of(self.layout.unravel(v)))
 
+    def pulled(self, operands) -> LinearOperator | None:
+        """Outside compiled code (see :meth:`LinearOperator.prepared`): the operator as the
+        pullback of the gradient, ``H v = (v^T H)^T``, its residuals held as arrays."""
+        if not self.batching.single_chunk:
+            return None
+        grad = jax.grad(self.bound_loss(operands))
+        _, pullback = jax.vjp(lambda p: grad(p, operands["data"]), operands["params"])
+        return LinearOperator(_PulledHessian(self.layout), pullback, self.layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PulledHessian:
+    layout: Layout
+    name = "hessian (prepared)"
+
+    def __call__(self, pullback, v):
+        (out,) = pullback(self.layout.unravel(v))
+        return self.layout.ravel(out)
+
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _mean_loss(loss: Canonical, params, data, captured, batching):
@@ -102,12 +123,17 @@ def _mean_loss(loss: Canonical, params, data, captured, batching):
 
 
 def _setup(params, data, batch_size, check):
-    """The layout, the chunking, the data as arrays and the first chunk; the parameters checked."""
+    """The layout, the chunking, the data as arrays and the first chunk; the parameters checked.
+    For a loader (streamed data): no chunking (``None``), and its first batch."""
     layout = Layout.of(params)
-    batching = Batching.of(data, batch_size)
-    data = jax.tree_util.tree_map(jnp.asarray, data)
     if check:
         check_finite_params(params)
+    if streaming.is_source(data):
+        if batch_size is not None:
+            positive_int(batch_size, "batch_size")
+        return layout, None, data, streaming.first_batch(data)
+    batching = Batching.of(data, batch_size)
+    data = jax.tree_util.tree_map(jnp.asarray, data)
     return layout, batching, data, batching.first(data)
 
 
@@ -116,21 +142,34 @@ def loss_operator(
 ) -> LinearOperator:
     """An operator ``matvec_type(loss, layout, batching)`` of a batch-mean ``loss``: the checks,
     the chunking and the captured arrays, shared by :func:`hessian` and
-    :func:`curvature.empirical_fisher`."""
+    :func:`curvature.empirical_fisher`. ``data`` may be a loader (:mod:`curvature.streaming`)."""
     if not callable(loss):
         raise TypeError(f"{what}: loss must be a function loss(params, batch), got {loss!r}")
     layout, batching, data, first = _setup(params, data, batch_size, check)
     if check:
         check_scalar(loss, (params, first), "loss(params, batch)")
     static, captured = stable(loss, (params, first), what)
-    if check and not is_traced((data, captured)):
-        value = _mean_loss(static, params, data, captured, batching)
-        check_finite_value(value, "the mean loss")
-    matvec = matvec_type(static, layout, batching)
-    if needs_rewrite(static.bind(captured), params, first):
-        matvec = CanonicalConvs(matvec)
+    if check and not is_traced((first, captured)):
+        chunks = batching or Batching.of(first, batch_size)
+        value = _mean_loss(static, params, data if batching else first, captured, chunks)
+        check_finite_value(value, "the mean loss" if batching else "the first batch's mean loss")
+    convs = needs_rewrite(static.bind(captured), params, first)
+
+    def build(chunks: Batching):
+        matvec = matvec_type(static, layout, chunks)
+        return CanonicalConvs(matvec) if convs else matvec
+
+    return _operator(build, params, data, captured, layout, batching, batch_size, matvec_type)
+
+
+def _operator(build, params, data, captured, layout, batching, batch_size, matvec_type):
+    """In-memory data: the matvec over all data, chunked. A loader: a pass over its batches."""
+    if batching is None:
+        has_diagonal = hasattr(matvec_type, "exact_diagonal")
+        fn = streaming.streamed(build, data, layout, batch_size, has_diagonal)
+        return LinearOperator(fn, {"params": params, "captured": captured}, layout)
     operands = {"params": params, "data": data, "captured": captured}
-    return LinearOperator(matvec, operands, layout)
+    return LinearOperator(build(batching), operands, layout)
 
 
 def hessian(
@@ -149,8 +188,11 @@ def hessian(
         share compiled programs, and the JAX arrays they capture are passed as operands.
       params: a pytree of floating-point arrays; its raveled length is ``n`` and its dtype is the
         operator's (float32 params give a float32 operator; float64 under ``jax.enable_x64``).
-      data: a pytree of arrays whose leading axis indexes the same examples in every leaf.
-      batch_size: examples per chunk; chunks are scanned inside the compiled matvec and the last,
+      data: a pytree of arrays whose leading axis indexes the same examples in every leaf; or,
+        for data that do not fit in memory, a zero-argument function returning a fresh iterable
+        of such batches (``lambda: loader``; see :mod:`curvature.streaming`): each matvec is then
+        a pass over the batches, weighted by their sizes, and ``check`` looks at the first batch.
+      batch_size: examples per chunk (of each streamed batch, for a loader); chunks are scanned inside the compiled matvec and the last,
         shorter chunk is weighted by its size, so the operator is the Hessian of the mean over all
         examples whatever ``batch_size`` is. ``None`` uses all data at once.
       check: verify, once on the host, that the parameters and the loss are finite and that the
@@ -238,6 +280,35 @@ class _GaussNewtonMatvec:
 
         return ggn
 
+    def pulled(self, operands) -> LinearOperator | None:
+        """Outside compiled code: ``J^T`` as the model's pullback (residuals held as arrays),
+        ``J`` as its transpose."""
+        if not self.batching.single_chunk:
+            return None
+        params, data = operands["params"], operands["data"]
+        model, _ = self.bound(operands)
+        out, pullback = jax.vjp(lambda p: model(p, data), params)
+        held = {
+            "out": out,
+            "pullback": pullback,
+            "data": data,
+            "loss": operands["captured"]["loss"],
+        }
+        return LinearOperator(_PulledGaussNewton(self.loss, self.layout), held, self.layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PulledGaussNewton:
+    loss: Canonical
+    layout: Layout
+    name = "gauss_newton (prepared)"
+
+    def __call__(self, held, v):
+        out, pullback = held["out"], held["pullback"]
+        (jv,) = jax.linear_transpose(pullback, out)((self.layout.unravel(v),))
+        (w,) = pullback(self.loss.bind(held["loss"]).hvp(out, jv, held["data"]))
+        return self.layout.ravel(w)
+
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 5))
 def _mean_output_loss(model: Canonical, loss: Canonical, params, data, captured, batching):
@@ -308,11 +379,18 @@ def gauss_newton(
     model_static, model_arrays = stable(model, (params, first), "gauss_newton()")
     loss_static, loss_arrays, _ = canonical(out_loss)
     captured = {"model": model_arrays, "loss": loss_arrays}
-    if check and not is_traced((data, captured)):
-        value = _mean_output_loss(model_static, loss_static, params, data, captured, batching)
-        check_finite_value(value, "the mean loss")
-    matvec = _GaussNewtonMatvec(model_static, loss_static, layout, batching)
-    if needs_rewrite(model_static.bind(model_arrays), params, first):
-        matvec = CanonicalConvs(matvec)
-    operands = {"params": params, "data": data, "captured": captured}
-    return LinearOperator(matvec, operands, layout)
+    if check and not is_traced((first, captured)):
+        chunks = batching or Batching.of(first, batch_size)
+        value = _mean_output_loss(
+            model_static, loss_static, params, data if batching else first, captured, chunks
+        )
+        check_finite_value(value, "the mean loss" if batching else "the first batch's mean loss")
+    convs = needs_rewrite(model_static.bind(model_arrays), params, first)
+
+    def build(chunks: Batching):
+        matvec = _GaussNewtonMatvec(model_static, loss_static, layout, chunks)
+        return CanonicalConvs(matvec) if convs else matvec
+
+    return _operator(
+        build, params, data, captured, layout, batching, batch_size, _GaussNewtonMatvec
+    )

@@ -34,7 +34,7 @@ from curvature.krylov import (
     _lanczos_run,
     eigh_tridiagonal,
 )
-from curvature.linear_operator import LinearOperator
+from curvature.linear_operator import LinearOperator, host_driven
 from curvature.stochastic_trace import probe_rows
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -115,6 +115,7 @@ def _mean_error(per_probe: np.ndarray) -> tuple[float, float]:
     return float(np.mean(per_probe)), error
 
 
+@host_driven
 @functools.partial(
     jax.jit, static_argnames=("num_probes", "num_steps", "reorthogonalize", "probe_batch_size")
 )
@@ -170,6 +171,11 @@ def spectral_density(
     if probe_batch_size is not None:
         probe_batch_size = positive_int(probe_batch_size, "probe_batch_size")
         probe_batch_size = None if probe_batch_size <= 1 else min(probe_batch_size, num_probes)
+    if probe_batch_size is not None and op.streamed:
+        raise ValueError(
+            "spectral_density(probe_batch_size=) vmaps the probes' Lanczos runs, which a streamed "
+            "operator (a loop over batches on the host) cannot do; leave it None"
+        )
     if reorthogonalize:
         check_basis_memory(op, num_steps, "spectral_density", copies=probe_batch_size or 1)
     result = _slq(

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 import curvature
+from curvature import streaming
 from curvature._checks import is_traced, num_examples
 from curvature._closures import stable
 from curvature.linear_operator import LinearOperator
@@ -112,6 +113,8 @@ def _grouped_losses(static, captured, params, data):
 
 
 def _check_grouping(loss: Callable, params, data, *, what: str, train: bool) -> None:
+    if streaming.is_source(data):  # streamed data: the check runs on the first batch
+        data = streaming.first_batch(data)
     if is_traced((params, data)):
         return
     count = min(num_examples(data), _GROUPING_EXAMPLES)

@@ -35,7 +35,7 @@ from curvature._checks import (
     require_square,
 )
 from curvature._memory import check_basis_memory
-from curvature.linear_operator import LinearOperator, apply_rows
+from curvature.linear_operator import LinearOperator, apply_rows, compiled, host_driven
 
 __all__ = ["EigshResult", "LanczosResult", "eigsh", "lanczos", "safe_norm", "tridiagonal"]
 
@@ -105,88 +105,71 @@ def _orthogonalize(basis: jax.Array, w: jax.Array) -> jax.Array:
 def _lanczos_run(
     op: LinearOperator, v0: jax.Array, key: jax.Array, num_steps: int, reorthogonalize: bool
 ) -> LanczosResult:
-    """Lanczos from start vector ``v0``; traced inside a caller's jit."""
-    n, dtype = op.size, op.dtype
-    eps = jnp.finfo(dtype).eps
-    breakdown_tol = eps**0.75
-    q0 = (v0 / safe_norm(v0)).astype(dtype)
-    # One spare row receives q_m, so every step writes row j + 1 in place.
-    basis = jnp.zeros((num_steps + 1, n), dtype).at[0].set(q0)
-    alphas = jnp.zeros((num_steps,), dtype)
-    betas = jnp.zeros((num_steps,), dtype)
+    """Lanczos from start vector ``v0``; traced inside a caller's jit. For a streamed operator
+    (run host-driven) the loop runs on the host: each step a pass over the data, then the
+    compiled update."""
+    init = _lanczos_init(v0.astype(op.dtype), num_steps)
 
     def step(j, state):
-        basis, alphas, betas, restarts, anorm = state
-        q = basis[j]
-        q_prev = basis[jnp.maximum(j - 1, 0)]
-        beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], 0.0)
-        w = op.apply(q)
-        anorm = jnp.maximum(anorm, safe_norm(w))
-        alpha = jnp.vdot(q, w)
-        w = w - alpha * q - beta_prev * q_prev
-        if reorthogonalize:
-            w = _orthogonalize(basis, w)
-        beta = safe_norm(w)
-        is_last = j == num_steps - 1
-        broke = (beta <= breakdown_tol * anorm) & ~is_last
+        return _lanczos_update(state, j, op.apply(state[0][j]), key, num_steps, reorthogonalize)
 
-        def restart(_):
-            r = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
-            r = _orthogonalize(basis, _orthogonalize(basis, r))
-            return r / safe_norm(r), jnp.zeros((), dtype)
-
-        def proceed(_):
-            return w / jnp.where(beta > 0, beta, 1.0), beta
-
-        q_next, beta = jax.lax.cond(broke, restart, proceed, None)
-        return (
-            basis.at[j + 1].set(q_next),
-            alphas.at[j].set(alpha),
-            betas.at[j].set(beta),
-            restarts + broke.astype(jnp.int32),
-            anorm,
-        )
-
-    init = (basis, alphas, betas, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
     basis, alphas, betas, restarts, _ = jax.lax.fori_loop(0, num_steps, step, init)
     return LanczosResult(alphas, betas[:-1], basis[:num_steps], betas[-1], restarts)
+
+
+@compiled(static_argnums=(1,))
+def _lanczos_init(v0, num_steps: int):
+    n, dtype = v0.shape[0], v0.dtype
+    # One spare row receives q_m, so every step writes row j + 1 in place.
+    basis = jnp.zeros((num_steps + 1, n), dtype).at[0].set(v0 / safe_norm(v0))
+    zeros = jnp.zeros((num_steps,), dtype)
+    return (basis, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
+
+
+@compiled(static_argnums=(4, 5))
+def _lanczos_update(state, j, w, key, num_steps: int, reorthogonalize: bool):
+    """Step ``j`` of Lanczos after its matvec ``w = A q_j``."""
+    basis, alphas, betas, restarts, anorm = state
+    n, dtype = basis.shape[1], basis.dtype
+    breakdown_tol = jnp.finfo(dtype).eps ** 0.75
+    q = basis[j]
+    q_prev = basis[jnp.maximum(j - 1, 0)]
+    beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], 0.0)
+    anorm = jnp.maximum(anorm, safe_norm(w))
+    alpha = jnp.vdot(q, w)
+    w = w - alpha * q - beta_prev * q_prev
+    if reorthogonalize:
+        w = _orthogonalize(basis, w)
+    beta = safe_norm(w)
+    is_last = j == num_steps - 1
+    broke = (beta <= breakdown_tol * anorm) & ~is_last
+
+    def restart(_):
+        r = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
+        r = _orthogonalize(basis, _orthogonalize(basis, r))
+        return r / safe_norm(r), jnp.zeros((), dtype)
+
+    def proceed(_):
+        return w / jnp.where(beta > 0, beta, 1.0), beta
+
+    q_next, beta = jax.lax.cond(broke, restart, proceed, None)
+    return (
+        basis.at[j + 1].set(q_next),
+        alphas.at[j].set(alpha),
+        betas.at[j].set(beta),
+        restarts + broke.astype(jnp.int32),
+        anorm,
+    )
 
 
 def _lanczos_recurrence(op: LinearOperator, v0: jax.Array, key: jax.Array, num_steps: int):
     """The three-term recurrence alone, keeping two vectors instead of the basis: memory
     ``O(n)``. Returns a :class:`LanczosResult` whose ``basis`` has no rows."""
     n, dtype = op.size, op.dtype
-    breakdown_tol = jnp.finfo(dtype).eps ** 0.75
     q0 = (v0 / safe_norm(v0)).astype(dtype)
 
     def step(j, state):
-        q_prev, q, alphas, betas, restarts, anorm = state
-        beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], 0.0)
-        w = op.apply(q)
-        anorm = jnp.maximum(anorm, safe_norm(w))
-        alpha = jnp.vdot(q, w)
-        w = w - alpha * q - beta_prev * q_prev
-        beta = safe_norm(w)
-        broke = (beta <= breakdown_tol * anorm) & (j < num_steps - 1)
-
-        def restart(_):  # orthogonal to the last two vectors only: all this mode keeps
-            r = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
-            for v in (q, q_prev, q, q_prev):
-                r = r - jnp.vdot(v, r) * v
-            return r / safe_norm(r), jnp.zeros((), dtype)
-
-        def proceed(_):
-            return w / jnp.where(beta > 0, beta, 1.0), beta
-
-        q_next, beta = jax.lax.cond(broke, restart, proceed, None)
-        return (
-            q,
-            q_next,
-            alphas.at[j].set(alpha),
-            betas.at[j].set(beta),
-            restarts + broke.astype(jnp.int32),
-            anorm,
-        )
+        return _recurrence_update(state, j, op.apply(state[1]), key, num_steps)
 
     zeros = jnp.zeros((num_steps,), dtype)
     init = (jnp.zeros_like(q0), q0, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
@@ -194,11 +177,44 @@ def _lanczos_recurrence(op: LinearOperator, v0: jax.Array, key: jax.Array, num_s
     return LanczosResult(alphas, betas[:-1], jnp.zeros((0, n), dtype), betas[-1], restarts)
 
 
+@compiled(static_argnums=(4,))
+def _recurrence_update(state, j, w, key, num_steps: int):
+    q_prev, q, alphas, betas, restarts, anorm = state
+    n, dtype = q.shape[0], q.dtype
+    breakdown_tol = jnp.finfo(dtype).eps ** 0.75
+    beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], 0.0)
+    anorm = jnp.maximum(anorm, safe_norm(w))
+    alpha = jnp.vdot(q, w)
+    w = w - alpha * q - beta_prev * q_prev
+    beta = safe_norm(w)
+    broke = (beta <= breakdown_tol * anorm) & (j < num_steps - 1)
+
+    def restart(_):  # orthogonal to the last two vectors only: all this mode keeps
+        r = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
+        for v in (q, q_prev, q, q_prev):
+            r = r - jnp.vdot(v, r) * v
+        return r / safe_norm(r), jnp.zeros((), dtype)
+
+    def proceed(_):
+        return w / jnp.where(beta > 0, beta, 1.0), beta
+
+    q_next, beta = jax.lax.cond(broke, restart, proceed, None)
+    return (
+        q,
+        q_next,
+        alphas.at[j].set(alpha),
+        betas.at[j].set(beta),
+        restarts + broke.astype(jnp.int32),
+        anorm,
+    )
+
+
+@host_driven
 @functools.partial(jax.jit, static_argnames=("num_steps", "reorthogonalize", "store_basis"))
 def _lanczos(op, key, *, num_steps, reorthogonalize, store_basis=True):
     op = op.prepared()
-    key_start, key_restart = jax.random.split(key)
-    v0 = jax.random.normal(key_start, (op.size,), op.dtype)
+    key_start, key_restart = _split(key)
+    v0 = _normal(key_start, op.size, op.dtype)
     if not store_basis:
         return _lanczos_recurrence(op, v0, key_restart, num_steps)
     return _lanczos_run(op, v0, key_restart, num_steps, reorthogonalize)
@@ -238,6 +254,10 @@ def lanczos(
     )
 
 
+_split = compiled(jax.random.split)
+_normal = compiled(lambda key, n, dtype: jax.random.normal(key, (n,), dtype), static_argnums=(1, 2))
+
+
 def tridiagonal(result: LanczosResult) -> jax.Array:
     """The ``(m, m)`` symmetric tridiagonal ``T`` of a :class:`LanczosResult`."""
     return jnp.diag(result.alphas) + jnp.diag(result.betas, 1) + jnp.diag(result.betas, -1)
@@ -256,6 +276,7 @@ def _select(theta: jax.Array, k: int, which: str) -> jax.Array:
     return jnp.concatenate([jnp.arange(m - 1, m - 1 - top, -1), jnp.arange(bottom - 1, -1, -1)])
 
 
+@compiled
 def eigh_tridiagonal(run: LanczosResult) -> tuple[jax.Array, jax.Array]:
     """Eigenpairs of ``T``, computed on ``T`` scaled to unit max entry (any operator scale)."""
     t = tridiagonal(run)
@@ -290,6 +311,7 @@ def _hellmann_feynman_jvp(fn, layout, primals, tangents):
     return values, d_values
 
 
+@host_driven
 @functools.partial(
     jax.jit, static_argnames=("k", "which", "num_steps", "reorthogonalize", "probe_batch_size")
 )
@@ -298,16 +320,24 @@ def _eigsh(op, key, tol, *, k, which, num_steps, reorthogonalize, probe_batch_si
     # is Hellmann-Feynman's, attached at the end at no cost when nothing is differentiated.
     frozen = _no_gradient(op).prepared()
     run = _lanczos(frozen, key, num_steps=num_steps, reorthogonalize=reorthogonalize)
+    theta, values, vectors = _ritz(run, k, which)
+    av = apply_rows(frozen, vectors.T, probe_batch_size)
+    residuals, converged = _judge(theta, values, vectors, av, tol)
+    values = _hellmann_feynman(op.fn, op.layout, values, vectors, op.operands)
+    return EigshResult(values, vectors, residuals, converged, jnp.asarray(num_steps + k))
+
+
+@compiled(static_argnums=(1, 2))
+def _ritz(run: LanczosResult, k: int, which: str):
     theta, s = eigh_tridiagonal(run)
     idx = _select(theta, k, which)
-    values = theta[idx]
-    vectors = run.basis.T @ s[:, idx]
-    av = apply_rows(frozen, vectors.T, probe_batch_size)
+    return theta, theta[idx], run.basis.T @ s[:, idx]
+
+
+@compiled
+def _judge(theta, values, vectors, av, tol):
     residuals = safe_norm(av - values[:, None] * vectors.T, axis=1)
-    values = _hellmann_feynman(op.fn, op.layout, values, vectors, op.operands)
-    scale = jnp.max(jnp.abs(theta))
-    converged = residuals <= tol * scale
-    return EigshResult(values, vectors, residuals, converged, jnp.asarray(num_steps + k))
+    return residuals, residuals <= tol * jnp.max(jnp.abs(theta))
 
 
 def eigsh(

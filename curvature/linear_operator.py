@@ -142,9 +142,24 @@ class LinearOperator:
         """``A v`` without a jit boundary: for use inside compiled code."""
         return self.fn(self.operands, v.astype(self.dtype))
 
+    def apply_rows(self, rows: jax.Array) -> jax.Array:
+        """``A`` applied to every row of ``rows`` (``(k, n)``) without a jit boundary: vmapped,
+        or one pass over the data for a streamed operator (:mod:`curvature.streaming`)."""
+        rows = rows.astype(self.dtype)
+        hook = getattr(self.fn, "apply_rows", None)
+        if hook is not None:
+            return hook(self.operands, rows)
+        return jax.vmap(self.apply)(rows)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the data come from a loader: estimators then drive the matvecs from the host
+        (:mod:`curvature.streaming`)."""
+        return bool(getattr(self.fn, "streamed", False))
+
     def prepared(self) -> LinearOperator:
-        """Inside compiled code, before a loop of matvecs: the same operator, with the work that
-        does not depend on ``v`` done once.
+        """Before many matvecs at one point: the same operator, with the work that does not
+        depend on ``v`` done once.
 
         For a Hessian or Gauss-Newton operator whose data are one chunk (``batch_size=None``),
         the forward pass and the linearisation at the parameters (``jax.linearize``) are
@@ -152,7 +167,19 @@ class LinearOperator:
         numbers, about 15-40% less work per matvec, at the memory of one forward pass's
         activations. Chunked operators (and others) return themselves. Every estimator calls
         it once at the top of its compiled program.
+
+        Outside compiled code it returns an operator that holds that work as arrays (the
+        pullback of the gradient, ``H v = (v^T H)^T``; for the Gauss-Newton matrix the model's
+        pullback): ``Hp = H.prepared()`` once, then ``Hp @ v`` for many ``v`` costs about 1.45
+        gradients instead of 1.9 (``benchmarks/bench_core.py``), at the memory of a backward
+        pass's residuals, held until ``Hp`` is dropped. Take it again after the parameters change.
         """
+        if self.streamed:  # a pass over the data per matvec: nothing to keep
+            return self
+        if not _traced(self.operands):
+            if getattr(type(self.fn), "pulled", None) is not None:
+                pulled = _pull(self)  # None for a chunked operator
+                return self if pulled is None else pulled
         prepare = getattr(self.fn, "prepare", None)
         linear = prepare(self.operands) if prepare is not None else None
         if linear is None:
@@ -212,15 +239,66 @@ class LinearOperator:
         return f"LinearOperator({name}, n={self.size}, dtype={self.dtype})"
 
 
+def _traced(tree) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+@jax.jit
+def _pull(op: LinearOperator) -> LinearOperator:
+    return op.fn.pulled(op.operands)
+
+
+def compiled(fn: Callable | None = None, **jit_kwargs) -> Callable:
+    """``jax.jit(fn)``, compiled also inside a host-driven estimator (where jit is otherwise
+    disabled): the work between two matvecs of an estimator's loop (a Lanczos update, a block of
+    probes) is one compiled step there. Inside a compiled estimator it is inlined as usual."""
+    if fn is None:
+        return functools.partial(compiled, **jit_kwargs)
+    jitted = jax.jit(fn, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with jax.disable_jit(False):
+            return jitted(*args, **kwargs)
+
+    return run
+
+
+class host_driven:  # noqa: N801 (a decorator)
+    """An estimator's compiled program that runs host-driven for a streamed operator.
+
+    For in-memory data ``fn(op, ...)`` is the jit-compiled program. For a streamed operator (its
+    first argument) the same function runs under ``jax.disable_jit()``: its loops run on the host
+    op by op and each matvec is a pass of compiled batch products (:mod:`curvature.streaming`).
+    Attributes (``lower``, ``_cache_size``) are the compiled function's."""
+
+    def __init__(self, compiled: Callable):
+        self.compiled = compiled
+        functools.update_wrapper(self, compiled)
+
+    def __call__(self, op, *args, **kwargs):
+        if getattr(op, "streamed", False):
+            with jax.disable_jit():
+                return self.compiled(op, *args, **kwargs)
+        return self.compiled(op, *args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "compiled":
+            raise AttributeError(name)
+        return getattr(self.compiled, name)
+
+
+@host_driven
 @jax.jit
 def _matvec(op: LinearOperator, v: jax.Array) -> jax.Array:
     return op.apply(v)
 
 
+@host_driven
 @jax.jit
 def _matmat(op: LinearOperator, x: jax.Array) -> jax.Array:
     # One linearisation shared by every column (prepared), then the columns' tangent passes.
-    return jax.vmap(op.prepared().apply, in_axes=1, out_axes=1)(x)
+    return op.prepared().apply_rows(x.T).T
 
 
 def apply_rows(op: LinearOperator, rows: jax.Array, batch_size: int | None = None) -> jax.Array:
@@ -228,7 +306,10 @@ def apply_rows(op: LinearOperator, rows: jax.Array, batch_size: int | None = Non
 
     Rows go through ``lax.map`` in groups of ``batch_size`` (vmapped within a group): vmapping
     shares the forward pass of all tangents in a group, at the price of group-sized activations.
+    A streamed operator takes all rows in one pass over the data.
     """
+    if op.streamed:
+        return op.apply_rows(rows)
     if batch_size is None or batch_size <= 1:
         return jax.lax.map(op.apply, rows)
     return jax.lax.map(op.apply, rows, batch_size=batch_size)
@@ -261,6 +342,18 @@ class _Combination:
             return out
 
         return combined
+
+    @property
+    def streamed(self) -> bool:
+        return any(getattr(fn, "streamed", False) for fn in self.fns)
+
+    def apply_rows(self, operands, rows):
+        out = None
+        for fn, (c, ops) in zip(self.fns, operands, strict=True):
+            hook = getattr(fn, "apply_rows", None)
+            products = hook(ops, rows) if hook else jax.vmap(functools.partial(fn, ops))(rows)
+            out = c * products if out is None else out + c * products
+        return out
 
 
 class _Prepared:
@@ -319,9 +412,14 @@ def dense(op: LinearOperator, *, max_size: int = 20_000) -> jax.Array:
     return _dense(op)
 
 
+@host_driven
 @jax.jit
 def _dense(op):
     # Rows A e_i in groups of 64 tangents: bounded memory for the model's activations.
     op = op.prepared()
-    rows = jax.lax.map(op.apply, jnp.eye(op.shape[1], dtype=op.dtype), batch_size=64)
+    n = op.shape[1]
+    block = min(64, n)
+    groups = -(-n // block)
+    eye = jnp.eye(groups * block, n, dtype=op.dtype).reshape(groups, block, n)  # zero rows past n
+    rows = jax.lax.map(op.apply_rows, eye).reshape(groups * block, -1)[:n]
     return rows.T

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from curvature._checks import check_finite_result, check_key, positive_int, require_square
 from curvature.krylov import safe_norm
-from curvature.linear_operator import LinearOperator, apply_rows
+from curvature.linear_operator import LinearOperator, apply_rows, host_driven
 
 __all__ = ["PowerIterationResult", "power_iteration"]
 
@@ -55,6 +55,7 @@ class PowerIterationResult(NamedTuple):
     num_matvecs: jax.Array
 
 
+@host_driven
 @functools.partial(jax.jit, static_argnames=("k",))
 def _power(op, key, tol, max_iters, *, k):
     op = op.prepared()

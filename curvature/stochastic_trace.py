@@ -28,7 +28,7 @@ import numpy as np
 
 from curvature._checks import check_finite_result, check_key, positive_int, require_square
 from curvature.krylov import safe_norm
-from curvature.linear_operator import LinearOperator
+from curvature.linear_operator import LinearOperator, compiled, host_driven
 
 __all__ = ["DiagonalResult", "TraceResult", "diagonal", "frobenius_norm_squared", "trace"]
 
@@ -64,6 +64,7 @@ def rademacher(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     return rows.reshape(shape)
 
 
+@compiled(static_argnums=(2, 3))
 def probe_rows(key: jax.Array, rows: jax.Array, n: int, dtype) -> jax.Array:
     """Rows ``rows`` (indices) of ``rademacher(key, (m, n), dtype)``, shape ``(len(rows), n)``."""
     draw = lambda i: jax.random.rademacher(jax.random.fold_in(key, i), (n,), jnp.int8)  # noqa: E731
@@ -106,7 +107,7 @@ def monte_carlo(op, key, count: int, sample, block: int, project=None):
         z = probe_rows(key, jnp.arange(count), n, dtype)
         if project is not None:
             z = project(z)
-        samples = sample(z, jax.vmap(op.apply)(z)).astype(acc)
+        samples = sample(z, op.apply_rows(z)).astype(acc)
         mean = jnp.mean(samples, axis=0)
         error = jnp.std(samples, axis=0, ddof=1) / jnp.sqrt(count)
         return mean.astype(dtype), error.astype(dtype)
@@ -118,12 +119,7 @@ def monte_carlo(op, key, count: int, sample, block: int, project=None):
         if project is not None:
             z = project(z)
         z = jnp.where(valid[:, None], z, 0)
-        samples = sample(z, jax.vmap(op.apply)(z)).astype(acc)
-        mask = valid.reshape((-1,) + (1,) * (samples.ndim - 1))
-        m = jnp.sum(valid)
-        mean = jnp.sum(jnp.where(mask, samples, 0), axis=0) / jnp.maximum(m, 1)
-        m2 = jnp.sum(jnp.where(mask, (samples - mean) ** 2, 0), axis=0)
-        return _merge(stats, (m.astype(acc), mean, m2)), None
+        return _fold(stats, z, op.apply_rows(z), valid, sample), None
 
     shape = jax.eval_shape(
         sample,
@@ -137,6 +133,19 @@ def monte_carlo(op, key, count: int, sample, block: int, project=None):
     return mean.astype(dtype), error.astype(dtype)
 
 
+@compiled(static_argnums=(4,))
+def _fold(stats, z, az, valid, sample):
+    """A block's samples ``sample(z, A z)`` (rows not ``valid`` left out) merged into ``stats``."""
+    acc = stats[1].dtype
+    samples = sample(z, az).astype(acc)
+    mask = valid.reshape((-1,) + (1,) * (samples.ndim - 1))
+    m = jnp.sum(valid)
+    mean = jnp.sum(jnp.where(mask, samples, 0), axis=0) / jnp.maximum(m, 1)
+    m2 = jnp.sum(jnp.where(mask, (samples - mean) ** 2, 0), axis=0)
+    return _merge(stats, (m.astype(acc), mean, m2))
+
+
+@compiled
 def orthonormal_rows(y: jax.Array) -> jax.Array:
     """Orthonormal rows spanning the rows of ``y`` (``(k, n)``): classical Gram-Schmidt twice,
     row by row in place. Unlike a Householder QR of the ``n x k`` matrix it needs no workspace
@@ -184,7 +193,7 @@ def hutch_plus_plus_sketch(op, key_s, sketch: int, block: int) -> jax.Array:
     n, dtype = op.shape[1], op.dtype
 
     def one(b):
-        return jax.vmap(op.apply)(probe_rows(key_s, b * block + jnp.arange(block), n, dtype))
+        return op.apply_rows(probe_rows(key_s, b * block + jnp.arange(block), n, dtype))
 
     num_blocks = -(-sketch // block)
     if num_blocks == 1:
@@ -197,11 +206,12 @@ def hutch_plus_plus_sketch(op, key_s, sketch: int, block: int) -> jax.Array:
 def quadratic_forms(op, q: jax.Array, block: int) -> jax.Array:
     """``sum_i q_i^T A q_i`` over the rows of ``q``, a block at a time."""
     if block >= q.shape[0]:
-        return jnp.sum(q * jax.vmap(op.apply)(q))
+        return jnp.sum(q * op.apply_rows(q))
     blocks = _blocks_of(q, block)
-    return jnp.sum(jax.lax.map(lambda qb: jnp.sum(qb * jax.vmap(op.apply)(qb)), blocks))
+    return jnp.sum(jax.lax.map(lambda qb: jnp.sum(qb * op.apply_rows(qb)), blocks))
 
 
+@host_driven
 @functools.partial(jax.jit, static_argnames=("num_matvecs", "method", "block"))
 def _trace(op, key, *, num_matvecs, method, block):
     op = op.prepared()
@@ -254,6 +264,7 @@ def trace(
     return result
 
 
+@host_driven
 @functools.partial(jax.jit, static_argnames=("num_matvecs", "block"))
 def _diagonal(op, key, *, num_matvecs, block):
     op = op.prepared()
@@ -305,12 +316,14 @@ def diagonal(
     return result
 
 
+@host_driven
 @jax.jit
 def _fast_exact_diagonal(op):
     d = op.fn.exact_diagonal(op.operands)
     return DiagonalResult(d, jnp.zeros_like(d), jnp.asarray(0))
 
 
+@host_driven
 @functools.partial(jax.jit, static_argnames=("block",))
 def _exact_diagonal(op, *, block):
     # Unit vectors in blocks: e_j^T A e_j for j in the block, through lax.map over the blocks.
@@ -321,13 +334,14 @@ def _exact_diagonal(op, *, block):
     def one(start):
         idx = start + jnp.arange(block)
         rows = jax.nn.one_hot(idx, n, dtype=op.dtype)  # past the end: a zero row, dropped below
-        products = jax.vmap(op.apply)(rows)
+        products = op.apply_rows(rows)
         return jnp.sum(rows * products, axis=1)
 
     d = jax.lax.map(one, starts).reshape(-1)[:n]
     return DiagonalResult(d, jnp.zeros_like(d), jnp.asarray(n))
 
 
+@host_driven
 @functools.partial(jax.jit, static_argnames=("num_matvecs", "block"))
 def _frobenius(op, key, *, num_matvecs, block):
     op = op.prepared()

@@ -204,6 +204,11 @@ class _Stacked:
     def apply(self, v):
         return jnp.concatenate([self.h.apply(v), self.g.apply(v)])
 
+    def apply_rows(self, rows):
+        return jnp.concatenate([self.h.apply_rows(rows), self.g.apply_rows(rows)], axis=1)
+
+    streamed = False
+
 
 def _traces(ctx: Context, matvecs: int) -> tuple[Estimate, Estimate, Estimate]:
     """tr H, tr G, tr R from :func:`_shared_traces`, once per measurement."""

@@ -1,0 +1,262 @@
+"""Data that do not fit in memory: operators whose matvec is a pass over batches from the host.
+
+``hessian(loss, params, lambda: loader)`` (and :func:`~curvature.gauss_newton`,
+:func:`~curvature.empirical_fisher`) take, instead of a pytree of arrays, a zero-argument function
+that returns a fresh iterable of batches: pytrees of arrays with a leading example axis, the last
+batch possibly shorter. Each matvec is one pass over the batches:
+
+$$A v = \\sum_j \\frac{b_j}{N} A_j v, \\qquad N = \\sum_j b_j,$$
+
+with $A_j$ the operator of batch ``j``'s mean loss, so the operator is exactly the one built from
+all ``N`` examples in memory (tested in float64 with uneven batches).
+
+How it runs. A batch's product is one compiled program (a linearisation at the parameters shared
+by all vectors of the pass, vmapped over them), compiled once per batch shape: a loader with a
+shorter last batch compiles two. The host loops over batches and dispatches these programs
+asynchronously; a background thread reads the next batches (a numpy memmap slice is read from disk
+there) and each batch is put on the device one batch ahead of use, so the accelerator does not
+wait on the host. The estimators are the same functions with the same results: for a streamed
+operator their loops (Lanczos steps, probe blocks, power iterations) run on the host, op by op,
+and only the batch products are compiled ("host-driven"); for in-memory data the whole estimator
+is one compiled program. A block of probes (``probe_batch_size``) costs one pass over the data,
+so for streamed data larger blocks mean fewer passes.
+
+Not available for streamed operators: derivatives through the estimators (``jax.grad`` of
+``eigsh``), use inside ``jax.jit`` / ``jax.vmap``, and vmapped SLQ probes
+(``spectral_density(probe_batch_size=)``): they need the matvec traced, and a pass over a loader
+cannot be traced. Each raises an error that says so.
+
+The loader must yield the same examples on every pass (the operator is that of a fixed data
+set); the number of examples is checked on every pass.
+
+* :func:`batches`: a loader over arrays that may be numpy memmaps (``np.load(path,
+  mmap_mode="r")``): slices are read only when their batch is due.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from curvature._batching import Batching
+
+__all__ = ["batches", "is_source"]
+
+PyTree = Any
+
+
+def is_source(data) -> bool:
+    """Whether ``data`` is a loader function (streamed data) rather than a pytree of arrays."""
+    if isinstance(data, Iterator):
+        raise TypeError(
+            "data is an iterator, which one pass would exhaust; pass a function that returns a "
+            "fresh iterable of batches on every call, e.g. hessian(loss, params, lambda: "
+            "make_loader())"
+        )
+    return callable(data) and not hasattr(data, "shape")
+
+
+def batches(data: PyTree, batch_size: int) -> Callable[[], Iterator[PyTree]]:
+    """A loader over a pytree of arrays, ``batch_size`` examples at a time (the last batch
+    shorter): ``hessian(loss, params, batches({"x": np.load("x.npy", mmap_mode="r"), ...}, 1024))``.
+
+    The arrays may be numpy memmaps: each batch is read from disk only when it is due, in the
+    prefetch thread.
+    """
+    leaves = jax.tree_util.tree_leaves(data)
+    if not leaves:
+        raise ValueError("batches(data, ...): data has no arrays")
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"batches(data, ...): every array needs the same leading (example) axis; got "
+            f"leading sizes {sorted(str(s) for s in sizes)}"
+        )
+    (count,) = sizes
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batches(data, batch_size): batch_size must be >= 1, got {batch_size!r}")
+
+    def loader():
+        for start in range(0, count, batch_size):
+            cut = slice(start, start + batch_size)
+            yield jax.tree_util.tree_map(lambda x, cut=cut: x[cut], data)
+
+    return loader
+
+
+# --------------------------------------------------------------------------------------------
+# Reading batches ahead of use.
+
+
+def _on_host(batch: PyTree) -> PyTree:
+    # A memmap slice is a view of the file: reading it is the slow part, done in the thread.
+    return jax.tree_util.tree_map(lambda x: np.array(x) if isinstance(x, np.memmap) else x, batch)
+
+
+def _read_ahead(iterable: Iterable, depth: int) -> Iterator[PyTree]:
+    """The items of ``iterable`` read by a background thread, ``depth`` at most waiting."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for batch in iterable:
+                if not put(("batch", _on_host(batch))):
+                    return
+            put(("end", None))
+        except BaseException as error:  # re-raised in the consumer
+            put(("error", error))
+
+    thread = threading.Thread(target=work, daemon=True, name="curvature-prefetch")
+    thread.start()
+    try:
+        while True:
+            kind, item = items.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _device_batches(source: Callable, depth: int) -> Iterator[PyTree]:
+    """Batches as device arrays, each put on the device one batch before it is used."""
+    try:
+        iterable = source()
+        iter(iterable)
+    except TypeError as error:
+        raise TypeError(
+            "data: expected a zero-argument function that returns an iterable of batches "
+            f"(hessian(loss, params, lambda: loader)); calling it failed: {error}"
+        ) from error
+    ahead: collections.deque = collections.deque()
+    for batch in _read_ahead(iterable, depth):
+        # In this thread: the x64 setting and the default device are the caller's.
+        ahead.append(jax.tree_util.tree_map(jnp.asarray, batch))
+        if len(ahead) > 1:
+            yield ahead.popleft()
+    while ahead:
+        yield ahead.popleft()
+
+
+def first_batch(source: Callable) -> PyTree:
+    """The loader's first batch (for the builders' checks and tracing)."""
+    for batch in _device_batches(source, 1):
+        return batch
+    raise ValueError("data: the loader yielded no batches")
+
+
+# --------------------------------------------------------------------------------------------
+# The operator's matvec.
+
+
+@jax.jit
+def _rows_step(acc, inner, rows, weight):
+    # One linearisation at the parameters for all rows of the pass, then their tangent passes.
+    linear = inner.prepared()
+    return acc + weight * jax.vmap(linear.apply)(rows)
+
+
+@jax.jit
+def _diagonal_step(acc, inner, weight):
+    return acc + weight * inner.fn.exact_diagonal(inner.operands)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StreamedMatvec:
+    """The matvec of an operator over streamed data: ``build(batching)`` gives the matvec of one
+    batch (a :class:`~curvature.builders.LossMatvec` or the Gauss-Newton one); operands are the
+    parameters and captured arrays, without data."""
+
+    build: Callable[[Batching], Callable]
+    source: Callable[[], Iterable]
+    layout: Any
+    batch_size: int | None
+    prefetch: int = 2
+    examples: list = dataclasses.field(default_factory=list)  # N of the first full pass
+    name = "streamed"
+    streamed = True
+
+    def __call__(self, operands, v):
+        return self.apply_rows(operands, v[None])[0]
+
+    def apply_rows(self, operands, rows):
+        if isinstance(rows, jax.core.Tracer):
+            raise TypeError(
+                "a streamed operator (data from a loader) was used inside jax.jit, jax.vmap or a "
+                "derivative: its matvec is a loop over batches on the host and cannot be traced. "
+                "Call op @ v or the estimators directly (they drive the batches from the host); "
+                "derivatives through estimators and vmapped SLQ probes need in-memory data."
+            )
+        zeros = jnp.zeros(rows.shape, self.layout.dtype)
+        return self._pass(operands, lambda acc, inner, w: _rows_step(acc, inner, rows, w), zeros)
+
+    def _inner(self, operands, batch, index: int):
+        from curvature.linear_operator import LinearOperator
+
+        try:
+            batching = Batching.of(batch, self.batch_size)
+        except ValueError as error:
+            raise ValueError(f"data: batch {index} from the loader: {error}") from error
+        ops = {"params": operands["params"], "data": batch, "captured": operands["captured"]}
+        return LinearOperator(self.build(batching), ops, self.layout), batching.num_examples
+
+    def _pass(self, operands, step, acc):
+        count, structure = 0, None
+        with jax.disable_jit(False):  # estimators run this from host-driven (eager) loops
+            for index, batch in enumerate(_device_batches(self.source, self.prefetch)):
+                tree = jax.tree_util.tree_structure(batch)
+                if structure is None:
+                    structure = tree
+                elif tree != structure:
+                    raise ValueError(
+                        f"data: batch {index} from the loader has structure {tree}; the first "
+                        f"had {structure}"
+                    )
+                inner, size = self._inner(operands, batch, index)
+                acc = step(acc, inner, jnp.asarray(size, self.layout.dtype))
+                count += size
+            if count == 0:
+                raise ValueError("data: the loader yielded no batches")
+            if self.examples and self.examples[0] != count:
+                raise ValueError(
+                    f"data: the loader yielded {count} examples in this pass and "
+                    f"{self.examples[0]} in the first: a streamed operator needs the same "
+                    "examples on every pass (no random subsampling or dropped batches)"
+                )
+            self.examples[:] = [count]
+            return acc / jnp.asarray(count, self.layout.dtype)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StreamedWithDiagonal(StreamedMatvec):
+    """A streamed operator whose batches have an exact diagonal (Gauss-Newton, Fisher)."""
+
+    def exact_diagonal(self, operands):
+        zeros = jnp.zeros((self.layout.size,), self.layout.dtype)
+        return self._pass(operands, _diagonal_step, zeros)
+
+
+def streamed(build: Callable, source: Callable, layout, batch_size, has_diagonal: bool):
+    """The streamed matvec for a builder's per-batch matvec ``build(batching)``."""
+    cls = StreamedWithDiagonal if has_diagonal else StreamedMatvec
+    return cls(build, source, layout, batch_size)

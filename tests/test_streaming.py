@@ -1,0 +1,173 @@
+"""Streamed data (curvature.streaming): operators over a loader equal the in-memory operators on
+the same examples (float64, uneven batches, H and the Gauss-Newton matrix), every estimator gives
+the in-memory result, memmaps and .npy shards work, and misuse gets a clear error."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import dense_hessian, make_problem
+
+import curvature as cv
+
+NUM = 23  # batches of 7: 7, 7, 7, 2
+
+
+def loader_of(data, batch_size=7):
+    host = jax.tree_util.tree_map(np.asarray, data)
+    return cv.batches(host, batch_size)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_streamed_hessian_and_gauss_newton_equal_in_memory(x64, activation):
+    params, data, model, loss, _ = make_problem(activation, "cross_entropy", num_examples=NUM)
+    stream = loader_of(data)
+    h = cv.hessian(loss, params, stream)
+    assert h.streamed and h.dtype == jnp.float64
+    assert rel(cv.dense(h), dense_hessian(loss, params, data)) < 1e-12
+    g = cv.gauss_newton(model, params, stream, loss="cross_entropy")
+    g_mem = cv.gauss_newton(model, params, data, loss="cross_entropy")
+    assert rel(cv.dense(g), cv.dense(g_mem)) < 1e-12
+    # Chunks inside each streamed batch (batch_size=3: 3, 3, 1 of a batch of 7) change nothing.
+    h3 = cv.hessian(loss, params, stream, batch_size=3)
+    v = jax.random.normal(jax.random.key(0), (h.size,))
+    assert rel(h3 @ v, h @ v) < 1e-12
+    # The exact Gauss-Newton diagonal is summed over batches with the same weights.
+    d = cv.diagonal(g, method="exact").diagonal
+    assert rel(d, jnp.diag(cv.dense(g_mem))) < 1e-12
+
+
+def test_every_estimator_gives_the_in_memory_result(x64, key):
+    params, data, model, loss, _ = make_problem("tanh", "mse", num_examples=NUM)
+    stream = loader_of(data)
+    mem, st = cv.hessian(loss, params, data), cv.hessian(loss, params, stream)
+    e_mem, e_st = cv.eigsh(mem, k=3, key=key), cv.eigsh(st, k=3, key=key)
+    np.testing.assert_allclose(e_st.eigenvalues, e_mem.eigenvalues, rtol=1e-10)
+    assert np.all(e_st.converged) and np.all(e_st.residual_norms < 1e-8)
+    for method in ("hutch++", "hutchinson"):
+        t_mem = cv.trace(mem, num_matvecs=12, key=key, method=method)
+        t_st = cv.trace(st, num_matvecs=12, key=key, method=method, probe_batch_size=4)
+        np.testing.assert_allclose(t_st.value, t_mem.value, rtol=1e-10)
+        np.testing.assert_allclose(t_st.standard_error, t_mem.standard_error, rtol=1e-8)
+    d_mem = cv.diagonal(mem, num_matvecs=4, key=key)
+    d_st = cv.diagonal(st, num_matvecs=4, key=key)
+    np.testing.assert_allclose(d_st.diagonal, d_mem.diagonal, rtol=1e-9, atol=1e-12)
+    s_mem = cv.spectral_density(mem, num_probes=2, num_steps=8, key=key)
+    s_st = cv.spectral_density(st, num_probes=2, num_steps=8, key=key)
+    np.testing.assert_allclose(s_st.nodes, s_mem.nodes, rtol=1e-9, atol=1e-12)
+    p_st = cv.power_iteration(st, k=1, key=key, max_iters=50)
+    np.testing.assert_allclose(p_st.eigenvalues[0], e_mem.eigenvalues[0], rtol=1e-6)
+    # The residual H - G: two streamed operators combined, one pass each.
+    g_mem = cv.gauss_newton(model, params, data, loss="mse")
+    g_st = cv.gauss_newton(model, params, stream, loss="mse")
+    f_mem = cv.frobenius_norm_squared(mem - g_mem, num_matvecs=3, key=key)
+    f_st = cv.frobenius_norm_squared(st - g_st, num_matvecs=3, key=key)
+    np.testing.assert_allclose(f_st.value, f_mem.value, rtol=1e-9)
+
+
+def test_memmaps_and_npy_shards(x64, tmp_path, key):
+    params, data, _, loss, _ = make_problem("relu", "cross_entropy", num_examples=NUM)
+    host = jax.tree_util.tree_map(np.asarray, data)
+    np.save(tmp_path / "x.npy", host["x"])
+    np.save(tmp_path / "y.npy", host["y"])
+    mapped = {name: np.load(tmp_path / f"{name}.npy", mmap_mode="r") for name in ("x", "y")}
+    ref = cv.hessian(loss, params, data)
+    v = jax.random.normal(key, (ref.size,))
+    from_memmap = cv.hessian(loss, params, cv.batches(mapped, 10))
+    assert rel(from_memmap @ v, ref @ v) < 1e-12
+
+    for i, start in enumerate(range(0, NUM, 9)):  # shards of 9, 9, 5 examples
+        np.save(tmp_path / f"x{i}.npy", host["x"][start : start + 9])
+        np.save(tmp_path / f"y{i}.npy", host["y"][start : start + 9])
+
+    def shards():
+        for i in range(3):
+            yield {"x": np.load(tmp_path / f"x{i}.npy"), "y": np.load(tmp_path / f"y{i}.npy")}
+
+    from_shards = cv.hessian(loss, params, shards)
+    assert rel(from_shards @ v, ref @ v) < 1e-12
+
+
+def test_batches_are_read_ahead_by_a_thread(x64):
+    params, data, _, loss, _ = make_problem("relu", "mse", num_examples=NUM)
+    host = jax.tree_util.tree_map(np.asarray, data)
+    import threading
+
+    readers = set()
+
+    def loader():
+        for start in range(0, NUM, 7):
+            readers.add(threading.current_thread().name)
+            yield jax.tree_util.tree_map(lambda x, s=start: x[s : s + 7], host)
+
+    op = cv.hessian(loss, params, loader)
+    op @ jnp.ones(op.size)
+    assert readers == {"curvature-prefetch"}
+
+
+def test_streamed_misuse_gets_clear_errors(x64, key):
+    params, data, _, loss, _ = make_problem("relu", "mse", num_examples=NUM)
+    host = jax.tree_util.tree_map(np.asarray, data)
+    with pytest.raises(TypeError, match="iterator"):
+        cv.hessian(loss, params, iter([host]))
+    with pytest.raises(ValueError, match="no batches"):
+        cv.hessian(loss, params, lambda: [])
+    with pytest.raises(TypeError, match="zero-argument function"):
+        cv.hessian(loss, params, lambda batch: batch)
+
+    passes = []
+
+    def shrinking():  # drops a batch on every pass: not a fixed data set
+        passes.append(None)
+        yield from list(loader_of(data)())[: 5 - len(passes)]
+
+    op = cv.hessian(loss, params, shrinking)
+    op @ jnp.ones(op.size)
+    with pytest.raises(ValueError, match="same examples on every pass"):
+        op @ jnp.ones(op.size)
+
+    def mixed():
+        yield host
+        yield {"x": host["x"]}
+
+    with pytest.raises(ValueError, match="batch 1 .* structure"):
+        cv.hessian(loss, params, mixed) @ jnp.ones(cv.hessian(loss, params, data).size)
+
+    st = cv.hessian(loss, params, loader_of(data))
+    with pytest.raises(TypeError, match="cannot be traced"):
+        jax.jit(lambda v: st @ v)(jnp.ones(st.size))
+    with pytest.raises(TypeError, match="cannot be traced"):
+        jax.grad(
+            lambda p: cv.eigsh(cv.hessian(loss, p, loader_of(data)), k=1, key=key).eigenvalues[0]
+        )(params)
+    with pytest.raises(ValueError, match="probe_batch_size"):
+        cv.spectral_density(st, num_probes=4, num_steps=5, key=key, probe_batch_size=2)
+    with pytest.raises(ValueError, match="leading"):
+        cv.batches({"x": host["x"], "y": host["y"][:5]}, 4)
+
+
+def test_prepared_operator_outside_jit_holds_the_linearisation(x64, key):
+    params, data, model, loss, _ = make_problem("tanh", "cross_entropy")
+    for op in (
+        cv.hessian(loss, params, data),
+        cv.gauss_newton(model, params, data, loss="cross_entropy"),
+    ):
+        prepared = op.prepared()
+        assert prepared is not op and "prepared" in repr(prepared)
+        assert rel(cv.dense(prepared), cv.dense(op)) < 1e-12
+        # Compiled once: a second preparation at new parameters reuses the matvec's program.
+        moved = jax.tree_util.tree_map(lambda p: p * 1.01, params)
+        again = cv.hessian(loss, moved, data) if op.fn.name == "hessian" else None
+        if again is not None:
+            v = jax.random.normal(key, (op.size,))
+            prepared @ v
+            before = cv.linear_operator._matvec._cache_size()
+            assert rel(again.prepared() @ v, again @ v) < 1e-12
+            assert cv.linear_operator._matvec._cache_size() == before + 1  # `again @ v` only
+    chunked = cv.hessian(loss, params, data, batch_size=5)
+    assert chunked.prepared() is chunked
