@@ -44,7 +44,7 @@ from curvature._checks import (
 from curvature._closures import Canonical, canonical, stable
 from curvature._conv import CanonicalConvs, needs_rewrite
 from curvature.linear_operator import Layout, LinearOperator
-from curvature.losses import NAMED, OutputLoss, targets_reader
+from curvature.losses import OutputLoss, output_loss
 
 __all__ = ["gauss_newton", "hessian", "loss_operator"]
 
@@ -354,21 +354,7 @@ def gauss_newton(
 
     Cost: one matvec is a linearisation, a JVP and its transpose: about a gradient and a half.
     """
-    if isinstance(loss, str):
-        if loss not in NAMED:
-            raise ValueError(
-                f"unknown output loss {loss!r}; use one of {sorted(NAMED)} or a function"
-            )
-        out_loss = OutputLoss(loss, targets_reader(targets))
-    elif callable(loss):
-        if targets is not None:
-            raise ValueError(
-                "targets= applies to the named losses; a loss function loss(outputs, batch) reads "
-                "its own targets from the batch"
-            )
-        out_loss = OutputLoss(loss)
-    else:
-        raise TypeError(f"loss must be a name or a function loss(outputs, batch), got {loss!r}")
+    out_loss = output_loss(loss, targets)
     if not callable(model):
         raise TypeError(f"model must be a function model(params, batch), got {model!r}")
     layout, batching, data, first = _setup(params, data, batch_size, check)

@@ -125,3 +125,22 @@ class OutputLoss:
             return NAMED[self.fn][1](out, u, self.targets(batch))
         grad = jax.grad(self.fn)
         return jax.jvp(lambda o: grad(o, batch), (out,), (u,))[1]
+
+
+def output_loss(loss, targets=None) -> OutputLoss:
+    """``loss`` (a name in :data:`NAMED` with its ``targets``, or ``loss(outputs, batch)``) as an
+    :class:`OutputLoss`, with a clear error for anything else."""
+    if isinstance(loss, str):
+        if loss not in NAMED:
+            raise ValueError(
+                f"unknown output loss {loss!r}; use one of {sorted(NAMED)} or a function"
+            )
+        return OutputLoss(loss, targets_reader(targets))
+    if callable(loss):
+        if targets is not None:
+            raise ValueError(
+                "targets= applies to the named losses; a loss function loss(outputs, batch) reads "
+                "its own targets from the batch"
+            )
+        return OutputLoss(loss)
+    raise TypeError(f"loss must be a name or a function loss(outputs, batch), got {loss!r}")
