@@ -3,8 +3,12 @@
 Build an operator from a loss, parameters and data (:func:`hessian`, :func:`gauss_newton`), then
 estimate: :func:`eigsh` / :func:`lanczos` / :func:`power_iteration` for eigenpairs, :func:`trace`,
 :func:`diagonal` and :func:`frobenius_norm_squared` with standard errors, and
-:func:`spectral_density` (stochastic Lanczos quadrature). Plotting helpers live in
-:mod:`curvature.plotting` (imports matplotlib only when used).
+:func:`spectral_density` (stochastic Lanczos quadrature). :func:`compare_diagonals`,
+:func:`preconditioned` and :func:`compare_conditioning` measure a diagonal preconditioner (Adam's
+second moment) against the curvature. :func:`batches` (and any ``lambda: loader`` as data) streams
+data that do not fit in memory (:mod:`curvature.streaming`). Plotting helpers live in
+:mod:`curvature.plotting` (imports matplotlib only when used); optimisers in
+:mod:`curvature.optim` (imports optax only when used): :func:`curvature.optim.hessian_free`.
 """
 
 from curvature.blocks import BlockOperator as BlockOperator
@@ -30,6 +34,14 @@ from curvature.linear_operator import dense as dense
 from curvature.linear_operator import from_matrix as from_matrix
 from curvature.power import PowerIterationResult as PowerIterationResult
 from curvature.power import power_iteration as power_iteration
+from curvature.preconditioning import Conditioning as Conditioning
+from curvature.preconditioning import ConditioningComparison as ConditioningComparison
+from curvature.preconditioning import DiagonalComparison as DiagonalComparison
+from curvature.preconditioning import DiagonalCorrelation as DiagonalCorrelation
+from curvature.preconditioning import compare_conditioning as compare_conditioning
+from curvature.preconditioning import compare_diagonals as compare_diagonals
+from curvature.preconditioning import conditioning as conditioning
+from curvature.preconditioning import preconditioned as preconditioned
 from curvature.stochastic_trace import DiagonalResult as DiagonalResult
 from curvature.stochastic_trace import TraceResult as TraceResult
 from curvature.stochastic_trace import diagonal as diagonal
@@ -48,6 +60,10 @@ __all__ = [
     "block_summary",
     "layer_groups",
     "restrict",
+    "Conditioning",
+    "ConditioningComparison",
+    "DiagonalComparison",
+    "DiagonalCorrelation",
     "DiagonalResult",
     "EigshResult",
     "LanczosResult",
@@ -56,6 +72,9 @@ __all__ = [
     "PowerIterationResult",
     "SpectralDensity",
     "TraceResult",
+    "compare_conditioning",
+    "compare_diagonals",
+    "conditioning",
     "dense",
     "diagonal",
     "eigsh",
@@ -67,6 +86,7 @@ __all__ = [
     "lanczos",
     "per_example_gradients",
     "power_iteration",
+    "preconditioned",
     "rademacher",
     "spectral_density",
     "trace",
