@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 
+import jax
 import ml_collections
 
 from experiments import data as data_lib
+from experiments import hessian_free, models, train
 from experiments import measure as measure_lib
-from experiments import models, train
 from experiments.errors import ConfigError
 
 # The plan of the default comparison: everything but the optional diagnostics.
@@ -29,8 +30,9 @@ DEFAULT_QUANTITIES = (
     "density",
 )
 
-# Keys that a resumed run may change: they change how, not what, is computed.
-RESUMABLE_CHANGES = ("measure.batch_size", "workers", "share_activations")
+# Keys that a resumed run may change: they change how, not what, is computed (at most the
+# round-off: measure.batch_size and measure.devices change the order of summation).
+RESUMABLE_CHANGES = ("measure.batch_size", "measure.devices", "workers", "share_activations")
 
 # Old keys (release 0.1) and where they went, for the "does not exist" error.
 MOVED_KEYS = {
@@ -45,6 +47,7 @@ MOVED_KEYS = {
 
 
 SCHEDULE_KEYS = {"every": 0, "steps": ()}
+HESSIAN_FREE = dict(hessian_free.HESSIAN_FREE_DEFAULTS)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -87,9 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.loss = "cross_entropy"  # cross_entropy | mse on one-hot labels (models.LOSSES)
-    c.train.optimizer = "sgd"  # sgd | momentum | adam | rmsprop (train.OPTIMIZERS)
-    c.train.learning_rate = 0.1
+    # sgd | momentum | adam | rmsprop | hessian_free (train.OPTIMIZERS)
+    c.train.optimizer = "sgd"
+    c.train.learning_rate = 0.1  # Hessian-free: scales its step (Martens: 1.0)
     c.train.momentum = 0.9
+    # curvature.optim.hessian_free's settings (experiments.hessian_free has their meaning).
+    c.train.hessian_free = ml_collections.ConfigDict(HESSIAN_FREE)
     c.train.steps = 1000
     c.train.batch_size = 0  # 0: full batch
     # Stop a member whose training loss exceeds this multiple of its initial loss (0: never).
@@ -101,6 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.measure.split = "train"  # the measurement set: "train" or "test" examples
     c.measure.num_examples = 0  # the first N examples of that split; 0: all of it
     c.measure.batch_size = 0  # chunk size inside the curvature matvec; 0: all at once
+    # Data-parallel measurement: the measurement set is sharded along its example axis over a
+    # one-axis mesh of this many devices (the first of jax.devices()) and the parameters are
+    # replicated, so every estimator runs through XLA's partitioning. An integer >= 1, which
+    # must divide the measurement examples, or "all": the most devices, up to
+    # jax.device_count(), that divide them. 1: unsharded, as before the key existed.
+    c.measure.devices = ml_collections.FieldReference(1, field_type=object)  # int or "all"
     c.measure.quantities = DEFAULT_QUANTITIES  # the plan (measure.MEASUREMENTS)
     c.measure.keep_params = True  # parameters at every measured step (False: the last only)
     c.measure.save_eigenvectors = 0  # keep this many top Hessian eigenvectors per step
@@ -166,6 +178,8 @@ def validate(config, num_params: int | None = None) -> None:
         "train.momentum",
         f"{config.train.momentum} is not in [0, 1)",
     )
+    for key, message in hessian_free.check_settings(config.train):
+        need(False, key, message)
     m = config.measure
     need(m.every >= 1, "measure.every", "must be >= 1")
     need(
@@ -181,6 +195,18 @@ def validate(config, num_params: int | None = None) -> None:
     need(m.split in ("train", "test"), "measure.split", f"{m.split!r} is not 'train' or 'test'")
     need(m.num_examples >= 0, "measure.num_examples", "must be >= 0 (0: the whole split)")
     need(m.batch_size >= 0, "measure.batch_size", "must be >= 0 (0: all examples at once)")
+    devices = m.devices
+    need(
+        devices == "all"
+        or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1),
+        "measure.devices",
+        f"{devices!r} is not an integer >= 1 or 'all'",
+    )
+    need(
+        devices == "all" or devices <= jax.device_count(),
+        "measure.devices",
+        f"{devices} devices asked for, but jax.device_count() is {jax.device_count()}",
+    )
     need(m.save_eigenvectors >= 0, "measure.save_eigenvectors", "must be >= 0")
     need(
         config.data.num_train >= 0 and config.data.num_test >= 0,
@@ -290,4 +316,7 @@ def drop_resumable(resolved: dict) -> dict:
         for part in parents:
             node = node.get(part, {})
         node.pop(leaf, None)
+    # A section at its defaults is left out: runs from before it existed compare equal.
+    if out.get("train", {}).get("hessian_free") == json.loads(json.dumps(HESSIAN_FREE)):
+        out["train"].pop("hessian_free")
     return out

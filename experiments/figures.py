@@ -766,3 +766,8 @@ def draw_all(workdir, *, sigma: float | None = None) -> list[pathlib.Path]:
 
     paths += pages.write_report(workdir, run, sigma, drawn)
     return paths
+
+
+# The optimizer comparison (experiments.figures_optim) adds its figure on import.
+from experiments import figures_optim as _figures_optim  # noqa: E402, F401
+from experiments import figures_preconditioner as _figures_preconditioner  # noqa: E402, F401

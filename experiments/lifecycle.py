@@ -6,6 +6,7 @@ Member folder (``workdir/members/<name>/``)::
     member.json            name, activation, seed, swept values, fingerprint, resolved config
     status.json            running | done | failed (with the reason)
     metrics.jsonl          one Record per measurement, appended and fsynced
+    training.npz           the per-step training log (experiments.training_log)
     spectra/step_XXXXXX.npz       SLQ nodes and weights, Ritz values, diagonals ...
     checkpoints/step_XXXXXX.npz   parameters and optimizer state at a measured step, leaves
                                   under their pytree paths (every step with measure.keep_params,
@@ -31,11 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import curvature.sharding as cvs
 from experiments import config as config_lib
 from experiments import measure as measure_lib
-from experiments import models, storage, train
-from experiments.errors import RunDirError
-from experiments.record import Record
+from experiments import models, storage, train, training_log
+from experiments.errors import ConfigError, RunDirError
+from experiments.record import Record, Training
 from experiments.sweep import MemberSpec
 
 
@@ -64,6 +66,13 @@ class Setup:
     measure_data: dict  # with the activation column
     model_activations: tuple[str, ...] = ()
     index: int = 0  # the member's activation among model_activations (the data's column)
+    # measure.devices > 1: the mesh that measure_data are sharded over (test_data replicated);
+    # None: one device, unsharded.
+    mesh: jax.sharding.Mesh | None = None
+
+    def replicated(self, tree):
+        """``tree`` (parameters, optimizer state) on every device of the mesh, if any."""
+        return tree if self.mesh is None else cvs.replicate(tree, self.mesh)
 
 
 def device_data(dataset, dtype) -> dict:
@@ -110,6 +119,43 @@ def setup(spec: MemberSpec, model_activations: tuple[str, ...], dataset, arrays:
     )
 
 
+def measure_devices(setting, num_examples: int, available: int) -> int:
+    """How many devices ``measure.devices`` (an integer or ``"all"``) shards ``num_examples``
+    measurement examples over, of ``available``. Shards are equal (each device's part of the
+    mean has the same weight, and no example is dropped or padded): an integer must divide the
+    examples; ``"all"`` is the largest count up to ``available`` that does."""
+    if setting == "all":
+        return max(d for d in range(1, available + 1) if num_examples % d == 0)
+    if setting > available:
+        raise ConfigError(
+            f"config key measure.devices: {setting} devices asked for, but jax.device_count() "
+            f"is {available}"
+        )
+    if num_examples % setting:
+        raise ConfigError(
+            f"config key measure.devices: the {num_examples} measurement examples do not split "
+            f"evenly over {setting} devices; set measure.num_examples to a multiple of "
+            f"{setting}, measure.devices to a divisor of {num_examples}, or measure.devices='all'"
+        )
+    return setting
+
+
+def on_mesh(setup_: Setup, setting) -> Setup:
+    """``setup_`` for data-parallel measurement (``measure.devices``): the measurement set
+    sharded along its example axis over a one-axis mesh of the first devices, the test set
+    replicated on them. One device: ``setup_`` itself, unchanged."""
+    count = measure_devices(setting, len(setup_.measure_data["y"]), jax.device_count())
+    if count == 1:
+        return setup_
+    mesh = cvs.data_mesh(devices=jax.devices()[:count])
+    return dataclasses.replace(
+        setup_,
+        measure_data=cvs.shard_data(setup_.measure_data, mesh),
+        test_data=cvs.replicate(setup_.test_data, mesh),
+        mesh=mesh,
+    )
+
+
 _BUILT: dict = {}
 
 
@@ -122,6 +168,12 @@ def _build(model_cfg, activations, input_shape, num_classes, seed):
     return _BUILT[key]
 
 
+def _num_outputs(s: Setup) -> int:
+    """The model's outputs per example (the classes), from its shape alone."""
+    batch = models.with_activation({"x": s.x_train[:1], "y": s.y_train[:1]}, s.index)
+    return int(jax.eval_shape(s.model, s.init_params, batch).shape[-1])
+
+
 class MemberDir:
     """Paths and checked reads of one member's folder."""
 
@@ -130,6 +182,7 @@ class MemberDir:
         self.info = path / "member.json"
         self.status = path / "status.json"
         self.metrics = path / "metrics.jsonl"
+        self.training = path / training_log.FILE
 
     def spectra(self, step: int) -> pathlib.Path:
         return self.path / "spectra" / f"step_{step:06d}.npz"
@@ -182,6 +235,10 @@ def verify(spec: MemberSpec, folder: MemberDir, member_fingerprint: str) -> None
         arrays = storage.read_npz(folder.checkpoint(step), "checkpoint", ("fingerprint", "step"))
         if str(arrays.get("fingerprint", "")) != member_fingerprint:
             raise RunDirError(f"{folder.checkpoint(step)} {other}; {hint}")
+    if folder.training.exists():
+        arrays = storage.read_npz(folder.training, "training log", ("fingerprint",))
+        if str(arrays.get("fingerprint", "")) != member_fingerprint:
+            raise RunDirError(f"{folder.training} {other}; {hint}")
 
 
 def _diff(a, b, prefix="") -> list[str]:
@@ -203,6 +260,7 @@ _SPECTRA_FIELDS = (
     "density",
     "diagonal",
     "optimizer_state",
+    "preconditioner",
 )
 
 
@@ -287,9 +345,13 @@ def _run_member(
     s = setup_
     init = {"params": s.init_params, "opt_state": optimizer.init(s.init_params)}
     index = jnp.asarray(setup_.index, jnp.int32)
-    run_train = train.trainer(
-        s.loss, config.train.optimizer, config.train.batch_size, len(s.y_train)
+    run_train = train.trainer(s.loss, config.train, len(s.y_train), s.model)
+    dtype = s.x_train.dtype
+    names = list(train.new_log(config.train, dtype, init["opt_state"]))
+    steps_log = training_log.TrainingLog.load(
+        folder.training, names, config.train.steps, member_fingerprint
     )
+    num_outputs = _num_outputs(s) if train.OPTIMIZERS.get(config.train.optimizer).cost else 0
     data_key = jax.random.fold_in(jax.random.key(spec.seed), 1)
     train_data = models.with_activation({"x": s.x_train, "y": s.y_train}, s.index)
     initial_loss = float(train.evaluator(s.loss, s.model)(s.init_params, train_data)[0])
@@ -310,17 +372,12 @@ def _run_member(
             )
         if target > at:
             progress.update(f"{label}: training to step {target} of {schedule[-1]}")
-            params, opt_state, reached, reason, loss = run_train(
-                state["params"],
-                state["opt_state"],
-                jnp.asarray(at),
-                jnp.asarray(target),
-                s.x_train,
-                s.y_train,
-                data_key,
-                index,
-                jnp.asarray(limit, s.x_train.dtype),
+            data = (s.x_train, s.y_train, data_key, index, jnp.asarray(limit, dtype))
+            params, opt_state, reached, reason, loss = steps_log.train(
+                run_train, state, at, target, data, dtype
             )
+            cost = train.gradient_equivalents(config.train, steps_log.arrays, num_outputs)
+            steps_log.save(folder.training, cost, member_fingerprint)
             state, at = {"params": params, "opt_state": opt_state}, int(reached)
             if int(reason) != train.OK:
                 if int(reason) == train.NON_FINITE:
@@ -341,8 +398,8 @@ def _run_member(
         ctx = measure_lib.Context(
             model=s.model,
             loss=s.loss,
-            params=state["params"],
-            opt_state=state["opt_state"],
+            params=s.replicated(state["params"]),
+            opt_state=s.replicated(state["opt_state"]),
             data=s.measure_data,
             config=config,
             seed=spec.seed,
@@ -357,6 +414,8 @@ def _run_member(
             message = f"measurement at step {target} failed: {err}"
             progress.line(f"{label}: stopped: {message}")
             return _set_status(folder, state="failed", message=message, step=at)
+        cost = train.gradient_equivalents(config.train, steps_log.arrays, num_outputs)
+        record = dataclasses.replace(record, training=Training(*steps_log.totals(target, cost)))
         vectors = spectra.pop("eigenvectors", None)
         if vectors is not None:
             storage.write_npz(folder.eigenvectors(target), eigenvectors=vectors)

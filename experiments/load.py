@@ -124,6 +124,14 @@ class Member:
     def checkpoint_steps(self) -> list[int]:
         return MemberDir(self.dir).checkpoint_steps()
 
+    def training(self):
+        """The per-step training log (:class:`experiments.training_log.Curves`): loss against
+        steps, gradient-equivalents and seconds, and the optimizer's diagnostics; ``None`` for
+        a run from before the log existed."""
+        from experiments import training_log
+
+        return training_log.read(MemberDir(self.dir).training)
+
     def _checkpoint(self, step: int) -> dict:
         from experiments import train
 

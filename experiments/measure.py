@@ -101,7 +101,9 @@ class Context:
     ``loss(params, batch)``, its ``params`` and ``opt_state`` at this step, the measurement set
     ``data`` (with its ``activation`` column), the member's resolved ``config``, this measurement's
     ``settings``, the plan, and ``key_for(name)``. ``spectra`` collects arrays saved in the step's
-    spectra file; ``hessian()`` / ``gauss_newton()`` build the operators once per measurement."""
+    spectra file; ``hessian()`` / ``gauss_newton()`` build the operators once per measurement.
+    With ``measure.devices`` > 1, ``data`` is sharded along its examples over a one-axis mesh
+    and ``params`` and ``opt_state`` are replicated on it: jitted code runs data-parallel."""
 
     model: Callable
     loss: Callable

@@ -1,7 +1,8 @@
 """The built-in measurements, each registered in :data:`experiments.measure.MEASUREMENTS` with
 its defaults and checks: ``lambda_max``, ``top_eigenvalues``, ``bottom_eigenvalues``, ``trace``,
 ``gauss_newton``, ``frobenius`` and ``density`` (the diagnostics ``diagonal``, ``fisher``,
-``blocks``, ``optimizer_state`` and ``gradient_noise`` are in :mod:`experiments.diagnostics`).
+``blocks``, ``optimizer_state`` and ``gradient_noise`` are in :mod:`experiments.diagnostics`,
+``preconditioner`` in :mod:`experiments.second_moment`).
 Each is a function of a :class:`Context` returning
 the value of the record field of its name."""
 
@@ -322,3 +323,4 @@ def _density(ctx: Context) -> Density:
 
 
 from experiments import diagnostics as _diagnostics  # noqa: E402, F401  (registers the rest)
+from experiments import second_moment as _second_moment  # noqa: E402, F401  (preconditioner)

@@ -7,7 +7,7 @@ import html
 import pathlib
 
 from curvature import plotting
-from experiments import report, storage
+from experiments import figures_optim, report, storage
 from experiments.figures import (
     PAPER_RC,
     WIDTH,
@@ -40,6 +40,7 @@ CAPTIONS = {
     "over seeds; error bars: ± the standard error of that mean, from the estimators' own "
     "standard errors; dots: seeds. A piecewise-linear activation (ReLU) has no same-layer R: "
     "0 up to float round-off (e.g. 1e-09).",
+    "optimizers": figures_optim.CAPTION,
     "activation_parameter": "Curvature at the last step against the activation's parameter, "
     "mean ± sd over seeds (one seed: ± the standard error); horizontal lines: the activations "
     "without a parameter (ReLU), with their ± sd band.",

@@ -119,6 +119,53 @@ class OptimizerState:
 
 
 @dataclasses.dataclass(frozen=True)
+class DiagonalMatch:
+    """A second moment against an exact curvature diagonal (``curvature.compare_diagonals``):
+    entries where the exact diagonal is exactly 0 are excluded from every correlation and
+    counted (``num_zeros``; ``num_both_zero`` of them have a zero moment too)."""
+
+    pearson: float
+    spearman: float
+    log_pearson: float  # of the logs, over the num_log entries where both are > 0
+    num_compared: int
+    num_zeros: int
+    num_both_zero: int
+    num_log: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagonalMatches:
+    overall: DiagonalMatch
+    per_layer: dict[str, DiagonalMatch]  # by curvature.layer_groups
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+    """Both ends of a spectrum (one Lanczos run) and ``condition = λmax / mean``, the mean
+    eigenvalue over the nonzero diagonal entries (exact, from the diagonal)."""
+
+    top: Eigenvalues  # descending
+    bottom: Eigenvalues  # ascending
+    mean: float
+    condition: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Preconditioner:
+    """Adam / RMSProp's second moment ν (bias-corrected where the optimizer corrects it) against
+    the exact diagonals of ``hessian``, ``gauss_newton`` and ``fisher`` (empirical), and the
+    spectrum of ``P^-1/2 H P^-1/2`` with ``P`` what the update divides by."""
+
+    second_moment: dict[str, DiagonalMatches]  # ν against each diagonal
+    sqrt_second_moment: dict[str, DiagonalMatches]  # √ν (only Pearson differs from ν's)
+    hessian: Conditioning
+    preconditioned: Conditioning
+    # The same with exact diagonals for P: "sqrt_fisher" √diag F + ε (what √ν estimates, without
+    # minibatch noise or lag), "gauss_newton" diag G + δ (the Gauss-Newton diagonal, Jacobi).
+    references: dict[str, Conditioning] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class GradientNoise:
     """Per-example gradient noise: ``tr Σ`` (covariance of per-example gradients) against the
     squared mean gradient; ``simple_noise_scale = tr Σ / |g|^2`` is McCandlish et al.'s B_simple."""
@@ -173,6 +220,16 @@ ROUND_OFF_SHARE = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
+class Training:
+    """What training up to this step cost: ``gradient_equivalents`` (in gradients of the
+    training batch, see :func:`experiments.train.gradient_equivalents`) and ``seconds`` of the
+    compiled training loop, compilation excluded (it is in the member's training log)."""
+
+    gradient_equivalents: float
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Record:
     """One measurement of one sweep member at one training step."""
 
@@ -198,6 +255,8 @@ class Record:
     gradient_noise: GradientNoise | None = None
     fisher: Fisher | None = None
     blocks: Blocks | None = None
+    preconditioner: Preconditioner | None = None
+    training: Training | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     format: int = FORMAT

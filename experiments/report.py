@@ -73,6 +73,8 @@ def _outliers(e: Eigenvalues | None) -> float | None:
 COLUMNS = [
     Column("loss", lambda r: r.train_loss),
     Column("test acc.", lambda r: r.test_accuracy),
+    Column("grad-eq.", lambda r: r.training.gradient_equivalents if r.training else None),
+    Column("train s", lambda r: r.training.seconds if r.training else None),
     Column("λmax(H)", lambda r: r.sharpness),
     Column("λmin(H)", lambda r: r.bottom_eigenvalues),
     Column("tr H", lambda r: r.trace),
@@ -90,6 +92,40 @@ COLUMNS = [
         "ρ(ν, diag H)",
         lambda r: r.optimizer_state.second_moment.spearman if r.optimizer_state else None,
     ),
+]
+
+
+def _moment(which: str, curvature: str, stat: str) -> Callable[[Record], float | None]:
+    """A correlation of the ``preconditioner`` measurement, over all parameters."""
+    return lambda r: (
+        getattr(getattr(r.preconditioner, which)[curvature].overall, stat)
+        if r.preconditioner
+        else None
+    )
+
+
+def _condition(which: str | None) -> Callable[[Record], float | None]:
+    def get(r: Record):
+        p = r.preconditioner
+        if p is None:
+            return None
+        c = {"H": p.hessian, "P": p.preconditioned}.get(which) or p.references.get(which)
+        return c.condition if c else None
+
+    return get
+
+
+for _short, _name in (("H", "hessian"), ("G", "gauss_newton"), ("F", "fisher")):
+    COLUMNS += [
+        Column(f"r(ν,{_short})", _moment("second_moment", _name, "pearson")),
+        Column(f"r(√ν,{_short})", _moment("sqrt_second_moment", _name, "pearson")),
+        Column(f"ρ(ν,{_short})", _moment("second_moment", _name, "spearman")),
+    ]
+COLUMNS += [
+    Column("κ(H)", _condition("H")),
+    Column("κ(P⁻½HP⁻½)", _condition("P")),
+    Column("κ, P=√F", _condition("sqrt_fisher")),
+    Column("κ, P=G", _condition("gauss_newton")),
 ]
 
 
@@ -242,12 +278,19 @@ def notes(rows: list[dict]) -> list[str]:
 
 LEGEND = (
     "Mean ± standard deviation over seeds (one seed: ± the estimator's standard error) at the "
-    "last step every seed reached; loss and curvature on the measurement set. H: loss Hessian; "
+    "last step every seed reached; loss and curvature on the measurement set. grad-eq.: what "
+    "training to that step cost in gradients of the training batch (1 a step for first-order "
+    "methods; Hessian-free: its CG's curvature products and loss evaluations); train s: its "
+    "wall seconds, compilation excluded. H: loss Hessian; "
     "G: its Gauss-Newton part; R = H − G. tr by Hutch++; ‖·‖F² from shared Rademacher probes; "
     "neg. mass: SLQ spectral mass below −√eps·max|node| (exact zeros excluded); λmax/edge: "
     "λmax over the edge of stability (2/η for gradient descent, so η·λmax/2; above 1 is past the "
     "edge); B_simple: tr Σ/|g|² of per-example gradients; ρ(ν, diag H): Spearman correlation of "
-    "the optimizer's second moment with the Hessian diagonal; R same-layer: the share of ‖R‖F² in "
+    "the optimizer's second moment with the Hessian diagonal; r(ν,H), ρ(ν,H): Pearson and "
+    "Spearman correlation over the parameters of the second moment ν (√ν: its root, what the "
+    "update divides by) with the exact diagonal of H (G; F: the empirical Fisher), entries where "
+    "that diagonal is exactly 0 excluded; κ: λmax / mean eigenvalue of H and of P⁻½HP⁻½, P what "
+    "the update divides by, or √diag F + ε, or diag G + δ; R same-layer: the share of ‖R‖F² in "
     "same-layer blocks (blocks of ‖·‖F² from probes on each layer; the rest couples different "
     "layers; 0 up to round-off for piecewise-linear activations such as ReLU); outliers: the k of "
     "the largest gap λk/λk+1 among the top eigenvalues (10 or more), 0 when no gap reaches 20%."
@@ -267,6 +310,11 @@ def write_summary(workdir) -> str:
     run = load_run(workdir)
     rows = summary_rows(run)
     text = summary_markdown(rows)
+    from experiments import figures_optim  # runs of several optimizers: what each one cost
+
+    costs = figures_optim.cost_table(run)
+    if costs:
+        text += "\n" + costs
     storage.atomic_write_bytes(workdir / "summary.md", text.encode())
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -8,7 +8,8 @@ Run directory::
     workdir/
       config.json          the resolved config (a resumed run must match it)
       run.json             record format, data fingerprint, member names
-      provenance.json      versions, git revision, seeds, dtype, matmul precision, devices, command
+      provenance.json      versions, git revision, seeds, dtype, matmul precision, devices, command,
+                           per invocation; the measurement's device mesh (measure.devices)
       summary.md, .csv     per group (activation and swept values): the last measurement
       members/<name>/      see experiments.lifecycle
 
@@ -117,8 +118,11 @@ def prepare(config, workdir) -> Plan:
     for spec in specs:
         member_data, member_fp = datasets.get(spec.config.data)  # a sweep may change the data
         held = tuple(config.activations) if shared else (spec.activation,)
-        setups[spec.name] = lifecycle.setup(
-            spec, held, member_data, datasets.arrays(spec.config.data, spec.config.dtype)
+        setups[spec.name] = lifecycle.on_mesh(
+            lifecycle.setup(
+                spec, held, member_data, datasets.arrays(spec.config.data, spec.config.dtype)
+            ),
+            spec.config.measure.devices,
         )
         num_params = sum(
             int(np.size(x)) for x in jax.tree_util.tree_leaves(setups[spec.name].init_params)
@@ -193,7 +197,9 @@ def _run_members(plan: Plan, on_measurement, progress) -> dict:
         },
     )
     history = storage.read_json(workdir / "provenance.json", {"invocations": []})
-    history.setdefault("invocations", []).append(storage.provenance(plan.config))
+    history.setdefault("invocations", []).append(
+        {**storage.provenance(plan.config), "measure_mesh": measure_mesh(plan)}
+    )
     storage.write_json(workdir / "provenance.json", history)
     total = len(plan.specs)
     lock = threading.Lock()
@@ -216,7 +222,7 @@ def _run_members(plan: Plan, on_measurement, progress) -> dict:
             progress.line(f"{label}: {status['state']} ({time.perf_counter() - t0:.1f}s)")
         return status
 
-    workers = num_workers(plan.config, total)
+    workers = num_workers(plan.config, total, sharded=measure_mesh(plan)["device_count"] > 1)
     shared = share_activations(plan.config)
     if workers > 1 and shared:
         _warm_up(plan, workers)
@@ -259,8 +265,8 @@ def _warm_up(plan: Plan, workers: int) -> None:
         return measure_lib.Context(
             model=setup.model,
             loss=setup.loss,
-            params=setup.init_params,
-            opt_state=optimizer.init(setup.init_params),
+            params=setup.replicated(setup.init_params),
+            opt_state=setup.replicated(optimizer.init(setup.init_params)),
             data=setup.measure_data,
             config=config,
             seed=spec.seed,
@@ -277,14 +283,13 @@ def _warm_up(plan: Plan, workers: int) -> None:
 
     def trainer():  # zero steps: compiled, not run
         state = optimizer.init(setup.init_params)
-        run_train = train.trainer(
-            setup.loss, config.train.optimizer, config.train.batch_size, len(setup.y_train)
-        )
+        run_train = train.trainer(setup.loss, config.train, len(setup.y_train), setup.model)
         zero = jax.numpy.asarray(0)
         key = jax.random.key(0)
         index = jax.numpy.asarray(setup.index, jax.numpy.int32)
         limit = jax.numpy.asarray(np.inf, setup.x_train.dtype)
-        args = (setup.x_train, setup.y_train, key, index, limit)
+        log = train.new_log(config.train, setup.x_train.dtype, state)
+        args = (setup.x_train, setup.y_train, key, index, limit, log)
         jax.block_until_ready(run_train(setup.init_params, state, zero, zero, *args))
 
     with jax.enable_x64(config.dtype == "float64"):  # per thread: warm_up's threads enter it too
@@ -312,10 +317,43 @@ def share_activations(config) -> bool:
     return mode == "yes"
 
 
-def num_workers(config, num_members: int) -> int:
+def num_workers(config, num_members: int, *, sharded: bool = False) -> int:
     """``config.workers``, or automatically one per CPU core on a CPU and 2 on an accelerator:
-    a small network's compiled programs use one core each, so members in threads fill them."""
+    a small network's compiled programs use one core each, so members in threads fill them.
+    With the measurement sharded over several accelerators (``measure.devices``), automatically
+    1: each measurement already runs on every device of the mesh, and NCCL does not promise
+    progress for collectives launched from several threads at once (they can deadlock). CPU
+    devices' collectives are in-process rendezvous: threads are safe there (tested)."""
     workers = config.workers
     if not workers:
-        workers = (os.cpu_count() or 1) if jax.default_backend() == "cpu" else 2
+        if jax.default_backend() == "cpu":
+            workers = os.cpu_count() or 1
+        else:
+            workers = 1 if sharded else 2
     return max(1, min(workers, num_members))
+
+
+def measure_mesh(plan: Plan) -> dict:
+    """The provenance of ``measure.devices``: the setting, whether the measurement data were
+    sharded, the mesh (axis names, shape, device count, kind, platform and ids; one device when
+    unsharded) and, when members differ (``"all"`` with measurement sets of different sizes),
+    each member's device count."""
+    counts = {
+        name: 1 if s.mesh is None else int(s.mesh.devices.size) for name, s in plan.setups.items()
+    }
+    meshes = [s.mesh for s in plan.setups.values() if s.mesh is not None]
+    mesh = max(meshes, key=lambda m: m.devices.size, default=None)
+    devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
+    out = {
+        "setting": plan.config.measure.devices,
+        "sharded": mesh is not None,
+        "axis_names": ["data"] if mesh is None else list(mesh.axis_names),
+        "shape": [1] if mesh is None else list(mesh.devices.shape),
+        "device_count": len(devices),
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "device_ids": [int(d.id) for d in devices],
+    }
+    if len(set(counts.values())) > 1:
+        out["by_member"] = counts
+    return out

@@ -1,6 +1,10 @@
 """Sweeps: the members of a run are the product of its activations, seeds and the values of
 every swept config field (``config.sweep`` or ``--sweep=train.learning_rate=0.1,0.2``).
 
+Fields joined by ``+`` vary together, one tuple of values per member, rather than as a product:
+``train.optimizer+train.learning_rate=(sgd,0.1),(adam,0.001)`` gives two members, SGD at 0.1 and
+Adam at 0.001 (each optimizer at its own learning rate).
+
 A member's name says its values (``relu-learning_rate=0.2-seed0``), and so does its folder; its
 resolved config is the run's config with those values set, one activation and one seed.
 """
@@ -18,16 +22,28 @@ from experiments.errors import ConfigError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
-# Fields that hold for a whole run (one JAX process, one compiled program): not sweepable.
-RUN_LEVEL = ("dtype", "workers", "share_activations")
+# Fields that hold for a whole run (one JAX process, one compiled program, one device mesh): not
+# sweepable.
+RUN_LEVEL = ("dtype", "workers", "share_activations", "measure.devices")
 
 
 @dataclasses.dataclass(frozen=True)
 class Axis:
-    """One swept field: its dotted ``path`` and its ``values``."""
+    """One swept field: its dotted ``path`` and its ``values``; or fields that vary together
+    (``path`` ``"a.b+c.d"``): each value a tuple with one entry per field."""
 
     path: str
     values: tuple
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(self.path.split("+"))
+
+    def overrides(self, value) -> dict:
+        """``{field path: value}`` of one of the values."""
+        if len(self.fields) == 1:
+            return {self.path: value}
+        return dict(zip(self.fields, value, strict=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +118,30 @@ def _coerce(path: str, text: str, current):
 
 
 def parse(spec: str, config) -> Axis:
-    """``"train.learning_rate=0.1,0.2"`` -> an :class:`Axis` with values of the field's type."""
+    """``"train.learning_rate=0.1,0.2"`` -> an :class:`Axis` with values of the field's type;
+    ``"train.optimizer+train.learning_rate=(sgd,0.1),(adam,0.001)"``: fields that vary together."""
     path, eq, text = str(spec).partition("=")
     path = path.strip()
     if not eq or not text.strip():
         raise ConfigError(
             f"sweep {spec!r}: write FIELD=VALUE1,VALUE2,... (e.g. train.learning_rate=0.1,0.2)"
         )
+    fields = [f.strip() for f in path.split("+")]
+    path = "+".join(fields)
+    currents = [_current(spec, field, config) for field in fields]
+    if len(set(fields)) != len(fields):
+        raise ConfigError(f"sweep {spec!r}: a field is named twice")
+    if len(fields) == 1:
+        values = tuple(_coerce(path, v, currents[0]) for v in _split_values(text))
+    else:
+        values = tuple(_zipped(path, fields, v, currents) for v in _split_values(text))
+    if len(set(map(repr, values))) != len(values):
+        raise ConfigError(f"sweep {path}: duplicate values in {text!r}")
+    return Axis(path, values)
+
+
+def _current(spec: str, path: str, config):
+    """The config's value of a sweepable field ``path``."""
     if path in ("activations", "seeds", "sweep"):
         raise ConfigError(f"sweep {spec!r}: {path} is swept by setting it (it is already a list)")
     if path in RUN_LEVEL:
@@ -116,15 +149,27 @@ def parse(spec: str, config) -> Axis:
     node, leaf = _field(config, path)
     if isinstance(node[leaf], ml_collections.ConfigDict):
         raise ConfigError(f"sweep {path}: a section, not a field; sweep one of its fields")
-    values = tuple(_coerce(path, v, node[leaf]) for v in _split_values(text))
-    if len(set(map(repr, values))) != len(values):
-        raise ConfigError(f"sweep {path}: duplicate values in {text!r}")
-    return Axis(path, values)
+    return node[leaf]
+
+
+def _zipped(path: str, fields: list[str], text: str, currents: list) -> tuple:
+    """``"(sgd,0.1)"`` -> ``("sgd", 0.1)``: one value per field of ``path``, each of its type."""
+    inner = text.strip()
+    parts = _split_values(inner[1:-1]) if inner[:1] == "(" and inner[-1:] == ")" else []
+    if len(parts) != len(fields):
+        raise ConfigError(
+            f"sweep {path}: {text!r} is not a tuple of {len(fields)} values, one per field "
+            f"(write {path}=({','.join(f.split('.')[-1] for f in fields)}),(...))"
+        )
+    return tuple(
+        _coerce(field, part, current)
+        for field, part, current in zip(fields, parts, currents, strict=True)
+    )
 
 
 def axes(config) -> list[Axis]:
     found = [parse(spec, config) for spec in config.sweep]
-    paths = [a.path for a in found]
+    paths = [field for a in found for field in a.fields]
     if len(set(paths)) != len(paths):
         raise ConfigError(f"config key sweep: a field is swept twice in {list(config.sweep)}")
     return found
@@ -152,11 +197,13 @@ def _text(value) -> str:
 def members(config) -> list[MemberSpec]:
     """Every member of the run, activations outermost, seeds innermost."""
     found = axes(config)
-    labels = _labels([a.path for a in found])
+    labels = _labels([field for a in found for field in a.fields])
     out = []
     for index, activation in enumerate(config.activations):
         for values in itertools.product(*(a.values for a in found)):
-            overrides = {a.path: v for a, v in zip(found, values, strict=True)}
+            overrides = {}
+            for a, v in zip(found, values, strict=True):
+                overrides.update(a.overrides(v))
             group = "-".join(
                 [_SAFE.sub("_", activation)]
                 + [f"{labels[p]}={_text(v)}" for p, v in overrides.items()]

@@ -1,17 +1,30 @@
-"""Training: the optimizer registry, the edge of stability, and the compiled trainer.
+"""Training: the optimizer registry, the edge of stability, the compiled trainer and what a
+step costs.
 
 Hyperparameters (learning rate, momentum) live in the optimizer state (``optax.inject_hyperparams``),
 so members of a learning-rate sweep share one compiled trainer.
+
+Optimizers (``train.optimizer``): ``sgd``, ``momentum`` (heavy ball, ``train.momentum``), ``adam``,
+``rmsprop`` and ``hessian_free`` (:func:`curvature.optim.hessian_free`, Martens 2010: truncated CG
+on the damped Gauss-Newton system, with the settings of the config section ``train.hessian_free``;
+``train.learning_rate`` scales its step, and Martens' step is 1).
+
+Every step is logged (:func:`trainer`): the training-batch loss, and for Hessian-free the damping,
+the CG steps, the reduction ratio and the line search's step. :func:`gradient_equivalents` turns
+the log into the cost of each step in gradients of the training batch, the unit that compares a
+first-order method with a second-order one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from curvature._closures import Canonical, canonical
@@ -22,11 +35,23 @@ from experiments.registry import Registry
 class Optimizer:
     """``make(train_cfg)``: the optax transformation; ``edge(train_cfg)``: the sharpness above
     which its quadratic model diverges (``None`` where no such line holds); ``second_moment(state)``:
-    the bias-corrected second-moment pytree of an adaptive method (``None`` for others)."""
+    the bias-corrected second-moment pytree of an adaptive method (``None`` for others).
+
+    A method that evaluates the model itself (``needs_model``, e.g. Hessian-free) is made as
+    ``make(train_cfg, model, output_loss)`` and updated with ``batch=``; its settings are the
+    config section ``train.<section>``, and ``static(train_cfg)`` those compiled into the trainer
+    (``(key, value)`` pairs; hyperparameters in its state hold placeholders there);
+    ``diagnostics(state)``: scalars logged after every step; ``cost(train_cfg, log,
+    num_outputs)``: each step's cost in gradient-equivalents from the log (default: 1 a step)."""
 
     make: Callable[..., optax.GradientTransformation]
     edge: Callable = lambda train_cfg: None
     second_moment: Callable | None = None
+    needs_model: bool = False
+    section: str | None = None
+    static: Callable = lambda train_cfg: ()
+    diagnostics: Callable = lambda state: {}
+    cost: Callable | None = None
 
 
 def _nu(state, bias_corrected: bool, b2: float):
@@ -70,9 +95,42 @@ OPTIMIZERS.register(
 )
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-    """``train.optimizer`` by name, with the config's hyperparameters in its state."""
-    return OPTIMIZERS.get(train_cfg.optimizer).make(train_cfg)
+def make_optimizer(train_cfg, model=None, output_loss=None) -> optax.GradientTransformation:
+    """``train.optimizer`` by name, with the config's hyperparameters in its state. A method that
+    evaluates the model (Hessian-free) gets ``model(params, batch) -> outputs`` and the output
+    loss (``models.LOSSES[train.loss].gauss_newton``); without them it can only ``init``."""
+    entry = OPTIMIZERS.get(train_cfg.optimizer)
+    if not entry.needs_model:
+        return entry.make(train_cfg)
+    if output_loss is None:
+        from experiments import models
+
+        output_loss = models.LOSSES.get(train_cfg.loss).gauss_newton
+    return entry.make(train_cfg, model, output_loss)
+
+
+def gradient_equivalents(train_cfg, log: dict, num_outputs: int) -> np.ndarray:
+    """The cost of each logged step (``log`` from :func:`trainer`) in gradient-equivalents: units
+    of one gradient of the training loss on the training batch (a forward and a backward pass).
+
+    * First-order methods (SGD, momentum, Adam, RMSProp): 1 a step, the gradient.
+    * Hessian-free: 1 for the gradient; 1.5 for each Gauss-Newton product (2 for a Hessian
+      product: a Jacobian-vector product and a vector-Jacobian product over the linearised
+      forward pass), counting the CG steps (``cg_steps``), the residual of CG's warm start and
+      the product for the reduction ratio ρ, so ``cg_steps + 2`` products; 0.5 for each batch
+      loss: at θ, at the last CG iterate, at one earlier iterate when backtracking has one
+      (``cg_steps >= 2``; Martens' backtracking usually stops there: further candidates are not
+      in the state and are not counted, so this is a lower bound by 0.5 per extra candidate),
+      and one per shortening of the Armijo line search (``log(step_size) / log(0.8)``; 20, the
+      most, for a rejected step); plus ``num_outputs`` for the exact Gauss-Newton diagonal
+      preconditioner (one backward pass per output), none for the second-moment one.
+
+    Per step: 1 + 1.5 (cg_steps + 2) + 0.5 (2 + [cg_steps >= 2] + tries) for the defaults.
+    """
+    cost = OPTIMIZERS.get(train_cfg.optimizer).cost
+    if cost is None:
+        return np.ones(len(log["loss"]))
+    return np.asarray(cost(train_cfg, log, num_outputs), float)
 
 
 def edge_of_stability(train_cfg) -> float | None:
@@ -87,24 +145,46 @@ def edge_of_stability(train_cfg) -> float | None:
 OK, NON_FINITE, DIVERGED = 0, 1, 2
 
 
-def trainer(loss_fn, optimizer: str, batch_size: int, num_train: int):
-    """A compiled ``train(params, opt_state, start, stop, x, y, key, activation, limit)``.
+def trainer(loss_fn, train_cfg, num_train: int, model_fn=None):
+    """A compiled ``train(params, opt_state, start, stop, x, y, key, activation, limit, log)``.
 
     Steps ``start .. stop - 1`` run in one ``while_loop``. It stops early at the first non-finite
     loss or gradient (keeping the last finite parameters) or at a loss above ``limit`` (divergence),
-    and returns ``(params, opt_state, step, reason, loss)``. Minibatch ``i`` of epoch ``e`` is slice
-    ``i`` of ``permutation(fold_in(key, e))``, so the data order depends on the step alone.
-    One compiled program per loss (compared by structure, as curvature's operators compare it),
-    optimizer kind and data size: activations and hyperparameters are arguments.
+    and returns ``(params, opt_state, step, reason, loss, log)``. Minibatch ``i`` of epoch ``e`` is
+    slice ``i`` of ``permutation(fold_in(key, e))``, so the data order depends on the step alone.
+    ``log`` (from :func:`new_log`): arrays of length ``train.steps``, entry ``i`` written by step
+    ``i``: ``loss``, the training-batch loss at the parameters step ``i`` starts from, and the
+    optimizer's diagnostics after it (Hessian-free: ``damping``, ``cg_steps``,
+    ``reduction_ratio``, ``step_size``). ``model_fn(params, batch)``: for methods that evaluate
+    the model themselves (Hessian-free); its batch is the training batch.
+    One compiled program per loss and model (compared by structure, as curvature's operators
+    compare them), optimizer kind and compiled-in settings, batch size and data size:
+    activations and hyperparameters are arguments.
     """
-    static, captured, _ = canonical(loss_fn)
-    return functools.partial(_train, static, optimizer, batch_size, num_train, captured)
+    entry = OPTIMIZERS.get(train_cfg.optimizer)
+    if entry.needs_model and model_fn is None:
+        raise ValueError(f"train.optimizer={train_cfg.optimizer!r} needs the model function")
+    loss, loss_arrays, _ = canonical(loss_fn)
+    model, model_arrays = None, None
+    if entry.needs_model:
+        model, model_arrays, _ = canonical(model_fn)
+    optimizer = (train_cfg.optimizer, train_cfg.loss, entry.static(train_cfg))
+    return functools.partial(
+        _train, loss, model, optimizer, train_cfg.batch_size, num_train, (loss_arrays, model_arrays)
+    )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def new_log(train_cfg, dtype, opt_state) -> dict:
+    """Empty per-step log arrays (NaN) for :func:`trainer`, one per logged quantity."""
+    names = ["loss", *OPTIMIZERS.get(train_cfg.optimizer).diagnostics(opt_state)]
+    return {name: jnp.full((train_cfg.steps,), jnp.nan, dtype) for name in names}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _train(
     loss: Canonical,
-    optimizer: str,
+    model: Canonical | None,
+    optimizer: tuple,
     batch_size: int,
     num_train: int,
     captured,
@@ -117,8 +197,10 @@ def _train(
     key,
     activation,
     limit,
+    log,
 ):
-    loss_fn = loss.bind(captured)
+    loss_fn = loss.bind(captured[0])
+    model_fn = None if model is None else model.bind(captured[1])
     full_batch = batch_size == 0 or batch_size >= num_train
     steps_per_epoch = 1 if full_batch else max(1, num_train // batch_size)
 
@@ -135,13 +217,25 @@ def _train(
 
     # The update function reads its hyperparameters from the state (inject_hyperparams), so
     # building it here with placeholder values changes nothing.
-    update = OPTIMIZERS.get(optimizer).make(_PLACEHOLDER).update
+    name, loss_name, static = optimizer
+    entry = OPTIMIZERS.get(name)
+    if entry.needs_model:
+        from experiments import models
+
+        placeholder = types.SimpleNamespace(
+            **dataclasses.asdict(_PLACEHOLDER),
+            **{entry.section: types.SimpleNamespace(**dict(static))},
+        )
+        output_loss = models.LOSSES.get(loss_name).gauss_newton
+        update = entry.make(placeholder, model_fn, output_loss).update
+    else:
+        update = entry.make(_PLACEHOLDER).update
 
     def cond(carry):
         return (carry[2] < stop) & (carry[3] == OK)
 
     def body(carry):
-        params, opt_state, step, _, _, order = carry
+        params, opt_state, step, _, _, order, log = carry
         if not full_batch:  # a new permutation only when an epoch starts
             order = jax.lax.cond(
                 step % steps_per_epoch == 0, lambda: epoch_order(step, key), lambda: order
@@ -152,18 +246,23 @@ def _train(
             jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
         )
         reason = jnp.where(finite, jnp.where(loss > limit, DIVERGED, OK), NON_FINITE)
-        updates, new_state = update(grads, opt_state, params)
+        if entry.needs_model:
+            updates, new_state = update(grads, opt_state, params, batch=batch)
+        else:
+            updates, new_state = update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         keep = functools.partial(jnp.where, reason == OK)
         params = jax.tree_util.tree_map(keep, new_params, params)
         opt_state = jax.tree_util.tree_map(keep, new_state, opt_state)
+        logged = {"loss": loss, **entry.diagnostics(new_state)}
+        log = {k: v.at[step].set(logged[k].astype(v.dtype)) for k, v in log.items()}
         step = step + (reason == OK).astype(step.dtype)
-        return params, opt_state, step, reason, loss, order
+        return params, opt_state, step, reason, loss, order, log
 
     order = epoch_order(start, key) if not full_batch else jnp.zeros((), jnp.int32)
-    init = (params, opt_state, start, jnp.asarray(OK), jnp.asarray(0.0, x.dtype), order)
-    params, opt_state, step, reason, loss, _ = jax.lax.while_loop(cond, body, init)
-    return params, opt_state, step, reason, loss
+    init = (params, opt_state, start, jnp.asarray(OK), jnp.asarray(0.0, x.dtype), order, log)
+    params, opt_state, step, reason, loss, _, log = jax.lax.while_loop(cond, body, init)
+    return params, opt_state, step, reason, loss, log
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,3 +289,7 @@ def _evaluate(loss: Canonical, model: Canonical, captured, params, batch):
     accuracy = jnp.mean(jnp.argmax(model_fn(params, batch), axis=-1) == batch["y"])
     grad_norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grad)))
     return value, accuracy, grad_norm
+
+
+# Hessian-free registers itself (after everything above exists).
+from experiments import hessian_free as _hessian_free  # noqa: E402, F401

@@ -644,6 +644,7 @@ def test_a_data_sweep_gives_each_member_its_data(tmp_path):
         ("dtype=float32,float64", "dtype holds for the whole run; it cannot be swept"),
         ("train.steps=True,10", "'True' is a bool, the field is a int"),
         ("data.path=a/b.npz,a_b.npz", "different values give the same member name"),
+        ("measure.devices=1,2", "measure.devices holds for the whole run; it cannot be swept"),
     ],
 )
 def test_sweeps_that_cannot_run_as_asked_are_refused(tmp_path, sweep, match):
