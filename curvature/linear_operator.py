@@ -170,8 +170,8 @@ class LinearOperator:
 
         Outside compiled code it returns an operator that holds that work as arrays (the
         pullback of the gradient, ``H v = (v^T H)^T``; for the Gauss-Newton matrix the model's
-        pullback): ``Hp = H.prepared()`` once, then ``Hp @ v`` for many ``v`` costs about 1.45
-        gradients instead of 1.9 (``benchmarks/bench_core.py``), at the memory of a backward
+        pullback): ``Hp = H.prepared()`` once, then ``Hp @ v`` for many ``v`` costs about 1.5
+        gradients instead of 1.8 (``benchmarks/bench_core.py``), at the memory of a backward
         pass's residuals, held until ``Hp`` is dropped. Take it again after the parameters change.
         """
         if self.streamed:  # a pass over the data per matvec: nothing to keep
