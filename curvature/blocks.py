@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvature.linear_operator import Layout, LinearOperator, apply_rows, host_driven
+from curvature._driving import host_driven
+from curvature.linear_operator import Layout, LinearOperator, apply_rows
 
 __all__ = [
     "BlockOperator",

@@ -28,13 +28,11 @@ from curvature._checks import (
     positive_int,
     require_square,
 )
+from curvature._driving import host_driven
+from curvature._lanczos import _lanczos_recurrence, _lanczos_run
 from curvature._memory import check_basis_memory
-from curvature.krylov import (
-    _lanczos_recurrence,
-    _lanczos_run,
-    eigh_tridiagonal,
-)
-from curvature.linear_operator import LinearOperator, host_driven
+from curvature.krylov import eigh_tridiagonal
+from curvature.linear_operator import LinearOperator
 from curvature.stochastic_trace import probe_rows
 
 __all__ = ["SpectralDensity", "spectral_density"]

@@ -15,13 +15,14 @@ When the Krylov space becomes invariant (``beta_j`` at round-off level, e.g. an 
 distinct eigenvalues) the run restarts from a random vector orthogonal to the basis and records
 ``beta_j = 0``: ``T`` becomes block-diagonal, ``Q`` stays orthonormal and ``Q^T A Q = T`` still holds.
 
-The whole run is one compiled ``lax.fori_loop`` over a preallocated basis.
+The whole run is one compiled ``lax.fori_loop`` over a preallocated basis (the recurrences are in
+:mod:`curvature._lanczos`); for streamed data the loop runs on the host, one pass over the data
+and one compiled update a step.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -34,30 +35,14 @@ from curvature._checks import (
     positive_int,
     require_square,
 )
+from curvature._driving import compiled, host_driven
+from curvature._lanczos import LanczosResult, _lanczos_recurrence, _lanczos_run, safe_norm
 from curvature._memory import check_basis_memory
-from curvature.linear_operator import LinearOperator, apply_rows, compiled, host_driven
+from curvature.linear_operator import LinearOperator, apply_rows
 
 __all__ = ["EigshResult", "LanczosResult", "eigsh", "lanczos", "safe_norm", "tridiagonal"]
 
 _WHICH = ("LA", "SA", "LM", "BE")
-
-
-class LanczosResult(NamedTuple):
-    """A Lanczos decomposition ``A Q^T = Q^T T + beta_m q_m e_m^T``.
-
-    Attributes:
-      alphas: ``(m,)`` diagonal of ``T``.
-      betas: ``(m - 1,)`` off-diagonal of ``T`` (zeros where the run restarted after a breakdown).
-      basis: ``(m, n)`` orthonormal rows ``q_0, ..., q_{m-1}``.
-      residual_norm: ``beta_m``, the norm of the part of ``A q_{m-1}`` outside the basis.
-      num_restarts: how many invariant subspaces were found (breakdowns).
-    """
-
-    alphas: jax.Array
-    betas: jax.Array
-    basis: jax.Array
-    residual_norm: jax.Array
-    num_restarts: jax.Array
 
 
 class EigshResult(NamedTuple):
@@ -80,133 +65,6 @@ class EigshResult(NamedTuple):
     residual_norms: jax.Array
     converged: jax.Array
     num_matvecs: jax.Array
-
-
-def safe_norm(x: jax.Array, axis=None) -> jax.Array:
-    """``||x||_2`` computed as ``m ||x / m||`` with ``m = max |x|``: no underflow of the squares
-    for tiny vectors (an operator of scale 1e-20 in float32), no overflow for huge ones."""
-    m = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-    m_safe = jnp.where(m > 0, m, 1.0)
-    out = jnp.linalg.norm(x / m_safe, axis=axis, keepdims=True) * m
-    return out.reshape(()) if axis is None else jnp.squeeze(out, axis)
-
-
-def _orthogonalize(basis: jax.Array, w: jax.Array) -> jax.Array:
-    """Remove from ``w`` its components along the rows of ``basis``; twice when needed (DGKS)."""
-
-    def cgs(x):
-        return x - basis.T @ (basis @ x)
-
-    norm_before = safe_norm(w)
-    w = cgs(w)
-    return jax.lax.cond(safe_norm(w) < norm_before / math.sqrt(2.0), cgs, lambda x: x, w)
-
-
-def _lanczos_run(
-    op: LinearOperator, v0: jax.Array, key: jax.Array, num_steps: int, reorthogonalize: bool
-) -> LanczosResult:
-    """Lanczos from start vector ``v0``; traced inside a caller's jit. For a streamed operator
-    (run host-driven) the loop runs on the host: each step a pass over the data, then the
-    compiled update."""
-    init = _lanczos_init(v0.astype(op.dtype), num_steps)
-
-    def step(j, state):
-        return _lanczos_update(state, j, op.apply(state[0][j]), key, num_steps, reorthogonalize)
-
-    basis, alphas, betas, restarts, _ = jax.lax.fori_loop(0, num_steps, step, init)
-    return LanczosResult(alphas, betas[:-1], basis[:num_steps], betas[-1], restarts)
-
-
-@compiled(static_argnums=(1,))
-def _lanczos_init(v0, num_steps: int):
-    n, dtype = v0.shape[0], v0.dtype
-    # One spare row receives q_m, so every step writes row j + 1 in place.
-    basis = jnp.zeros((num_steps + 1, n), dtype).at[0].set(v0 / safe_norm(v0))
-    zeros = jnp.zeros((num_steps,), dtype)
-    return (basis, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
-
-
-@compiled(static_argnums=(4, 5))
-def _lanczos_update(state, j, w, key, num_steps: int, reorthogonalize: bool):
-    """Step ``j`` of Lanczos after its matvec ``w = A q_j``."""
-    basis, alphas, betas, restarts, anorm = state
-    n, dtype = basis.shape[1], basis.dtype
-    breakdown_tol = jnp.finfo(dtype).eps ** 0.75
-    q = basis[j]
-    q_prev = basis[jnp.maximum(j - 1, 0)]
-    beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], 0.0)
-    anorm = jnp.maximum(anorm, safe_norm(w))
-    alpha = jnp.vdot(q, w)
-    w = w - alpha * q - beta_prev * q_prev
-    if reorthogonalize:
-        w = _orthogonalize(basis, w)
-    beta = safe_norm(w)
-    is_last = j == num_steps - 1
-    broke = (beta <= breakdown_tol * anorm) & ~is_last
-
-    def restart(_):
-        r = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
-        r = _orthogonalize(basis, _orthogonalize(basis, r))
-        return r / safe_norm(r), jnp.zeros((), dtype)
-
-    def proceed(_):
-        return w / jnp.where(beta > 0, beta, 1.0), beta
-
-    q_next, beta = jax.lax.cond(broke, restart, proceed, None)
-    return (
-        basis.at[j + 1].set(q_next),
-        alphas.at[j].set(alpha),
-        betas.at[j].set(beta),
-        restarts + broke.astype(jnp.int32),
-        anorm,
-    )
-
-
-def _lanczos_recurrence(op: LinearOperator, v0: jax.Array, key: jax.Array, num_steps: int):
-    """The three-term recurrence alone, keeping two vectors instead of the basis: memory
-    ``O(n)``. Returns a :class:`LanczosResult` whose ``basis`` has no rows."""
-    n, dtype = op.size, op.dtype
-    q0 = (v0 / safe_norm(v0)).astype(dtype)
-
-    def step(j, state):
-        return _recurrence_update(state, j, op.apply(state[1]), key, num_steps)
-
-    zeros = jnp.zeros((num_steps,), dtype)
-    init = (jnp.zeros_like(q0), q0, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
-    _, _, alphas, betas, restarts, _ = jax.lax.fori_loop(0, num_steps, step, init)
-    return LanczosResult(alphas, betas[:-1], jnp.zeros((0, n), dtype), betas[-1], restarts)
-
-
-@compiled(static_argnums=(4,))
-def _recurrence_update(state, j, w, key, num_steps: int):
-    q_prev, q, alphas, betas, restarts, anorm = state
-    n, dtype = q.shape[0], q.dtype
-    breakdown_tol = jnp.finfo(dtype).eps ** 0.75
-    beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], 0.0)
-    anorm = jnp.maximum(anorm, safe_norm(w))
-    alpha = jnp.vdot(q, w)
-    w = w - alpha * q - beta_prev * q_prev
-    beta = safe_norm(w)
-    broke = (beta <= breakdown_tol * anorm) & (j < num_steps - 1)
-
-    def restart(_):  # orthogonal to the last two vectors only: all this mode keeps
-        r = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
-        for v in (q, q_prev, q, q_prev):
-            r = r - jnp.vdot(v, r) * v
-        return r / safe_norm(r), jnp.zeros((), dtype)
-
-    def proceed(_):
-        return w / jnp.where(beta > 0, beta, 1.0), beta
-
-    q_next, beta = jax.lax.cond(broke, restart, proceed, None)
-    return (
-        q,
-        q_next,
-        alphas.at[j].set(alpha),
-        betas.at[j].set(beta),
-        restarts + broke.astype(jnp.int32),
-        anorm,
-    )
 
 
 @host_driven

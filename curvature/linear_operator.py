@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvature._checks import check_float_params
+from curvature._driving import host_driven
 
 __all__ = ["Layout", "LinearOperator", "apply_rows", "dense", "from_matrix"]
 
@@ -246,46 +247,6 @@ def _traced(tree) -> bool:
 @jax.jit
 def _pull(op: LinearOperator) -> LinearOperator:
     return op.fn.pulled(op.operands)
-
-
-def compiled(fn: Callable | None = None, **jit_kwargs) -> Callable:
-    """``jax.jit(fn)``, compiled also inside a host-driven estimator (where jit is otherwise
-    disabled): the work between two matvecs of an estimator's loop (a Lanczos update, a block of
-    probes) is one compiled step there. Inside a compiled estimator it is inlined as usual."""
-    if fn is None:
-        return functools.partial(compiled, **jit_kwargs)
-    jitted = jax.jit(fn, **jit_kwargs)
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with jax.disable_jit(False):
-            return jitted(*args, **kwargs)
-
-    return run
-
-
-class host_driven:  # noqa: N801 (a decorator)
-    """An estimator's compiled program that runs host-driven for a streamed operator.
-
-    For in-memory data ``fn(op, ...)`` is the jit-compiled program. For a streamed operator (its
-    first argument) the same function runs under ``jax.disable_jit()``: its loops run on the host
-    op by op and each matvec is a pass of compiled batch products (:mod:`curvature.streaming`).
-    Attributes (``lower``, ``_cache_size``) are the compiled function's."""
-
-    def __init__(self, compiled: Callable):
-        self.compiled = compiled
-        functools.update_wrapper(self, compiled)
-
-    def __call__(self, op, *args, **kwargs):
-        if getattr(op, "streamed", False):
-            with jax.disable_jit():
-                return self.compiled(op, *args, **kwargs)
-        return self.compiled(op, *args, **kwargs)
-
-    def __getattr__(self, name):
-        if name == "compiled":
-            raise AttributeError(name)
-        return getattr(self.compiled, name)
 
 
 @host_driven

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from curvature._checks import check_finite_result, check_key, positive_int, require_square
+from curvature._driving import host_driven
 from curvature.krylov import safe_norm
-from curvature.linear_operator import LinearOperator, apply_rows, host_driven
+from curvature.linear_operator import LinearOperator, apply_rows
 
 __all__ = ["PowerIterationResult", "power_iteration"]
 

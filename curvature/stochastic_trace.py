@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvature._checks import check_finite_result, check_key, positive_int, require_square
+from curvature._driving import compiled, host_driven
 from curvature.krylov import safe_norm
-from curvature.linear_operator import LinearOperator, compiled, host_driven
+from curvature.linear_operator import LinearOperator
 
 __all__ = ["DiagonalResult", "TraceResult", "diagonal", "frobenius_norm_squared", "trace"]
 
