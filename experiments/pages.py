@@ -15,11 +15,10 @@ from experiments.figures import (
     _groups,
     _pyplot,
     _save,
-    default_sigma,
-    pooled_density,
     series,
     sharpness_ratio_panel,
 )
+from experiments.figures_spectra import default_sigma, pooled_density
 from experiments.load import load_run
 
 CAPTIONS = {

@@ -13,7 +13,7 @@ from test_experiments import cli, load_config, quiet  # noqa: E402
 import curvature as cv  # noqa: E402
 import experiments  # noqa: E402
 from curvature import plotting  # noqa: E402
-from experiments import figures, report, storage  # noqa: E402
+from experiments import figures, figures_structure, report, storage  # noqa: E402
 from experiments import run as run_lib  # noqa: E402
 
 
@@ -246,10 +246,10 @@ def test_parameter_figure_draws_each_value_against_the_reference():
         ),
         row("tanh", "tanh", **{"λmax(H)": Cell(0.4, 0.01, None)}),
     ]
-    base, series, references = figures.parameter_series(rows)
+    base, series, references = figures_structure.parameter_series(rows)
     assert base == "softplus" and [p for p, _ in series] == [2.0, 5.0, 20.0]
     assert [r["group"] for r in references] == ["relu", "tanh"]
-    fig = figures.parameter_panels(base, series, references)
+    fig = figures_structure.parameter_panels(base, series, references)
     assert len([ax for ax in fig.axes if ax.get_visible()]) == 2  # λmax and trace: present
     lines = lines_by_gid(fig)
     assert np.allclose(lines["param/λmax(H)/λmax(H)"].get_xdata(), [2, 5, 20])
@@ -262,8 +262,10 @@ def test_parameter_figure_draws_each_value_against_the_reference():
         assert len(styles) == len(set(styles))
     assert fig.axes[0].get_xscale() == "log" and "β" in fig.axes[-1].get_xlabel()
     # One parameter value, or only swept groups: nothing to draw.
-    assert figures.parameter_series(rows[:2]) is None
-    assert figures.parameter_series([{**r, "overrides": {"seed": 1}} for r in rows]) is None
+    assert figures_structure.parameter_series(rows[:2]) is None
+    assert (
+        figures_structure.parameter_series([{**r, "overrides": {"seed": 1}} for r in rows]) is None
+    )
 
 
 def test_plot_and_compare_commands_redraw_without_recomputing(saved_run, tmp_path):
