@@ -36,7 +36,7 @@ import numpy as np
 
 from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import lifecycle, storage, sweep, train
+from experiments import devices, lifecycle, storage, sweep, train
 from experiments import measure as measure_lib
 from experiments.errors import RunDirError
 from experiments.record import FORMAT
@@ -118,7 +118,7 @@ def prepare(config, workdir) -> Plan:
     for spec in specs:
         member_data, member_fp = datasets.get(spec.config.data)  # a sweep may change the data
         held = tuple(config.activations) if shared else (spec.activation,)
-        setups[spec.name] = lifecycle.on_mesh(
+        setups[spec.name] = devices.on_mesh(
             lifecycle.setup(
                 spec, held, member_data, datasets.arrays(spec.config.data, spec.config.dtype)
             ),
@@ -343,16 +343,16 @@ def measure_mesh(plan: Plan) -> dict:
     }
     meshes = [s.mesh for s in plan.setups.values() if s.mesh is not None]
     mesh = max(meshes, key=lambda m: m.devices.size, default=None)
-    devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
+    used = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
     out = {
         "setting": plan.config.measure.devices,
         "sharded": mesh is not None,
         "axis_names": ["data"] if mesh is None else list(mesh.axis_names),
         "shape": [1] if mesh is None else list(mesh.devices.shape),
-        "device_count": len(devices),
-        "device_kind": devices[0].device_kind,
-        "platform": devices[0].platform,
-        "device_ids": [int(d.id) for d in devices],
+        "device_count": len(used),
+        "device_kind": used[0].device_kind,
+        "platform": used[0].platform,
+        "device_ids": [int(d.id) for d in used],
     }
     if len(set(counts.values())) > 1:
         out["by_member"] = counts

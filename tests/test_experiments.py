@@ -444,9 +444,9 @@ def test_npz_labels_with_gaps_and_complex_inputs_are_refused(tmp_path):
 def test_measure_devices_takes_equal_shards_or_names_its_key():
     # An integer must divide the measurement examples (no example dropped or padded); "all" is
     # the most devices that do; one device is the unsharded measurement, as before the key.
+    from experiments.devices import measure_devices
     from experiments.errors import ConfigError
 
-    measure_devices = lifecycle.measure_devices
     assert measure_devices(4, 200, 8) == 4 and measure_devices(1, 7, 1) == 1
     assert measure_devices("all", 1348, 8) == 4 and measure_devices("all", 150, 8) == 6
     assert measure_devices("all", 7, 1) == 1 and measure_devices("all", 97, 8) == 1
