@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvature._driving import host_driven
 from curvature.linear_operator import LinearOperator
 
 __all__ = ["CGResult", "armijo", "backtrack", "conjugate_gradient", "martens_schedule", "solve"]
@@ -229,6 +230,7 @@ def conjugate_gradient(
     )
 
 
+@host_driven
 @functools.partial(jax.jit, static_argnums=(7,))
 def _cg_operator(op, b, x0, damping, tol, progress_tol, preconditioner, max_steps):
     op = op.prepared()

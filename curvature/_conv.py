@@ -163,6 +163,14 @@ class CanonicalConvs:
         linear = prepare(operands) if prepare is not None else None
         return None if linear is None else _rewritten(linear)
 
+    def pulled(self, operands):
+        """The wrapped function's prepared operator outside jit, its convolutions rewritten too."""
+        pulled = getattr(self.inner, "pulled", None)
+        op = pulled(operands) if pulled is not None else None
+        if op is None:
+            return None
+        return type(op)(CanonicalConvs(op.fn), op.operands, op.layout)
+
     def __getattr__(self, name):
         if name == "inner":
             raise AttributeError(name)

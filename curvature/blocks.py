@@ -160,7 +160,9 @@ class BlockOperator(LinearOperator):
         x = jnp.asarray(x)
         if x.ndim == 1:
             return self.matvec(x)
-        return jax.vmap(self.matvec, in_axes=1, out_axes=1)(x)
+        if x.ndim != 2 or x.shape[0] != self.shape[1]:
+            raise ValueError(f"op @ x needs x of shape ({self.shape[1]},) or ({self.shape[1]}, k)")
+        return _block_matmat(self, x)
 
     def _combine(self, other, sign):
         raise TypeError("off-diagonal blocks do not combine; restrict the combination instead")
@@ -176,6 +178,12 @@ jax.tree_util.register_pytree_node_class(BlockOperator)
 @jax.jit
 def _block_matvec(op, v):
     return op.apply(v)
+
+
+@host_driven
+@jax.jit
+def _block_matmat(op, x):
+    return op.prepared().apply_rows(x.T).T
 
 
 def restrict(

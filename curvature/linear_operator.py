@@ -177,10 +177,11 @@ class LinearOperator:
         """
         if self.streamed:  # a pass over the data per matvec: nothing to keep
             return self
-        if not _traced(self.operands):
-            if getattr(type(self.fn), "pulled", None) is not None:
-                pulled = _pull(self)  # None for a chunked operator
-                return self if pulled is None else pulled
+        if not _traced(self.operands):  # never a closure over concrete arrays (constants)
+            if getattr(type(self.fn), "pulled", None) is None:
+                return self
+            pulled = _pull(self)  # None for a chunked operator
+            return self if pulled is None else pulled
         prepare = getattr(self.fn, "prepare", None)
         linear = prepare(self.operands) if prepare is not None else None
         if linear is None:
@@ -267,10 +268,15 @@ def apply_rows(op: LinearOperator, rows: jax.Array, batch_size: int | None = Non
 
     Rows go through ``lax.map`` in groups of ``batch_size`` (vmapped within a group): vmapping
     shares the forward pass of all tangents in a group, at the price of group-sized activations.
-    A streamed operator takes all rows in one pass over the data.
+    A streamed operator takes each group in one pass over the data.
     """
     if op.streamed:
-        return op.apply_rows(rows)
+        if batch_size is None or batch_size >= rows.shape[0]:
+            return op.apply_rows(rows)
+        groups = [
+            op.apply_rows(rows[i : i + batch_size]) for i in range(0, rows.shape[0], batch_size)
+        ]
+        return jnp.concatenate(groups)
     if batch_size is None or batch_size <= 1:
         return jax.lax.map(op.apply, rows)
     return jax.lax.map(op.apply, rows, batch_size=batch_size)

@@ -101,10 +101,13 @@ def _on_host(batch: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x: np.array(x) if isinstance(x, np.memmap) else x, batch)
 
 
-def _read_ahead(iterable: Iterable, depth: int) -> Iterator[PyTree]:
-    """The items of ``iterable`` read by a background thread, ``depth`` at most waiting."""
+def _read_ahead(iterator: Iterator, depth: int) -> Iterator[PyTree]:
+    """The items of ``iterator`` read by a background thread, ``depth`` at most waiting. The
+    thread runs the loader under the caller's x64 setting, stops (and closes the loader's
+    iterator) when the consumer stops, and is joined before this generator ends."""
     items: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+    x64 = bool(jax.config.jax_enable_x64)  # thread-local: the loader sees the caller's
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -117,12 +120,18 @@ def _read_ahead(iterable: Iterable, depth: int) -> Iterator[PyTree]:
 
     def work():
         try:
-            for batch in iterable:
-                if not put(("batch", _on_host(batch))):
-                    return
-            put(("end", None))
+            with jax.enable_x64(x64):
+                for batch in iterator:
+                    if not put(("batch", _on_host(batch))):
+                        break
+                else:
+                    put(("end", None))
         except BaseException as error:  # re-raised in the consumer
             put(("error", error))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=work, daemon=True, name="curvature-prefetch")
     thread.start()
@@ -136,20 +145,23 @@ def _read_ahead(iterable: Iterable, depth: int) -> Iterator[PyTree]:
             yield item
     finally:
         stop.set()
+        thread.join()
 
 
-def _device_batches(source: Callable, depth: int) -> Iterator[PyTree]:
-    """Batches as device arrays, each put on the device one batch before it is used."""
+def _iterate(source: Callable) -> Iterator:
     try:
-        iterable = source()
-        iter(iterable)
+        return iter(source())
     except TypeError as error:
         raise TypeError(
             "data: expected a zero-argument function that returns an iterable of batches "
             f"(hessian(loss, params, lambda: loader)); calling it failed: {error}"
         ) from error
+
+
+def _device_batches(source: Callable, depth: int) -> Iterator[PyTree]:
+    """Batches as device arrays, each put on the device one batch before it is used."""
     ahead: collections.deque = collections.deque()
-    for batch in _read_ahead(iterable, depth):
+    for batch in _read_ahead(_iterate(source), depth):
         # In this thread: the x64 setting and the default device are the caller's.
         ahead.append(jax.tree_util.tree_map(jnp.asarray, batch))
         if len(ahead) > 1:
@@ -159,10 +171,17 @@ def _device_batches(source: Callable, depth: int) -> Iterator[PyTree]:
 
 
 def first_batch(source: Callable) -> PyTree:
-    """The loader's first batch (for the builders' checks and tracing)."""
-    for batch in _device_batches(source, 1):
-        return batch
-    raise ValueError("data: the loader yielded no batches")
+    """The loader's first batch (for the builders' checks and tracing), read in this thread."""
+    iterator = _iterate(source)
+    try:
+        batch = next(iterator)
+    except StopIteration:
+        raise ValueError("data: the loader yielded no batches") from None
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+    return jax.tree_util.tree_map(jnp.asarray, _on_host(batch))
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,6 +72,11 @@ def test_conv_net_operators_match_dense_with_the_rewrite(x64):
         )
     )(out.reshape(-1))
     np.testing.assert_allclose(cv.dense(g), jac.T @ h_out @ jac, rtol=1e-10, atol=1e-12)
+    # Prepared outside jit (the pullback held as arrays), its convolutions rewritten too.
+    for full in (cv.hessian(loss, params, data), g):
+        prepared = full.prepared()
+        assert isinstance(prepared.fn, _conv.CanonicalConvs) and "prepared" in prepared.fn.name
+        np.testing.assert_allclose(cv.dense(prepared), cv.dense(full), rtol=1e-10, atol=1e-12)
 
 
 def conv_labels(compiled) -> set[str]:

@@ -105,7 +105,8 @@ def test_batches_are_read_ahead_by_a_thread(x64):
             readers.add(threading.current_thread().name)
             yield jax.tree_util.tree_map(lambda x, s=start: x[s : s + 7], host)
 
-    op = cv.hessian(loss, params, loader)
+    op = cv.hessian(loss, params, loader)  # reads the first batch here, for its checks
+    readers.clear()
     op @ jnp.ones(op.size)
     assert readers == {"curvature-prefetch"}
 
@@ -171,3 +172,51 @@ def test_prepared_operator_outside_jit_holds_the_linearisation(x64, key):
             assert cv.linear_operator._matvec._cache_size() == before + 1  # `again @ v` only
     chunked = cv.hessian(loss, params, data, batch_size=5)
     assert chunked.prepared() is chunked
+
+
+def test_loader_thread_sees_x64_and_is_joined(x64):
+    import threading
+
+    params, data, _, loss, _ = make_problem("tanh", "mse", num_examples=NUM)
+    host = jax.tree_util.tree_map(np.asarray, data)
+    dtypes = []
+
+    def loader():  # builds JAX arrays in the prefetch thread: float64 only under the caller's x64
+        for start in range(0, NUM, 7):
+            batch = {k: jnp.asarray(v[start : start + 7]) for k, v in host.items()}
+            dtypes.append(batch["x"].dtype)
+            yield batch
+
+    op = cv.hessian(loss, params, loader)
+    v = jax.random.normal(jax.random.key(0), (op.size,))
+    assert rel(op @ v, cv.hessian(loss, params, data) @ v) < 1e-12
+    assert set(dtypes) == {jnp.dtype(jnp.float64)}
+    assert not [t for t in threading.enumerate() if t.name == "curvature-prefetch"]
+
+
+def test_solvers_and_blocks_accept_streamed_operators(x64, key):
+    import curvature.optim
+
+    params, data, model, loss, _ = make_problem("relu", "cross_entropy", num_examples=NUM)
+    g_mem = cv.gauss_newton(model, params, data, loss="cross_entropy")
+    g_st = cv.gauss_newton(model, params, loader_of(data), loss="cross_entropy")
+    b = jax.random.normal(key, (g_mem.size,))
+    x_mem = curvature.optim.conjugate_gradient(g_mem, b, damping=0.1, max_steps=20).x
+    x_st = curvature.optim.conjugate_gradient(g_st, b, damping=0.1, max_steps=20).x
+    assert rel(x_st, x_mem) < 1e-10
+    first = [True] + [False] * (len(params) - 1)
+    rows = [{"w": f, "b": f} for f in first]
+    cols = [{"w": not f, "b": not f} for f in first]
+    block_st, block_mem = cv.restrict(g_st, rows, cols), cv.restrict(g_mem, rows, cols)
+    x = jax.random.normal(key, (block_mem.shape[1], 3))
+    assert rel(block_st @ x, block_mem @ x) < 1e-12
+
+
+def test_prepared_outside_jit_never_holds_a_closure(x64, key):
+    params, data, model, loss, _ = make_problem("tanh", "cross_entropy")
+    residual = cv.hessian(loss, params, data) - cv.gauss_newton(
+        model, params, data, loss="cross_entropy"
+    )
+    assert residual.prepared() is residual  # no pullback for a combination: itself, not constants
+    fisher = cv.empirical_fisher(loss, params, data)
+    assert fisher.prepared() is fisher
