@@ -218,32 +218,19 @@ def conjugate_gradient(
         raise TypeError(f"op must be a LinearOperator or a function v -> A v, got {op!r}")
     b = jnp.asarray(b)
     b = b.astype(jnp.promote_types(b.dtype, jnp.float32))
-    return solve(
-        op,
-        b,
-        x0,
-        damping=damping,
-        max_steps=max_steps,
-        tol=tol,
-        progress_tol=progress_tol,
-        preconditioner=preconditioner,
-    )
+    return _solve(op, b, x0, damping, tol, progress_tol, preconditioner, max_steps)
+
+
+def _solve(matvec, b, x0, damping, tol, progress_tol, preconditioner, max_steps):
+    kwargs = dict(damping=damping, max_steps=max_steps, tol=tol, progress_tol=progress_tol)
+    return solve(matvec, b, x0, preconditioner=preconditioner, **kwargs)
 
 
 @host_driven
 @functools.partial(jax.jit, static_argnums=(7,))
 def _cg_operator(op, b, x0, damping, tol, progress_tol, preconditioner, max_steps):
-    op = op.prepared()
-    return solve(
-        op.apply,
-        b,
-        x0,
-        damping=damping,
-        max_steps=max_steps,
-        tol=tol,
-        progress_tol=progress_tol,
-        preconditioner=preconditioner,
-    )
+    args = (damping, tol, progress_tol, preconditioner, max_steps)
+    return _solve(op.prepared().apply, b, x0, *args)
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,16 +77,7 @@ def preconditioner_figure(run):
                         p = r.preconditioner
                         return getattr(getattr(p, which)[name].overall, stat) if p else None
 
-                    steps, mean, _ = figures.series(members, get)
-                    line = ax.plot(
-                        steps,
-                        mean,
-                        color=style["color"],
-                        marker=style["marker"],
-                        markersize=2.5,
-                        linestyle=linestyle,
-                    )[0]
-                    line.set_gid(f"corr/{name}/{which}/{group}")
+                    _line(ax, members, get, style, linestyle, f"corr/{name}/{which}/{group}")
             ax.set_title(f"ν against {title}")
             ax.set_xlabel("training step")
             ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.0)
@@ -138,20 +129,22 @@ def _layers_panel(ax, groups) -> None:
     ax.set_title("per layer, last step")
 
 
+def _line(ax, members, get, style, linestyle, gid: str) -> None:
+    """The seeds' mean of ``get(record)`` against step, in a group's style, tagged ``gid``."""
+    steps, mean, _ = figures.series(members, get)
+    line = ax.plot(
+        steps, mean, color=style["color"], marker=style["marker"], markersize=2.5,
+        linestyle=linestyle,
+    )[0]  # fmt: skip
+    line.set_gid(gid)
+
+
 def _condition_panel(ax, groups) -> None:
     for i, (group, members) in enumerate(groups):
         style = plotting.series_style(i)
         for which, linestyle in (("H", "-"), ("P", "--")):
-            steps, mean, _ = figures.series(members, lambda r, w=which: _condition(r, w))
-            line = ax.plot(
-                steps,
-                mean,
-                color=style["color"],
-                marker=style["marker"],
-                markersize=2.5,
-                linestyle=linestyle,
-            )[0]
-            line.set_gid(f"condition/{which}/{group}")
+            get = lambda r, w=which: _condition(r, w)  # noqa: E731
+            _line(ax, members, get, style, linestyle, f"condition/{which}/{group}")
     ax.plot([], [], "k-", label="H")
     ax.plot([], [], "k--", label="P⁻½HP⁻½")
     ax.legend(frameon=False, fontsize=5.5)
