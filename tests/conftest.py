@@ -1,6 +1,6 @@
-"""Shared fixtures: float64 per test, small ReLU / tanh MLPs and their dense references."""
+"""Fixtures: float64 per test, a key, and compiled programs released after each module. Shared
+helpers (models, problems, dense references) live in ``tests/helpers.py``."""
 
-import functools
 import os
 
 # The suite compiles many small programs and runs each briefly: XLA's backend optimisations cost
@@ -8,12 +8,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
-
-ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,75 +29,3 @@ def x64():
 @pytest.fixture
 def key():
     return jax.random.key(0)
-
-
-def init_mlp(key, sizes, dtype=jnp.float64):
-    params = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        kw, kb = jax.random.split(jax.random.fold_in(key, i))
-        params.append(
-            {
-                "w": (jax.random.normal(kw, (a, b)) / np.sqrt(a)).astype(dtype),
-                "b": (0.1 * jax.random.normal(kb, (b,))).astype(dtype),
-            }
-        )
-    return params
-
-
-def mlp(activation):
-    act = ACTIVATIONS[activation]
-
-    def apply(params, x):
-        for layer in params[:-1]:
-            x = act(x @ layer["w"] + layer["b"])
-        return x @ params[-1]["w"] + params[-1]["b"]
-
-    return apply
-
-
-def make_problem(activation, loss_name, *, num_examples=13, sizes=(4, 6, 5, 3), seed=0, dtype=None):
-    """See :func:`_make_problem`; ``dtype`` defaults to float64 under x64 and float32 otherwise."""
-    if dtype is None:
-        dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    return _make_problem(activation, loss_name, num_examples, tuple(sizes), seed, jnp.dtype(dtype))
-
-
-@functools.cache
-def _make_problem(activation, loss_name, num_examples, sizes, seed, dtype):
-    """An MLP with two hidden layers, data and the user-facing functions for both builders.
-
-    Cached, so that tests share the same function objects and hence JAX's compilation caches.
-    Call it inside ``jax.enable_x64(True)`` for float64 (the default dtype).
-    """
-    key = jax.random.key(seed)
-    params = init_mlp(key, sizes, dtype)
-    x = jax.random.normal(jax.random.fold_in(key, 100), (num_examples, sizes[0])).astype(dtype)
-    if loss_name == "cross_entropy":
-        y = jax.random.randint(jax.random.fold_in(key, 101), (num_examples,), 0, sizes[-1])
-    else:
-        y = jax.random.normal(jax.random.fold_in(key, 101), (num_examples, sizes[-1])).astype(dtype)
-    data = {"x": x, "y": y}
-    net = mlp(activation)
-
-    def model(p, batch):
-        return net(p, batch["x"])
-
-    def output_loss(out, batch):
-        if loss_name == "cross_entropy":
-            logz = jax.nn.logsumexp(out, axis=-1)
-            return jnp.mean(logz - jnp.take_along_axis(out, batch["y"][:, None], -1)[:, 0])
-        return 0.5 * jnp.mean(jnp.sum((out - batch["y"]) ** 2, axis=-1))
-
-    def loss(p, batch):
-        return output_loss(model(p, batch), batch)
-
-    return params, data, model, loss, output_loss
-
-
-def dense_hessian(loss, params, data):
-    flat, unravel = ravel_pytree(params)
-    return jax.jit(jax.hessian(lambda w, d: loss(unravel(w), d)))(flat, data)
-
-
-def sym_eigh(matrix):
-    return np.linalg.eigh(np.asarray(matrix, np.float64))

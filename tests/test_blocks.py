@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_problem
+from helpers import make_problem
 
 import curvature as cv
 

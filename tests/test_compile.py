@@ -4,7 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from conftest import make_problem
+from helpers import make_problem
 
 import curvature as cv
 from curvature import _checks, builders, density, krylov, linear_operator, power, stochastic_trace

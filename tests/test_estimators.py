@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import dense_hessian, make_problem
+from helpers import dense_hessian, make_problem
 
 import curvature as cv
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_problem
+from helpers import make_problem
 from jax.flatten_util import ravel_pytree
 
 import curvature as cv
