@@ -134,7 +134,7 @@ def main():
             break
     print(f"eigsh top-5: {out.get('eigsh_top5')}", flush=True)
     for tol in (1e-2, 3e-3, 1e-3, 3e-4, 1e-4):
-        call = lambda t=tol: cv.power_iteration(op, k=5, key=key, max_iters=1000, tol=t)  # noqa: E731
+        call = lambda t=tol: cv.power_iteration(op, k=5, key=key, max_steps=1000, tol=t)  # noqa: E731
         t0 = time.perf_counter()
         res = jax.block_until_ready(call())
         wall = time.perf_counter() - t0  # includes compile on the first tol only; re-time below

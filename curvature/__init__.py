@@ -11,16 +11,23 @@ data that do not fit in memory (:mod:`curvature.streaming`). Plotting helpers li
 :mod:`curvature.optim` (imports optax only when used): :func:`curvature.optim.hessian_free`.
 """
 
+from curvature._closures import Closure as Closure
+from curvature._closures import closure as closure
 from curvature.blocks import BlockOperator as BlockOperator
 from curvature.blocks import BlockSummary as BlockSummary
+from curvature.blocks import Restricted as Restricted
 from curvature.blocks import block_densities as block_densities
 from curvature.blocks import block_summary as block_summary
 from curvature.blocks import layer_groups as layer_groups
 from curvature.blocks import restrict as restrict
+from curvature.builders import GaussNewton as GaussNewton
+from curvature.builders import Hessian as Hessian
+from curvature.builders import LossOperator as LossOperator
 from curvature.builders import gauss_newton as gauss_newton
 from curvature.builders import hessian as hessian
 from curvature.density import SpectralDensity as SpectralDensity
 from curvature.density import spectral_density as spectral_density
+from curvature.fisher import EmpiricalFisher as EmpiricalFisher
 from curvature.fisher import empirical_fisher as empirical_fisher
 from curvature.fisher import per_example_gradients as per_example_gradients
 from curvature.krylov import EigshResult as EigshResult
@@ -28,16 +35,23 @@ from curvature.krylov import LanczosResult as LanczosResult
 from curvature.krylov import eigsh as eigsh
 from curvature.krylov import lanczos as lanczos
 from curvature.krylov import tridiagonal as tridiagonal
+from curvature.linear_operator import Combination as Combination
+from curvature.linear_operator import FunctionOperator as FunctionOperator
 from curvature.linear_operator import Layout as Layout
 from curvature.linear_operator import LinearOperator as LinearOperator
+from curvature.linear_operator import Matrix as Matrix
 from curvature.linear_operator import dense as dense
+from curvature.linear_operator import from_function as from_function
 from curvature.linear_operator import from_matrix as from_matrix
+from curvature.linear_operator import operator_type as operator_type
+from curvature.linear_operator import static as static
 from curvature.power import PowerIterationResult as PowerIterationResult
 from curvature.power import power_iteration as power_iteration
 from curvature.preconditioning import Conditioning as Conditioning
 from curvature.preconditioning import ConditioningComparison as ConditioningComparison
 from curvature.preconditioning import DiagonalComparison as DiagonalComparison
 from curvature.preconditioning import DiagonalCorrelation as DiagonalCorrelation
+from curvature.preconditioning import Preconditioned as Preconditioned
 from curvature.preconditioning import compare_conditioning as compare_conditioning
 from curvature.preconditioning import compare_diagonals as compare_diagonals
 from curvature.preconditioning import conditioning as conditioning
@@ -46,8 +60,10 @@ from curvature.stochastic_trace import DiagonalResult as DiagonalResult
 from curvature.stochastic_trace import TraceResult as TraceResult
 from curvature.stochastic_trace import diagonal as diagonal
 from curvature.stochastic_trace import frobenius_norm_squared as frobenius_norm_squared
+from curvature.stochastic_trace import hutchinson as hutchinson
 from curvature.stochastic_trace import rademacher as rademacher
 from curvature.stochastic_trace import trace as trace
+from curvature.streaming import Streamed as Streamed
 from curvature.streaming import batches as batches
 
 __version__ = "0.1.0"
@@ -55,23 +71,33 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockOperator",
     "BlockSummary",
-    "batches",
-    "block_densities",
-    "block_summary",
-    "layer_groups",
-    "restrict",
+    "Closure",
+    "Combination",
     "Conditioning",
     "ConditioningComparison",
     "DiagonalComparison",
     "DiagonalCorrelation",
     "DiagonalResult",
     "EigshResult",
+    "EmpiricalFisher",
+    "FunctionOperator",
+    "GaussNewton",
+    "Hessian",
     "LanczosResult",
     "Layout",
     "LinearOperator",
+    "LossOperator",
+    "Matrix",
     "PowerIterationResult",
+    "Preconditioned",
+    "Restricted",
     "SpectralDensity",
+    "Streamed",
     "TraceResult",
+    "batches",
+    "block_densities",
+    "block_summary",
+    "closure",
     "compare_conditioning",
     "compare_diagonals",
     "conditioning",
@@ -80,15 +106,21 @@ __all__ = [
     "eigsh",
     "empirical_fisher",
     "frobenius_norm_squared",
+    "from_function",
     "from_matrix",
     "gauss_newton",
+    "hutchinson",
     "hessian",
     "lanczos",
+    "layer_groups",
+    "operator_type",
     "per_example_gradients",
     "power_iteration",
     "preconditioned",
     "rademacher",
+    "restrict",
     "spectral_density",
+    "static",
     "trace",
     "tridiagonal",
 ]

@@ -18,8 +18,9 @@ It stops at the first of
   too little damping) or a non-finite value; the iterate before it is kept.
 
 Iterates ``x_i`` at the static steps ``save_at`` are written into a preallocated ``(len(save_at),
-n)`` array (Martens' geometric schedule for backtracking, :func:`martens_schedule`). The whole
-solve is one ``lax.while_loop``.
+n)`` array (Martens' geometric schedule for backtracking, :func:`martens_schedule`). The solve
+is a program of :mod:`curvature._driver`: one ``lax.while_loop`` in compiled code, a host loop
+of compiled steps for a streamed operator.
 
 Here: :func:`solve` (inside compiled code), the public :func:`conjugate_gradient` (exported as
 ``curvature.optim.conjugate_gradient``), and the choice of :func:`curvature.optim.hessian_free`'s
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvature._driving import host_driven
+from curvature import _driver
 from curvature.linear_operator import LinearOperator
 
 __all__ = ["CGResult", "armijo", "backtrack", "conjugate_gradient", "martens_schedule", "solve"]
@@ -97,50 +98,76 @@ def solve(
     $\\phi(x_0) > 0 = \\phi(0)$ (a warm start worse than none). ``max_steps``, ``save_at`` and
     ``restart`` are static; the rest may be traced.
     """
-    dtype = b.dtype
-    damping = jnp.asarray(damping, dtype)
+    program = _program(max_steps, tuple(save_at), restart, x0 is not None)
+    args = (b, x0, damping, tol, progress_tol, preconditioner)
+    return _driver.inline(program, (_Matvec(matvec, b.shape[0], b.dtype),), *args)
 
-    def apply(v):
-        return matvec(v) + damping * v
 
-    def precondition(r):
-        return r if preconditioner is None else r / preconditioner
+class _Matvec:
+    """A function ``v -> A v`` as the operator of a program traced into compiled code."""
 
-    if x0 is None:
-        x, r = jnp.zeros_like(b), b
-    else:
-        x = x0.astype(dtype)
-        r = b - apply(x)
-        if restart:
-            worse = -0.5 * x @ (r + b) > 0
-            x, r = jnp.where(worse, 0, x), jnp.where(worse, b, r)
-    y = precondition(r)
-    threshold = jnp.asarray(tol, dtype) * jnp.linalg.norm(b)
-    progress_tol = jnp.asarray(progress_tol, dtype)
-    values = jnp.zeros(max_steps + 1, dtype).at[0].set(-0.5 * x @ (r + b))
+    def __init__(self, fn: Callable[[jax.Array], jax.Array], n: int, dtype):
+        self.apply, self.shape, self.dtype = fn, (n, n), dtype
 
+
+@functools.cache
+def _program(max_steps: int, save_at: tuple[int, ...], restart: bool, has_x0: bool):
+    """The CG iteration as a program: the residual of ``x0`` (one product), then a
+    ``while_loop`` of steps, each one product ``A p``."""
     num_saved = len(save_at)
     slot_of = np.full(max_steps + 1, -1, np.int32)
     for j, s in enumerate(save_at):
         slot_of[s] = j
-    slot_of = jnp.asarray(slot_of)
-    saved = jnp.zeros((num_saved, b.shape[0]), dtype)
 
-    small = jnp.linalg.norm(r) <= threshold
-    init = (jnp.int32(0), x, r, y, r @ y, values, saved, small, small)
+    def init(specs, b, x0, damping, tol, progress_tol, preconditioner):
+        dtype = b.dtype
+        state = {
+            "b": b,
+            "damping": jnp.asarray(damping, dtype),
+            "threshold": jnp.asarray(tol, dtype) * jnp.linalg.norm(b),
+            "progress_tol": jnp.asarray(progress_tol, dtype),
+            "preconditioner": preconditioner,
+        }
+        if has_x0:
+            state["x"] = x0.astype(dtype)
+        else:
+            state["x"], state["r"] = jnp.zeros_like(b), b
+        return state
 
-    def cond(state):
-        i, *_, done, _ = state
+    def residual(state, i, ax):  # r = b - (A + lambda I) x0
+        b, x = state["b"], state["x"]
+        r = b - (ax + state["damping"] * x)
+        if restart:
+            worse = -0.5 * x @ (r + b) > 0
+            x, r = jnp.where(worse, 0, x), jnp.where(worse, b, r)
+        return {**state, "x": x, "r": r}
+
+    def precondition(state, r):
+        m = state["preconditioner"]
+        return r if m is None else r / m
+
+    def start(state, i):
+        b, x, r = state["b"], state["x"], state["r"]
+        y = precondition(state, r)
+        values = jnp.zeros(max_steps + 1, b.dtype).at[0].set(-0.5 * x @ (r + b))
+        saved = jnp.zeros((num_saved, b.shape[0]), b.dtype)
+        small = jnp.linalg.norm(r) <= state["threshold"]
+        loop = (jnp.int32(0), x, r, y, r @ y, values, saved, small, small)
+        return {**{k: v for k, v in state.items() if k not in ("x", "r")}, "loop": loop}
+
+    def going(state):
+        i, *_, done, _ = state["loop"]
         return (~done) & (i < max_steps)
 
-    def body(state):
-        i, x, r, p, ry, values, saved, _, _ = state
-        ap = apply(p)
+    def step(state, _, product):
+        i, x, r, p, ry, values, saved, _, _ = state["loop"]
+        b, progress_tol = state["b"], state["progress_tol"]
+        ap = product + state["damping"] * p
         pap = p @ ap
         ok = (pap > 0) & (ry > 0) & jnp.isfinite(pap)
         alpha = jnp.where(ok, ry / jnp.where(ok, pap, 1), 0)
         x_new, r_new = x + alpha * p, r - alpha * ap
-        y = precondition(r_new)
+        y = precondition(state, r_new)
         ry_new = r_new @ y
         p_new = y + jnp.where(ok, ry_new / jnp.where(ok, ry, 1), 0) * p
         ok &= jnp.all(jnp.isfinite(x_new))
@@ -152,18 +179,28 @@ def solve(
         phi = -0.5 * x @ (r + b)
         values = values.at[i].set(phi)
         if num_saved:
-            slot = slot_of[i]
+            slot = jnp.asarray(slot_of)[i]
             row = jnp.maximum(slot, 0)
             saved = saved.at[row].set(jnp.where((slot >= 0) & ok, x, saved[row]))
-        small = jnp.linalg.norm(r) <= threshold
+        small = jnp.linalg.norm(r) <= state["threshold"]
         k = jnp.maximum(10, i // 10)
         previous = values[jnp.maximum(i - k, 0)]
         stalled = (i > k) & (phi < 0) & ((phi - previous) / phi < k * progress_tol)
-        return i, x, r, p, ry, values, saved, small | stalled | ~ok, small
+        return {**state, "loop": (i, x, r, p, ry, values, saved, small | stalled | ~ok, small)}
 
-    i, x, r, _, _, values, saved, _, converged = jax.lax.while_loop(cond, body, init)
-    values = jnp.where(jnp.arange(max_steps + 1) <= i, values, jnp.nan)
-    return CGResult(x, i, values, jnp.linalg.norm(r), converged, saved)
+    def finish(state, specs, *args):
+        i, x, r, _, _, values, saved, _, converged = state["loop"]
+        values = jnp.where(jnp.arange(max_steps + 1) <= i, values, jnp.nan)
+        return CGResult(x, i, values, jnp.linalg.norm(r), converged, saved)
+
+    steps = []
+    if has_x0:
+        steps.append(_driver.Apply(lambda state, i: state["x"], residual))
+    steps += [
+        _driver.Map(start),
+        _driver.While(going, _driver.Apply(lambda state, i: state["loop"][3], step)),
+    ]
+    return _driver.Program(init, _driver.Seq(*steps), finish, name="conjugate_gradient")
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +250,9 @@ def conjugate_gradient(
         for name, v in (("b", b), ("x0", x0)):
             if v is not None and jnp.shape(v) != (op.size,):
                 raise ValueError(f"{name} must have shape ({op.size},), got {jnp.shape(v)}")
-        return _cg_operator(op, b, x0, damping, tol, progress_tol, preconditioner, max_steps)
+        program = _program(max_steps, (), False, x0 is not None)
+        args = (b, x0, damping, tol, progress_tol, preconditioner)
+        return _driver.run(program, (op,), *jax.tree_util.tree_map(jnp.asarray, args))
     if not callable(op):
         raise TypeError(f"op must be a LinearOperator or a function v -> A v, got {op!r}")
     b = jnp.asarray(b)
@@ -224,13 +263,6 @@ def conjugate_gradient(
 def _solve(matvec, b, x0, damping, tol, progress_tol, preconditioner, max_steps):
     kwargs = dict(damping=damping, max_steps=max_steps, tol=tol, progress_tol=progress_tol)
     return solve(matvec, b, x0, preconditioner=preconditioner, **kwargs)
-
-
-@host_driven
-@functools.partial(jax.jit, static_argnums=(7,))
-def _cg_operator(op, b, x0, damping, tol, progress_tol, preconditioner, max_steps):
-    args = (damping, tol, progress_tol, preconditioner, max_steps)
-    return _solve(op.prepared().apply, b, x0, *args)
 
 
 # --------------------------------------------------------------------------------------------

@@ -325,6 +325,73 @@ _TRACER_ERRORS = (
 )
 
 
+@jax.tree_util.register_pytree_node_class
+class Closure:
+    """A function as a pytree: its structure static (compared as :class:`Canonical` compares),
+    the JAX arrays it captures as leaves. Made by :func:`closure`.
+
+    ``jax.jit(f)(closure, ...)`` compiles once per function *structure*: a fresh ``lambda`` or
+    ``functools.partial`` with the same code, equal constants and captured arrays of the same
+    shapes reuses the compiled program, and the captured arrays are passed as operands (never
+    baked in as constants). Call it like the function.
+    """
+
+    __slots__ = ("arrays", "function")
+
+    def __init__(self, function: Canonical, arrays: tuple = ()):
+        self.function = function
+        self.arrays = tuple(arrays)
+
+    def tree_flatten(self):
+        return (self.arrays,), self.function
+
+    @classmethod
+    def tree_unflatten(cls, function, children):
+        return cls(function, children[0])
+
+    @property
+    def name(self) -> str:
+        return self.function.name
+
+    def bind(self) -> Callable:
+        """The function itself, rebuilt around this closure's (possibly traced) arrays."""
+        return self.function.bind(self.arrays)
+
+    def __call__(self, *args, **kwargs):
+        return self.function.bind(self.arrays)(*args, **kwargs)
+
+    def __repr__(self):
+        return f"Closure({self.name}, {len(self.arrays)} captured arrays)"
+
+
+def closure(fn: Callable, *example_args, what: str = "closure()") -> Closure:
+    """``fn`` as a :class:`Closure`: compared by structure, its captured JAX arrays as leaves.
+
+    With ``example_args`` (arguments ``fn`` may be called with, arrays or
+    ``jax.ShapeDtypeStruct``), a function that needs its captured arrays as concrete values
+    (Python control flow on them) is detected once by tracing and kept whole instead, compared by
+    identity. Warns once per source location when the same code keeps being built around values
+    compared by identity (a cache that keeps growing), naming the culprits.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, curvature
+      >>> w = jnp.ones(3)
+      >>> f = curvature.closure(lambda x: w @ x)
+      >>> g = curvature.closure(lambda x: w @ x)  # a fresh lambda: the same structure
+      >>> jax.tree_util.tree_structure(f) == jax.tree_util.tree_structure(g), float(f(w))
+      (True, 3.0)
+    """
+    if isinstance(fn, Closure):
+        return fn
+    if example_args:
+        static, arrays = stable(fn, example_args, what)
+        return Closure(static, arrays)
+    static, arrays, opaque = canonical(fn)
+    if opaque:
+        _note_growth(fn, static, opaque, what)
+    return Closure(static, arrays)
+
+
 def stable(fn: Callable, example_args: tuple, what: str) -> tuple[Canonical, tuple]:
     """:func:`canonical` checked: if ``fn`` cannot run with its captured arrays as traced
     operands (it needs them as concrete values), ``fn`` itself with nothing taken out.

@@ -9,18 +9,17 @@ inside the Lanczos, Hutchinson or chunking loops therefore fall back to a naive 
 about 20x slower (measured: a small CNN's matvec 26 ms alone, 430-535 ms inside ``eigsh``,
 ``lanczos`` and ``trace``; ``benchmarks/bench_cnn_loops.py``).
 
-:class:`CanonicalConvs` wraps an operator's matvec so that, at trace time, its jaxpr is
+:func:`canonical_convs` wraps a matvec so that, at trace time, its jaxpr is
 re-emitted with every ``conv_general_dilated`` already in that layout (the same transposes XLA
 would add at the top level), recursing into nested jaxprs (``scan``, ``cond``, ``while``,
-``custom_jvp``, ``jit``). The numbers are unchanged; the builders apply it on the CPU backend to
-operators whose function contains a convolution. GPU and TPU compilers choose convolution layouts
+``custom_jvp``, ``jit``). The numbers are unchanged; the builders set the flag on the CPU backend
+for operators whose function contains a convolution, and their products (also the prepared ones)
+go through :func:`rewritten_if`. GPU and TPU compilers choose convolution layouts
 themselves and are left alone.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import warnings
 from collections.abc import Callable
 
@@ -148,30 +147,7 @@ def _rewritten(f: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax
     return g
 
 
-@dataclasses.dataclass(frozen=True)
-class CanonicalConvs:
-    """A matvec function (and its ``prepare``) with convolutions in XLA:CPU's fast layout. Other
-    attributes (``name``, ``exact_diagonal``, ...) are the wrapped function's."""
-
-    inner: Callable
-
-    def __call__(self, operands, v):
-        return _rewritten(functools.partial(self.inner, operands))(v)
-
-    def prepare(self, operands):
-        prepare = getattr(self.inner, "prepare", None)
-        linear = prepare(operands) if prepare is not None else None
-        return None if linear is None else _rewritten(linear)
-
-    def pulled(self, operands):
-        """The wrapped function's prepared operator outside jit, its convolutions rewritten too."""
-        pulled = getattr(self.inner, "pulled", None)
-        op = pulled(operands) if pulled is not None else None
-        if op is None:
-            return None
-        return type(op)(CanonicalConvs(op.fn), op.operands, op.layout)
-
-    def __getattr__(self, name):
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+def rewritten_if(needed: bool, f: Callable[[jax.Array], jax.Array]):
+    """``f`` with its convolutions in XLA:CPU's fast layout when ``needed`` (an operator's static
+    flag, set by the builders from :func:`needs_rewrite`), else ``f`` itself."""
+    return _rewritten(f) if needed else f

@@ -1,9 +1,10 @@
-"""The Lanczos recurrences, traced inside a caller's compiled program: with the whole basis and
-re-orthogonalisation (:func:`lanczos_run`) or with two vectors (:func:`lanczos_recurrence`).
+"""The Lanczos recurrences as steps of a program (:mod:`curvature._driver`): with the whole basis
+and re-orthogonalisation (:func:`basis_steps`) or with two vectors (:func:`recurrence_steps`).
 
-Each step is a matvec followed by an update; the update is :func:`~curvature.linear_operator.compiled`,
-so that a streamed operator's host-driven Lanczos runs one compiled update between two passes
-over the data (see :mod:`curvature.krylov` for the algorithm and :mod:`curvature.streaming`).
+Each step is a product with the operator followed by an update of a small state; the driver runs
+the steps as one compiled loop for in-memory data, or from the host (one pass over the data, then
+the compiled update) for streamed data. See :mod:`curvature.krylov` for the algorithm, and
+:mod:`curvature.density` for its use in stochastic Lanczos quadrature.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from curvature._driving import compiled
-from curvature.linear_operator import LinearOperator
+from curvature._driver import Apply, Repeat
 
 
 class LanczosResult(NamedTuple):
@@ -56,23 +56,8 @@ def _orthogonalize(basis: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.cond(safe_norm(w) < norm_before / math.sqrt(2.0), cgs, lambda x: x, w)
 
 
-def _lanczos_run(
-    op: LinearOperator, v0: jax.Array, key: jax.Array, num_steps: int, reorthogonalize: bool
-) -> LanczosResult:
-    """Lanczos from start vector ``v0``; traced inside a caller's jit. For a streamed operator
-    (run host-driven) the loop runs on the host: each step a pass over the data, then the
-    compiled update."""
-    init = _lanczos_init(v0.astype(op.dtype), num_steps)
-
-    def step(j, state):
-        return _lanczos_update(state, j, op.apply(state[0][j]), key, num_steps, reorthogonalize)
-
-    basis, alphas, betas, restarts, _ = jax.lax.fori_loop(0, num_steps, step, init)
-    return LanczosResult(alphas, betas[:-1], basis[:num_steps], betas[-1], restarts)
-
-
-@compiled(static_argnums=(1,))
-def _lanczos_init(v0, num_steps: int):
+def basis_init(v0, num_steps: int):
+    """The state of Lanczos with the whole basis, started from ``v0`` (``num_steps`` rows)."""
     n, dtype = v0.shape[0], v0.dtype
     # One spare row receives q_m, so every step writes row j + 1 in place.
     basis = jnp.zeros((num_steps + 1, n), dtype).at[0].set(v0 / safe_norm(v0))
@@ -80,8 +65,7 @@ def _lanczos_init(v0, num_steps: int):
     return (basis, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
 
 
-@compiled(static_argnums=(4, 5))
-def _lanczos_update(state, j, w, key, num_steps: int, reorthogonalize: bool):
+def basis_update(state, j, w, key, num_steps: int, reorthogonalize: bool):
     """Step ``j`` of Lanczos after its matvec ``w = A q_j``."""
     basis, alphas, betas, restarts, anorm = state
     n, dtype = basis.shape[1], basis.dtype
@@ -116,23 +100,23 @@ def _lanczos_update(state, j, w, key, num_steps: int, reorthogonalize: bool):
     )
 
 
-def _lanczos_recurrence(op: LinearOperator, v0: jax.Array, key: jax.Array, num_steps: int):
-    """The three-term recurrence alone, keeping two vectors instead of the basis: memory
-    ``O(n)``. Returns a :class:`LanczosResult` whose ``basis`` has no rows."""
-    n, dtype = op.size, op.dtype
-    q0 = (v0 / safe_norm(v0)).astype(dtype)
-
-    def step(j, state):
-        return _recurrence_update(state, j, op.apply(state[1]), key, num_steps)
-
-    zeros = jnp.zeros((num_steps,), dtype)
-    init = (jnp.zeros_like(q0), q0, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
-    _, _, alphas, betas, restarts, _ = jax.lax.fori_loop(0, num_steps, step, init)
-    return LanczosResult(alphas, betas[:-1], jnp.zeros((0, n), dtype), betas[-1], restarts)
+def recurrence_init(v0: jax.Array, num_steps: int):
+    """The state of the three-term recurrence alone: two vectors instead of the basis."""
+    q0 = v0 / safe_norm(v0)
+    zeros = jnp.zeros((num_steps,), q0.dtype)
+    return (jnp.zeros_like(q0), q0, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), q0.dtype))
 
 
-@compiled(static_argnums=(4,))
-def _recurrence_update(state, j, w, key, num_steps: int):
+def recurrence_result(state) -> LanczosResult:
+    """A :class:`LanczosResult` whose ``basis`` has no rows (memory ``O(n)``)."""
+    _, q, alphas, betas, restarts, _ = state
+    return LanczosResult(
+        alphas, betas[:-1], jnp.zeros((0, q.shape[0]), q.dtype), betas[-1], restarts
+    )
+
+
+def recurrence_update(state, j, w, key, num_steps: int):
+    """Step ``j`` of the three-term recurrence after its product ``w = A q_j``."""
     q_prev, q, alphas, betas, restarts, anorm = state
     n, dtype = q.shape[0], q.dtype
     breakdown_tol = jnp.finfo(dtype).eps ** 0.75
@@ -161,3 +145,37 @@ def _recurrence_update(state, j, w, key, num_steps: int):
         restarts + broke.astype(jnp.int32),
         anorm,
     )
+
+
+def basis_result(state, num_steps: int) -> LanczosResult:
+    basis, alphas, betas, restarts, _ = state
+    return LanczosResult(alphas, betas[:-1], basis[:num_steps], betas[-1], restarts)
+
+
+# --------------------------------------------------------------------------------------------
+# The steps of a program: Lanczos on the sub-state state["lanczos"], restart key state["key"].
+
+
+def lanczos_steps(num_steps: int, reorthogonalize: bool, store_basis: bool = True) -> Repeat:
+    """``num_steps`` Lanczos steps on ``state["lanczos"]`` (made by :func:`basis_init` or, with
+    ``store_basis=False``, :func:`recurrence_init`), restarting after a breakdown from vectors
+    drawn with ``state["key"]``."""
+    if store_basis:
+
+        def rows(state, j):
+            return state["lanczos"][0][j]
+
+        def update(state, j, w):
+            new = basis_update(state["lanczos"], j, w, state["key"], num_steps, reorthogonalize)
+            return {**state, "lanczos": new}
+
+    else:
+
+        def rows(state, j):
+            return state["lanczos"][1]
+
+        def update(state, j, w):
+            new = recurrence_update(state["lanczos"], j, w, state["key"], num_steps)
+            return {**state, "lanczos": new}
+
+    return Repeat(num_steps, Apply(rows, update))

@@ -17,7 +17,7 @@ def basis_bytes(op: LinearOperator, num_steps: int, copies: int = 1) -> int:
 def check_basis_memory(op: LinearOperator, num_steps: int, what: str, copies: int = 1) -> None:
     """A clear error, before anything is allocated, when the Lanczos basis would not fit in the
     memory of the default device (its free memory on an accelerator, physical memory on CPU)."""
-    if getattr(op, "streamed", False):
+    if op.streamed:
         copies *= 2  # host-driven: each compiled update returns a new basis beside the old one
     need = basis_bytes(op, num_steps, copies)
     have = available_bytes()

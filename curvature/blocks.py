@@ -1,16 +1,18 @@
 """The Hessian by blocks: an operator restricted to a subset of the parameters, and summaries of
 every block of a partition (per layer, by default).
 
-* :func:`restrict` gives ``P_rows A P_colsᵀ`` for selectors of parameter leaves. A diagonal block
-  (``cols=None``) is a :class:`~curvature.LinearOperator` like any other: every estimator works on
-  it, so ``trace(restrict(R, layer))`` is a per-layer trace and
-  ``spectral_density(restrict(H, block))`` a per-block density (Zhang et al. 2024, "Why
-  Transformers Need Adam: A Hessian Perspective"). An off-diagonal block is a
-  :class:`BlockOperator` (``m x k``) for ``@``, :func:`~curvature.dense` and
-  :func:`~curvature.frobenius_norm_squared`. Either costs one full matvec a product.
-* :func:`block_summary`: per group the trace (Hutch++), the top eigenvalue (Lanczos) and, per pair
-  of groups, the squared Frobenius norm of the block with its standard error, from one probe
-  matvec per group and probe (a probe on group ``j`` yields every block of column ``j`` at once).
+* :func:`restrict` gives ``P_rows A P_colsᵀ`` for selectors of parameter leaves (every operator
+  knows its parameters' layout, so no parameters are needed). A diagonal block (``cols=None``) is
+  a :class:`Restricted` operator like any other: every estimator works on it, so
+  ``trace(restrict(R, layer))`` is a per-layer trace and ``spectral_density(restrict(H, block))``
+  a per-block density (Zhang et al. 2024, "Why Transformers Need Adam: A Hessian Perspective").
+  An off-diagonal block is a :class:`BlockOperator` (``m x k``) for ``@``,
+  :func:`~curvature.dense` and :func:`~curvature.frobenius_norm_squared`. Either costs one full
+  matvec a product.
+* :func:`block_summary`: per group the trace and, per pair of groups, the squared Frobenius norm
+  of the block, each with its standard error, from the same probes (a probe on group ``j`` yields
+  every block of column ``j`` at once and group ``j``'s trace), all groups in one compiled
+  program; and per group the top eigenvalue (Lanczos). For several operators on shared probes.
 * :func:`block_densities`: the spectral density (SLQ) of every diagonal block.
 * :func:`layer_groups`: the default partition, one group per layer of the parameter pytree.
 """
@@ -26,12 +28,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvature._driving import host_driven
-from curvature.linear_operator import Layout, LinearOperator, apply_rows
+from curvature import _driver
+from curvature._checks import check_key, is_traced, positive_int, require_square
+from curvature._deprecations import UNSET, renamed, warn_once
+from curvature.linear_operator import (
+    Layout,
+    LinearOperator,
+    combine,
+    family,
+    operator_type,
+    static,
+)
+from curvature.stochastic_trace import probe_rows
 
 __all__ = [
     "BlockOperator",
     "BlockSummary",
+    "Restricted",
     "block_densities",
     "block_summary",
     "layer_groups",
@@ -42,13 +55,13 @@ PyTree = Any
 Selector = PyTree | Callable[[tuple, jax.Array], bool]
 
 
-def _leaf_mask(op: LinearOperator, selector: Selector, params: PyTree, what: str) -> list[bool]:
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+def _leaf_mask(selector: Selector, tree: PyTree, what: str) -> list[bool]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if callable(selector):
         mask = [bool(selector(path, leaf)) for path, leaf in flat]
     else:
         try:
-            chosen = jax.tree_util.tree_map(lambda _, s: bool(s), params, selector)
+            chosen = jax.tree_util.tree_map(lambda _, s: bool(s), tree, selector)
         except (ValueError, TypeError) as err:
             raise ValueError(
                 f"{what}: a selector is a pytree of bools shaped like the parameters (one per "
@@ -69,10 +82,10 @@ def _ranges(layout: Layout, mask: list[bool]) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _sub_layout(params: PyTree, mask: list[bool]) -> Layout:
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+def _sub_layout(layout: Layout, mask: list[bool]) -> Layout:
+    leaves = jax.tree_util.tree_leaves(layout.skeleton())
     kept = [leaf if keep else None for leaf, keep in zip(leaves, mask, strict=True)]
-    return Layout.of(jax.tree_util.tree_unflatten(treedef, kept))
+    return Layout.of(jax.tree_util.tree_unflatten(layout.treedef, kept))
 
 
 def _embed(v: jax.Array, ranges, size: int) -> jax.Array:
@@ -88,102 +101,90 @@ def _extract(w: jax.Array, ranges) -> jax.Array:
     return jnp.concatenate([w[start:stop] for start, stop in ranges])
 
 
-@dataclasses.dataclass(frozen=True)
-class _Restricted:
-    fn: Callable
-    size: int  # the full operator's n
-    rows: tuple[tuple[int, int], ...]
-    cols: tuple[tuple[int, int], ...]
-    name = "restricted"
+@operator_type
+class Restricted(LinearOperator):
+    """A diagonal block ``P A Pᵀ`` of ``inner`` on a subset of its parameter leaves (entries
+    ``rows`` of the flat vector, a tuple of ranges): :func:`restrict`. Its layout is the
+    parameters' with ``None`` for the leaves left out. A product is one product of ``inner``."""
 
-    def __call__(self, operands, v):
-        return _extract(self.fn(operands, _embed(v, self.cols, self.size)), self.rows)
+    inner: LinearOperator
+    rows: tuple = static()
+    cols: tuple = static()
+    layout: Layout = static()
+    column_layout: Layout = static()
 
-    def prepare(self, operands):
-        prepare = getattr(self.fn, "prepare", None)
-        linear = prepare(operands) if prepare is not None else None
-        if linear is None:
-            return None
-        return lambda v: _extract(linear(_embed(v, self.cols, self.size)), self.rows)
+    @property
+    def in_layout(self) -> Layout:
+        return self.column_layout
 
     @property
     def streamed(self) -> bool:
-        return bool(getattr(self.fn, "streamed", False))
+        return self.inner.streamed
 
-    def apply_rows(self, operands, rows):
-        full = jax.vmap(lambda v: _embed(v, self.cols, self.size))(rows)
-        hook = getattr(self.fn, "apply_rows", None)
-        products = hook(operands, full) if hook else jax.vmap(lambda v: self.fn(operands, v))(full)
+    @property
+    def has_fast_diagonal(self) -> bool:
+        return self.rows == self.cols and self.inner.has_fast_diagonal
+
+    @property
+    def name(self) -> str:
+        return f"{self.inner.name} block"
+
+    def apply(self, v):
+        n = self.inner.size
+        return _extract(self.inner.apply(_embed(v.astype(self.dtype), self.cols, n)), self.rows)
+
+    def apply_rows(self, rows):
+        full = self._embed_rows(rows.astype(self.dtype))
+        return self._extract_rows(self.inner.apply_rows(full))
+
+    def _embed_rows(self, rows):
+        return jax.vmap(lambda v: _embed(v, self.cols, self.inner.size))(rows)
+
+    def _extract_rows(self, products):
         return jax.vmap(lambda w: _extract(w, self.rows))(products)
 
+    def host_apply_rows(self, rows):
+        if not self.streamed:
+            return super().host_apply_rows(rows)
+        full = _embed_rows_jit(self, jnp.asarray(rows, self.dtype))
+        return _extract_rows_jit(self, self.inner.host_apply_rows(full))
 
-class BlockOperator(LinearOperator):
+    def prepared(self):
+        if not is_traced(self):  # outside compiled code: products through the whole operator
+            return self
+        return dataclasses.replace(self, inner=self.inner.prepared())
+
+    def exact_diagonal(self):
+        return _extract(self.inner.exact_diagonal(), self.rows)
+
+    def host_exact_diagonal(self):
+        if not self.streamed:
+            return super().host_exact_diagonal()
+        return _extract_rows_jit(self, self.inner.host_exact_diagonal()[None])[0]
+
+
+@jax.jit
+def _embed_rows_jit(op: Restricted, rows):
+    return op._embed_rows(rows)
+
+
+@jax.jit
+def _extract_rows_jit(op: Restricted, products):
+    return op._extract_rows(products)
+
+
+@operator_type
+class BlockOperator(Restricted):
     """An off-diagonal block ``P_rows A P_colsᵀ``: ``m x k``, not symmetric. ``op @ v`` takes a
     vector of the columns' parameters (``unravel_in`` / ``ravel_in``) and gives one of the rows'
     (``unravel`` / ``ravel``); only ``@``, :func:`~curvature.dense` and
     :func:`~curvature.frobenius_norm_squared` accept it."""
-
-    def __init__(self, fn, operands, layout: Layout, in_layout: Layout):
-        super().__init__(fn, operands, layout)
-        self.in_layout = in_layout
-
-    def tree_flatten(self):
-        return (self.operands,), (self.fn, self.layout, self.in_layout)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(aux[0], children[0], aux[1], aux[2])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.layout.size, self.in_layout.size)
-
-    def prepared(self) -> BlockOperator:
-        out = LinearOperator.prepared(self)
-        if out is self:
-            return self
-        return BlockOperator(out.fn, out.operands, self.layout, self.in_layout)
 
     def ravel_in(self, tree: PyTree) -> jax.Array:
         return self.in_layout.ravel(tree)
 
     def unravel_in(self, vector: jax.Array) -> PyTree:
         return self.in_layout.unravel(vector)
-
-    def matvec(self, v: jax.Array) -> jax.Array:
-        v = jnp.asarray(v)
-        if v.shape != (self.shape[1],):
-            raise ValueError(f"matvec expects a vector of shape ({self.shape[1]},), got {v.shape}")
-        return _block_matvec(self, v)
-
-    def __matmul__(self, x):
-        x = jnp.asarray(x)
-        if x.ndim == 1:
-            return self.matvec(x)
-        if x.ndim != 2 or x.shape[0] != self.shape[1]:
-            raise ValueError(f"op @ x needs x of shape ({self.shape[1]},) or ({self.shape[1]}, k)")
-        return _block_matmat(self, x)
-
-    def _combine(self, other, sign):
-        raise TypeError("off-diagonal blocks do not combine; restrict the combination instead")
-
-    def __repr__(self):
-        return f"BlockOperator(shape={self.shape}, dtype={self.dtype})"
-
-
-jax.tree_util.register_pytree_node_class(BlockOperator)
-
-
-@host_driven
-@jax.jit
-def _block_matvec(op, v):
-    return op.apply(v)
-
-
-@host_driven
-@jax.jit
-def _block_matmat(op, x):
-    return op.prepared().apply_rows(x.T).T
 
 
 def restrict(
@@ -192,51 +193,46 @@ def restrict(
     """The block ``P_rows A P_colsᵀ`` of ``op`` on a subset of the parameter leaves.
 
     Args:
-      op: an operator built from parameters (:func:`~curvature.hessian`, ``gauss_newton``,
-        ``empirical_fisher``, combinations such as ``H - G``).
+      op: any square operator (:func:`~curvature.hessian`, ``gauss_newton``,
+        ``empirical_fisher``, combinations such as ``H - G``, :func:`~curvature.from_function`).
       rows, cols: selectors: a pytree of bools shaped like the parameters (one per leaf) or a
-        callable ``(path, leaf) -> bool``. ``cols=None`` is the diagonal block of ``rows``.
-      params: the parameters, for selectors; by default the operator's own (found in its
-        operands; pass them for combinations of operators built elsewhere).
+        callable ``(path, leaf) -> bool``, where ``leaf`` is a ``jax.ShapeDtypeStruct`` (its
+        ``shape``, ``ndim`` and ``dtype``) or, with ``params``, the parameter itself.
+        ``cols=None`` is the diagonal block of ``rows``.
+      params: optional: parameters of the operator's layout, handed to callable selectors
+        instead of the shapes.
 
-    Returns a :class:`~curvature.LinearOperator` for a diagonal block (every estimator accepts
-    it; ``ravel`` / ``unravel`` map its vectors to pytrees with ``None`` for the leaves left out)
+    Returns a :class:`Restricted` operator for a diagonal block (every estimator accepts it;
+    ``ravel`` / ``unravel`` map its vectors to pytrees with ``None`` for the leaves left out)
     or a :class:`BlockOperator` for an off-diagonal one. A product costs one full matvec.
     """
-    if isinstance(op, BlockOperator) or isinstance(op.fn, _Restricted):
+    if not isinstance(op, LinearOperator):
+        raise TypeError(f"restrict needs a LinearOperator, got {op!r}")
+    if isinstance(op, Restricted):
         raise ValueError("restrict applies to a full operator, not to a block of one")
-    params = _params_of(op) if params is None else params
+    if op.shape[0] != op.shape[1]:
+        raise ValueError("restrict applies to a square operator")
+    tree = _tree_of(op, params)
+    row_mask = _leaf_mask(rows, tree, "rows")
+    col_mask = row_mask if cols is None else _leaf_mask(cols, tree, "cols")
+    return _restricted(op, row_mask, col_mask)
+
+
+def _tree_of(op: LinearOperator, params: PyTree) -> PyTree:
+    """What selectors look at: ``params`` if given (checked against the layout), else the
+    operator's own parameter structure with shapes and dtypes."""
+    if params is None:
+        return op.layout.skeleton()
     if Layout.of(params) != op.layout:
         raise ValueError("params do not match the operator's layout (shapes and dtypes of leaves)")
-    row_mask = _leaf_mask(op, rows, params, "rows")
-    col_mask = row_mask if cols is None else _leaf_mask(op, cols, params, "cols")
-    return _restricted(op, params, row_mask, col_mask)
+    return params
 
 
-def _restricted(op, params, row_mask: list[bool], col_mask: list[bool]) -> LinearOperator:
-    fn = _Restricted(op.fn, op.size, _ranges(op.layout, row_mask), _ranges(op.layout, col_mask))
-    if row_mask == col_mask:
-        return LinearOperator(fn, op.operands, _sub_layout(params, row_mask))
-    return BlockOperator(
-        fn, op.operands, _sub_layout(params, row_mask), _sub_layout(params, col_mask)
-    )
-
-
-def _params_of(op: LinearOperator) -> PyTree:
-    def find(operands):
-        if isinstance(operands, dict) and "params" in operands:
-            return operands["params"]
-        if isinstance(operands, tuple):  # a combination: ((c, operands), ...)
-            for part in operands:
-                found = find(part[1]) if isinstance(part, tuple) and len(part) == 2 else None
-                if found is not None:
-                    return found
-        return None
-
-    found = find(op.operands)
-    if found is None:
-        raise ValueError("this operator holds no parameters; pass params= to restrict")
-    return found
+def _restricted(op, row_mask: list[bool], col_mask: list[bool]) -> LinearOperator:
+    rows, cols = _ranges(op.layout, row_mask), _ranges(op.layout, col_mask)
+    layout, column_layout = _sub_layout(op.layout, row_mask), _sub_layout(op.layout, col_mask)
+    kind = Restricted if row_mask == col_mask else BlockOperator
+    return kind(op, rows, cols, layout, column_layout)
 
 
 def layer_groups(params: PyTree) -> dict[str, PyTree]:
@@ -258,11 +254,12 @@ def layer_groups(params: PyTree) -> dict[str, PyTree]:
 
 
 class BlockSummary(NamedTuple):
-    """Per group ``g`` (``names``): ``trace[g]`` ± ``trace_se[g]`` (Hutch++ on the diagonal
-    block), ``top[g]`` with ``top_residual[g]`` (Lanczos); per pair: ``frobenius_sq[i, j]`` ±
-    ``frobenius_sq_se[i, j]``, the squared Frobenius norm of block ``(i, j)``, from ``probes``
-    Rademacher probes on group ``j``. Rows of a symmetric operator's summary add up:
-    ``frobenius_sq.sum()`` estimates ``||A||_F^2``."""
+    """Per group ``g`` (``names``, with ``sizes[g]`` parameters): ``trace[g]`` ± ``trace_se[g]``
+    (Hutchinson on the diagonal block, from the probes on group ``g``), ``top[g]`` with
+    ``top_residual[g]`` (Lanczos; NaN when not asked for); per pair: ``frobenius_sq[i, j]`` ±
+    ``frobenius_sq_se[i, j]``, the squared Frobenius norm of block ``(i, j)``, from the
+    ``num_matvecs`` Rademacher probes on group ``j``. Rows of a symmetric operator's summary add
+    up: ``frobenius_sq.sum()`` estimates ``||A||_F^2``."""
 
     names: tuple[str, ...]
     sizes: np.ndarray
@@ -274,23 +271,13 @@ class BlockSummary(NamedTuple):
     frobenius_sq_se: np.ndarray
 
 
-@host_driven
-@functools.partial(jax.jit, static_argnames="num_groups")
-def _block_norms(op, z_full, group_of_entry, *, num_groups):
-    # One full matvec per probe on group j's entries: the squared norm of every block (i, j).
-    products = apply_rows(op.prepared(), z_full)  # (probes, n)
-    per_group = jax.ops.segment_sum((products**2).T, group_of_entry, num_segments=num_groups)
-    return per_group.T  # (probes, groups)
-
-
-def _partition(op, groups, params) -> tuple[PyTree, dict[str, list[bool]]]:
-    params = _params_of(op) if params is None else params
+def _partition(op, groups, params) -> dict[str, list[bool]]:
+    tree = _tree_of(op, params)
     if groups is None:
-        groups = layer_groups(params)
+        groups = layer_groups(tree)
     if not isinstance(groups, dict):
         groups = {f"group{i}": g for i, g in enumerate(groups)}
-    masks = {name: _leaf_mask(op, sel, params, f"group {name!r}") for name, sel in groups.items()}
-    return params, masks
+    return {name: _leaf_mask(sel, tree, f"group {name!r}") for name, sel in groups.items()}
 
 
 def block_densities(
@@ -310,67 +297,178 @@ def block_densities(
     Cost: ``groups × num_probes × num_steps`` full matvecs."""
     from curvature.density import spectral_density
 
-    params, masks = _partition(op, groups, params)
+    masks = _partition(op, groups, params)
     keys = jax.random.split(key, len(masks))
     out = {}
     for k, (name, mask) in zip(keys, masks.items(), strict=True):
-        block = _restricted(op, params, mask, mask)
+        block = _restricted(op, mask, mask)
         out[name] = spectral_density(
             block, num_probes=num_probes, num_steps=min(num_steps, block.size), key=k
         )
     return out
 
 
+@functools.cache
+def _block_program(num_groups: int, num_probes: int, batch_size, recipes) -> _driver.Program:
+    """Per group ``j`` and probe ``i``, for every requested operator: the squared norm of each
+    group's part of ``A z`` (the column ``j`` of the blocks' Frobenius norms) and ``z^T A z``
+    (group ``j``'s trace), for probes ``z`` on group ``j``'s entries alone."""
+    atoms = tuple(range(max(max(_atoms_of(r)) for r in recipes) + 1))
+
+    def init(specs, key, entry_group, coefficients):
+        n, dtype = specs[0].size, specs[0].dtype
+        wide = jnp.promote_types(dtype, jnp.float32)
+        return {
+            "key": key,
+            "entry_group": entry_group,
+            "coefficients": coefficients,
+            "z": jnp.zeros((num_probes, n), dtype),
+            "squares": tuple(
+                jnp.zeros((num_groups, num_probes, num_groups), wide) for _ in recipes
+            ),
+            "quads": tuple(jnp.zeros((num_groups, num_probes), wide) for _ in recipes),
+        }
+
+    def probes(state, j):
+        z = state["z"]
+        draws = probe_rows(
+            jax.random.fold_in(state["key"], j), jnp.arange(num_probes), z.shape[1], z.dtype
+        )
+        return {**state, "z": draws * (state["entry_group"] == j).astype(z.dtype)}
+
+    def statistics(state, j, products):
+        z, values = state["z"], dict(enumerate(products))
+        squares, quads = list(state["squares"]), list(state["quads"])
+        for k, recipe in enumerate(recipes):
+            az = combine(recipe, values, state["coefficients"])
+            wide = az.astype(jnp.promote_types(az.dtype, jnp.float32))
+            per_group = jax.ops.segment_sum(
+                (wide**2).T, state["entry_group"], num_segments=num_groups
+            ).T
+            squares[k] = squares[k].at[j].set(per_group)
+            quads[k] = quads[k].at[j].set(jnp.sum(z * wide, axis=1))
+        return {**state, "squares": tuple(squares), "quads": tuple(quads)}
+
+    step = _driver.Apply(
+        lambda state, j: state["z"],
+        statistics,
+        operators=atoms,
+        mode="map",
+        batch_size=batch_size,
+    )
+    body = _driver.Repeat(num_groups, _driver.Seq(_driver.Map(probes), step))
+    return _driver.Program(
+        init,
+        body,
+        lambda state, specs, *args: (state["squares"], state["quads"]),
+        name="block_summary",
+    )
+
+
+def _atoms_of(recipe) -> set[int]:
+    kind, body = recipe
+    return {body} if kind == "atom" else set().union(*(_atoms_of(sub) for _, sub in body))
+
+
 def block_summary(
-    op: LinearOperator,
+    op: LinearOperator | tuple[LinearOperator, ...],
     groups: dict[str, Any] | Sequence | None = None,
     *,
     key: jax.Array,
-    probes: int = 16,
-    trace_matvecs: int = 30,
-    lanczos_steps: int = 20,
+    num_matvecs: int = 16,
+    num_steps: int = 20,
+    probe_batch_size: int | None = None,
     params: PyTree = None,
-) -> BlockSummary:
+    probes: int = UNSET,
+    lanczos_steps: int = UNSET,
+    trace_matvecs: int = UNSET,
+) -> BlockSummary | tuple[BlockSummary, ...]:
     """Traces, top eigenvalues and Frobenius norms of every block of a partition of the
-    parameters: ``groups`` maps names to selectors (default :func:`layer_groups`), and every
-    parameter leaf must belong to exactly one group for the Frobenius table to add up.
+    parameters.
 
-    Cost: ``groups × (probes + trace_matvecs + lanczos_steps + 1)`` matvecs; ``lanczos_steps=0``
-    skips the top eigenvalues (NaN)."""
+    Args:
+      op: an operator, or a tuple of operators of one layout (e.g. ``(H, G, H - G)``): then a
+        tuple of summaries on shared probes, each distinct operator multiplied once a probe.
+      groups: ``{name: selector}`` (default :func:`layer_groups`); every parameter leaf must
+        belong to exactly one group for the Frobenius table to add up.
+      key: PRNG key; group ``j``'s probes are ``rademacher(fold_in(key, j), (num_matvecs, n))``
+        restricted to its entries.
+      num_matvecs: probes per group (deprecated name: ``probes``). Each probe's product gives a
+        column of block norms and the group's Hutchinson trace.
+      num_steps: Lanczos steps for each diagonal block's top eigenvalue (at most the block's
+        size); ``0`` skips them (NaN). Deprecated name: ``lanczos_steps``. ``trace_matvecs`` is
+        deprecated and ignored: the traces come from the same probes.
+      probe_batch_size: probes multiplied together (vmapped); default one at a time.
+
+    The probe statistics of all groups are one compiled program, compiled once per number of
+    groups and probes whatever the partition; they are reduced on the host in float64.
+    Cost: ``groups × (num_matvecs + num_steps + 1)`` products with each distinct operator."""
     from curvature.krylov import eigsh
-    from curvature.stochastic_trace import diagonal, rademacher, trace
 
-    params, masks = _partition(op, groups, params)
+    num_matvecs = renamed("block_summary", "probes", "num_matvecs", probes, num_matvecs, 16)
+    num_steps = renamed("block_summary", "lanczos_steps", "num_steps", lanczos_steps, num_steps, 20)
+    if trace_matvecs is not UNSET:
+        warn_once(
+            "block_summary: trace_matvecs= is deprecated and ignored; the traces now come from "
+            "the num_matvecs probes on each group (Hutchinson, with its standard error)"
+        )
+    single = isinstance(op, LinearOperator)
+    ops = (op,) if single else tuple(op)
+    for other in ops:
+        require_square(other, "block_summary")
+        if other.layout != ops[0].layout:
+            raise ValueError("block_summary: operators on shared probes need one layout")
+    check_key(key)
+    num_matvecs = positive_int(num_matvecs, "num_matvecs")
+    if num_matvecs < 2:
+        raise ValueError(
+            f"block_summary needs num_matvecs >= 2 for a standard error, got {num_matvecs}"
+        )
+    masks = _partition(ops[0], groups, params)
     owners = np.sum([np.array(m) for m in masks.values()], axis=0)
     if np.any(owners != 1):
         raise ValueError("groups must partition the parameter leaves: every leaf in exactly one")
+    layout = ops[0].layout
     names = tuple(masks)
-    entry_group = np.zeros(op.size, np.int32)
+    entry_group = np.zeros(layout.size, np.int32)
     sizes = []
     for g, mask in enumerate(masks.values()):
-        for start, stop in _ranges(op.layout, mask):
+        for start, stop in _ranges(layout, mask):
             entry_group[start:stop] = g
-        sizes.append(sum(stop - start for start, stop in _ranges(op.layout, mask)))
-    keys = jax.random.split(key, 3 * len(names))
-    fro = np.zeros((len(names), len(names)))
-    fro_se = np.zeros_like(fro)
-    tr, tr_se, top, res = (np.zeros(len(names)) for _ in range(4))
-    for j, name in enumerate(names):
-        z = rademacher(keys[3 * j], (probes, op.size), op.dtype)
-        z = z * jnp.asarray(entry_group == j, op.dtype)  # a probe on group j alone
-        sq = _block_norms(op, z, jnp.asarray(entry_group), num_groups=len(names))
-        sq = np.asarray(sq, np.float64)
-        fro[:, j] = sq.mean(axis=0)
-        fro_se[:, j] = sq.std(axis=0, ddof=1) / np.sqrt(probes)
-        block = _restricted(op, params, masks[name], masks[name])
-        if block.size > trace_matvecs:
-            t = trace(block, num_matvecs=trace_matvecs, key=keys[3 * j + 1])
-            tr[j], tr_se[j] = float(t.value), float(t.standard_error)
-        else:  # a small block: exactly, from its n <= trace_matvecs unit vectors
-            tr[j] = float(jnp.sum(diagonal(block, method="exact").diagonal))
-        if lanczos_steps:
-            e = eigsh(block, k=1, num_steps=min(lanczos_steps, block.size), key=keys[3 * j + 2])
-            top[j], res[j] = float(e.eigenvalues[0]), float(e.residual_norms[0])
-        else:  # not asked for
-            top[j] = res[j] = np.nan
-    return BlockSummary(names, np.array(sizes), tr, tr_se, top, res, fro, fro_se)
+        sizes.append(sum(stop - start for start, stop in _ranges(layout, mask)))
+    fam = family(ops)
+    program = _block_program(len(names), num_matvecs, probe_batch_size, fam.recipes)
+    squares, quads = _driver.run(
+        program, fam.atoms, key, jnp.asarray(entry_group), fam.coefficients
+    )
+    out = []
+    for k, recipe_op in enumerate(ops):
+        sq = np.asarray(squares[k], np.float64)  # (column j, probe, row i)
+        quad = np.asarray(quads[k], np.float64)  # (group j, probe)
+        if not (np.all(np.isfinite(sq)) and np.all(np.isfinite(quad))):
+            raise FloatingPointError("block_summary: a matvec returned NaN or inf")
+        root = np.sqrt(num_matvecs)
+        top, residual = np.full(len(names), np.nan), np.full(len(names), np.nan)
+        if num_steps:
+            for j, mask in enumerate(masks.values()):
+                block = _restricted(recipe_op, mask, mask)
+                e = eigsh(
+                    block,
+                    k=1,
+                    num_steps=min(num_steps, block.size),
+                    key=jax.random.fold_in(jax.random.fold_in(key, 0x70B), j),
+                )
+                top[j], residual[j] = float(e.eigenvalues[0]), float(e.residual_norms[0])
+        out.append(
+            BlockSummary(
+                names,
+                np.array(sizes),
+                quad.mean(axis=1),
+                quad.std(axis=1, ddof=1) / root,
+                top,
+                residual,
+                sq.mean(axis=1).T,
+                (sq.std(axis=1, ddof=1) / root).T,
+            )
+        )
+    return out[0] if single else tuple(out)

@@ -4,7 +4,8 @@
   $H v = \\partial_\\epsilon \\nabla L(\\theta + \\epsilon v)|_{\\epsilon=0}$ (forward-over-reverse).
 * :func:`gauss_newton`: the generalised Gauss-Newton $G = \\sum_b w_b J_b^T H^{out}_b J_b$
   (Schraudolph 2002; Martens 2014).
-* :func:`loss_operator`: the shared builder (checks, chunking, captured arrays) behind these and
+* :class:`LossOperator`, :func:`loss_operator`: the operator types of a batch-mean loss and the
+  shared builder (checks, chunking, captured arrays) behind these and
   :func:`curvature.empirical_fisher`.
 
 Normalisation: with ``n`` examples split into batches of sizes ``b_1, ..., b_m`` (the last one may be
@@ -12,14 +13,13 @@ shorter), the operator is $\\sum_j (b_j / n) \\nabla^2 \\ell_j$ where $\\ell_j$ 
 batch ``j`` (a batch *mean*). This is exactly the Hessian of the mean loss over all ``n`` examples,
 whatever ``batch_size`` is.
 
-Convolutional models on the CPU backend get their matvec's convolutions in the layout XLA:CPU
+Convolutional models on the CPU backend get their products' convolutions in the layout XLA:CPU
 runs fast also inside loops (:mod:`curvature._conv`; about 20x on a small CNN).
 
-Compiled programs survive closures: the user's functions are kept in the operator's static part in
-a form that compares by structure (code, globals and captured values), and the JAX arrays they
-capture become operands (:mod:`curvature._closures`). Rebuilding an operator from a new but
-equivalent ``lambda`` or ``functools.partial`` (inside a training loop, say) reuses every compiled
-estimator.
+Compiled programs survive closures: the user's functions are kept as :class:`~curvature.Closure`
+fields, static parts compared by structure (code, globals and captured values) and the JAX arrays
+they capture as leaves. Rebuilding an operator from a new but equivalent ``lambda`` or
+``functools.partial`` (inside a training loop, say) reuses every compiled estimator.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +41,18 @@ from curvature._checks import (
     is_traced,
     positive_int,
 )
-from curvature._closures import Canonical, canonical, stable
-from curvature._conv import CanonicalConvs, needs_rewrite
-from curvature.linear_operator import Layout, LinearOperator
-from curvature.losses import OutputLoss, output_loss
+from curvature._closures import Closure, closure
+from curvature._conv import needs_rewrite, rewritten_if
+from curvature.linear_operator import (
+    Layout,
+    Linearized,
+    LinearOperator,
+    operator_type,
+    static,
+)
+from curvature.losses import output_loss
 
-__all__ = ["gauss_newton", "hessian", "loss_operator"]
+__all__ = ["GaussNewton", "Hessian", "LossOperator", "gauss_newton", "hessian", "loss_operator"]
 
 PyTree = Any
 
@@ -60,65 +66,109 @@ def _at_least_float32(x):
 # Operators of a batch-mean loss(params, batch).
 
 
-@dataclasses.dataclass(frozen=True)
-class LossMatvec:
-    """Base of the matvecs of a batch-mean ``loss(params, batch)``: the loss is kept as a
-    :class:`~curvature._closures.Canonical`, its captured arrays in ``operands["captured"]``."""
+@operator_type
+class LossOperator(LinearOperator):
+    """An operator of a batch-mean loss at ``params`` on ``data``: its products are the
+    example-weighted mean of per-chunk products (``batching``). Subclasses give the product of
+    one chunk (:meth:`chunk_product`) and its linearised form (:meth:`linearize`).
 
-    loss: Canonical
-    layout: Layout
-    batching: Batching
+    ``data`` is ``None`` (and ``batching`` too) in the template a streamed operator builds its
+    per-batch operators from (:meth:`with_data`)."""
 
-    def bound_loss(self, operands) -> Callable:
-        return self.loss.bind(operands["captured"])
+    params: PyTree
+    data: PyTree
+    layout: Layout = static()
+    batching: Batching | None = static()
+    convs: bool = static()  # products with convolutions in XLA:CPU's fast layout
+
+    kind: ClassVar[str] = "loss"
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    def chunk_product(self, v: jax.Array, batch: PyTree) -> jax.Array:
+        raise NotImplementedError
+
+    def linearize(self) -> Callable[[jax.Array], jax.Array]:
+        """The product at ``params`` on all data (one chunk), linearised once."""
+        raise NotImplementedError
+
+    def pulled(self) -> LinearOperator:
+        """Outside compiled code: the operator with its linearisation held as arrays."""
+        raise NotImplementedError
+
+    def apply(self, v):
+        def product(v):
+            return data_mean(lambda batch: self.chunk_product(v, batch), self.data, self.batching)
+
+        return rewritten_if(self.convs, product)(v.astype(self.dtype))
+
+    def prepared(self) -> LinearOperator:
+        if self.batching is None or not self.batching.single_chunk:
+            return self  # chunked (or a streamed template): nothing to hold
+        if is_traced(self):
+            linear = rewritten_if(self.convs, self.linearize())
+            return Linearized(linear, self.layout, f"{self.kind} (prepared)")
+        return _pull(self)
+
+    def with_data(self, data: PyTree, batching: Batching) -> LossOperator:
+        """The same operator on other data (a streamed operator's batch)."""
+        return dataclasses.replace(self, data=data, batching=batching)
 
 
-@dataclasses.dataclass(frozen=True)
-class _HessianMatvec(LossMatvec):
-    name = "hessian"
+@jax.jit
+def _pull(op: LossOperator) -> LinearOperator:
+    return op.pulled()
 
-    def __call__(self, operands, v):
-        params = operands["params"]
+
+@operator_type
+class Hessian(LossOperator):
+    """The Hessian of a batch-mean ``loss`` (a :class:`~curvature.Closure`): :func:`hessian`."""
+
+    loss: Closure = None
+
+    kind: ClassVar[str] = "hessian"
+
+    def chunk_product(self, v, batch):
+        # Raveled per chunk, so chunks accumulate in the operator's dtype (>= float32).
+        grad = jax.grad(self.loss.bind())
         tangent = self.layout.unravel(v)
-        grad = jax.grad(self.bound_loss(operands))
+        return self.layout.ravel(jax.jvp(lambda p: grad(p, batch), (self.params,), (tangent,))[1])
 
-        def hvp(batch):
-            # Raveled per chunk, so chunks accumulate in the operator's dtype (>= float32).
-            return self.layout.ravel(jax.jvp(lambda p: grad(p, batch), (params,), (tangent,))[1])
-
-        return data_mean(hvp, operands["data"], self.batching)
-
-    def prepare(self, operands):
-        if not self.batching.single_chunk:
-            return None
-        params, data = operands["params"], operands["data"]
-        grad = jax.grad(self.bound_loss(operands))
-        _, tangent_of = jax.linearize(lambda p: grad(p, data), params)
+    def linearize(self):
+        grad = jax.grad(self.loss.bind())
+        _, tangent_of = jax.linearize(lambda p: grad(p, self.data), self.params)
         return lambda v: self.layout.ravel(tangent_of(self.layout.unravel(v)))
 
-    def pulled(self, operands) -> LinearOperator | None:
-        """Outside compiled code (see :meth:`LinearOperator.prepared`): the operator as the
-        pullback of the gradient, ``H v = (v^T H)^T``, its residuals held as arrays."""
-        if not self.batching.single_chunk:
-            return None
-        grad = jax.grad(self.bound_loss(operands))
-        _, pullback = jax.vjp(lambda p: grad(p, operands["data"]), operands["params"])
-        return LinearOperator(_PulledHessian(self.layout), pullback, self.layout)
+    def pulled(self):
+        """``H v = (v^T H)^T``: the pullback of the gradient, its residuals held as arrays."""
+        grad = jax.grad(self.loss.bind())
+        _, pullback = jax.vjp(lambda p: grad(p, self.data), self.params)
+        return _PulledHessian(pullback, self.layout, self.convs)
 
 
-@dataclasses.dataclass(frozen=True)
-class _PulledHessian:
-    layout: Layout
-    name = "hessian (prepared)"
+@operator_type
+class _PulledHessian(LinearOperator):
+    pullback: Any
+    layout: Layout = static()
+    convs: bool = static()
 
-    def __call__(self, pullback, v):
-        (out,) = pullback(self.layout.unravel(v))
-        return self.layout.ravel(out)
+    @property
+    def name(self) -> str:
+        return "hessian (prepared)"
+
+    def apply(self, v):
+        def product(v):
+            (out,) = self.pullback(self.layout.unravel(v))
+            return self.layout.ravel(out)
+
+        return rewritten_if(self.convs, product)(v.astype(self.dtype))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _mean_loss(loss: Canonical, params, data, captured, batching):
-    fn = loss.bind(captured)
+@functools.partial(jax.jit, static_argnums=(3,))
+def _mean_loss(loss: Closure, params, data, batching):
+    fn = loss.bind()
     return data_mean(lambda batch: _at_least_float32(fn(params, batch)), data, batching)
 
 
@@ -137,39 +187,34 @@ def _setup(params, data, batch_size, check):
     return layout, batching, data, batching.first(data)
 
 
+def _finished(op: LossOperator, data, batch_size) -> LinearOperator:
+    """In-memory data: the operator as built. A loader: a streamed operator whose products are
+    passes over its batches, each batch's product by ``op`` on that batch."""
+    if op.batching is None:
+        return streaming.Streamed(op, data, batch_size)
+    return op
+
+
 def loss_operator(
-    matvec_type: type[LossMatvec], loss, params, data, *, batch_size, check, what: str
+    op_type: type[LossOperator], loss, params, data, *, batch_size, check, what: str
 ) -> LinearOperator:
-    """An operator ``matvec_type(loss, layout, batching)`` of a batch-mean ``loss``: the checks,
-    the chunking and the captured arrays, shared by :func:`hessian` and
-    :func:`curvature.empirical_fisher`. ``data`` may be a loader (:mod:`curvature.streaming`)."""
+    """An operator ``op_type`` of a batch-mean ``loss``: the checks, the chunking and the
+    captured arrays, shared by :func:`hessian` and :func:`curvature.empirical_fisher`. ``data``
+    may be a loader (:mod:`curvature.streaming`)."""
     if not callable(loss):
         raise TypeError(f"{what}: loss must be a function loss(params, batch), got {loss!r}")
     layout, batching, data, first = _setup(params, data, batch_size, check)
     if check:
         check_scalar(loss, (params, first), "loss(params, batch)")
-    static, captured = stable(loss, (params, first), what)
-    if check and not is_traced((first, captured)):
+    loss = closure(loss, params, first, what=what)
+    if check and not is_traced((first, loss)):
         chunks = batching or Batching.of(first, batch_size)
-        value = _mean_loss(static, params, data if batching else first, captured, chunks)
+        value = _mean_loss(loss, params, data if batching else first, chunks)
         check_finite_value(value, "the mean loss" if batching else "the first batch's mean loss")
-    convs = needs_rewrite(static.bind(captured), params, first)
-
-    def build(chunks: Batching):
-        matvec = matvec_type(static, layout, chunks)
-        return CanonicalConvs(matvec) if convs else matvec
-
-    return _operator(build, params, data, captured, layout, batching, batch_size, matvec_type)
-
-
-def _operator(build, params, data, captured, layout, batching, batch_size, matvec_type):
-    """In-memory data: the matvec over all data, chunked. A loader: a pass over its batches."""
-    if batching is None:
-        has_diagonal = hasattr(matvec_type, "exact_diagonal")
-        fn = streaming.streamed(build, data, layout, batch_size, has_diagonal)
-        return LinearOperator(fn, {"params": params, "captured": captured}, layout)
-    operands = {"params": params, "data": data, "captured": captured}
-    return LinearOperator(build(batching), operands, layout)
+    convs = needs_rewrite(loss.bind(), params, first)
+    in_memory = data if batching is not None else None
+    op = op_type(params, in_memory, layout, batching, convs, loss=loss)
+    return _finished(op, data, batch_size)
 
 
 def hessian(
@@ -192,11 +237,15 @@ def hessian(
         for data that do not fit in memory, a zero-argument function returning a fresh iterable
         of such batches (``lambda: loader``; see :mod:`curvature.streaming`): each matvec is then
         a pass over the batches, weighted by their sizes, and ``check`` looks at the first batch.
-      batch_size: examples per chunk (of each streamed batch, for a loader); chunks are scanned inside the compiled matvec and the last,
-        shorter chunk is weighted by its size, so the operator is the Hessian of the mean over all
-        examples whatever ``batch_size`` is. ``None`` uses all data at once.
+      batch_size: examples per chunk (of each streamed batch, for a loader); chunks are scanned
+        inside the compiled matvec and the last, shorter chunk is weighted by its size, so the
+        operator is the Hessian of the mean over all examples whatever ``batch_size`` is.
+        ``None`` uses all data at once.
       check: verify, once on the host, that the parameters and the loss are finite and that the
         loss is a scalar. Skipped automatically under tracing.
+
+    Returns a :class:`Hessian` (a :class:`~curvature.LinearOperator`), or a
+    :class:`~curvature.streaming.Streamed` one for a loader.
 
     Cost: one matvec is a forward-over-reverse product (``jax.jvp`` of ``jax.grad``), about two
     gradient evaluations on the whole data set.
@@ -211,7 +260,7 @@ def hessian(
              [0., 4.]], dtype=float32)
     """
     return loss_operator(
-        _HessianMatvec, loss, params, data, batch_size=batch_size, check=check, what="hessian()"
+        Hessian, loss, params, data, batch_size=batch_size, check=check, what="hessian()"
     )
 
 
@@ -219,37 +268,49 @@ def hessian(
 # Generalised Gauss-Newton.
 
 
-@dataclasses.dataclass(frozen=True)
-class _GaussNewtonMatvec:
-    model: Canonical
-    loss: Canonical  # of an OutputLoss
-    layout: Layout
-    batching: Batching
-    name = "gauss_newton"
+@operator_type
+class GaussNewton(LossOperator):
+    """The generalised Gauss-Newton matrix of ``model`` and an output ``loss`` (both
+    :class:`~curvature.Closure`; the loss of an :class:`~curvature.losses.OutputLoss`):
+    :func:`gauss_newton`. Its exact diagonal comes from per-example Jacobians."""
 
-    def bound(self, operands) -> tuple[Callable, OutputLoss]:
-        captured = operands["captured"]
-        return self.model.bind(captured["model"]), self.loss.bind(captured["loss"])
+    model: Closure = None
+    loss: Closure = None
 
-    def __call__(self, operands, v):
-        params = operands["params"]
+    kind: ClassVar[str] = "gauss_newton"
+    has_fast_diagonal: ClassVar[bool] = True
+
+    def chunk_product(self, v, batch):
+        model, loss = self.model.bind(), self.loss.bind()
         tangent = self.layout.unravel(v)
-        model, loss = self.bound(operands)
+        out, jvp = jax.linearize(lambda p: model(p, batch), self.params)
+        (vjp_out,) = jax.linear_transpose(jvp, self.params)(loss.hvp(out, jvp(tangent), batch))
+        return self.layout.ravel(vjp_out)
 
-        def ggn(batch):
-            out, jvp = jax.linearize(lambda p: model(p, batch), params)
-            (vjp_out,) = jax.linear_transpose(jvp, params)(loss.hvp(out, jvp(tangent), batch))
+    def linearize(self):
+        model, loss = self.model.bind(), self.loss.bind()
+        out, jvp = jax.linearize(lambda p: model(p, self.data), self.params)
+        transpose = jax.linear_transpose(jvp, self.params)
+
+        def ggn(v):
+            (vjp_out,) = transpose(loss.hvp(out, jvp(self.layout.unravel(v)), self.data))
             return self.layout.ravel(vjp_out)
 
-        return data_mean(ggn, operands["data"], self.batching)
+        return ggn
 
-    def exact_diagonal(self, operands):
+    def pulled(self):
+        """``J^T`` as the model's pullback (residuals held as arrays), ``J`` as its transpose."""
+        model = self.model.bind()
+        out, pullback = jax.vjp(lambda p: model(p, self.data), self.params)
+        return _PulledGaussNewton(out, pullback, self.data, self.loss, self.layout, self.convs)
+
+    def exact_diagonal(self):
         """``diag(G)`` from per-example Jacobians: ``diag(J_i^T H_i J_i)`` summed over the
         examples, with ``H_i`` the output loss's Hessian on example ``i`` (exact when the output
         loss is a mean of per-example terms, as the named losses are). Memory: a chunk's
         Jacobians, ``batch x outputs x n``."""
-        params = operands["params"]
-        model, loss = self.bound(operands)
+        params = self.params
+        model, loss = self.model.bind(), self.loss.bind()
 
         def chunk(batch):
             size = jax.tree_util.tree_leaves(batch)[0].shape[0]
@@ -264,55 +325,34 @@ class _GaussNewtonMatvec:
 
             return jnp.sum(jax.vmap(one)(batch), axis=0) / size
 
-        return data_mean(chunk, operands["data"], self.batching)
-
-    def prepare(self, operands):
-        if not self.batching.single_chunk:
-            return None
-        params, data = operands["params"], operands["data"]
-        model, loss = self.bound(operands)
-        out, jvp = jax.linearize(lambda p: model(p, data), params)
-        transpose = jax.linear_transpose(jvp, params)
-
-        def ggn(v):
-            (vjp_out,) = transpose(loss.hvp(out, jvp(self.layout.unravel(v)), data))
-            return self.layout.ravel(vjp_out)
-
-        return ggn
-
-    def pulled(self, operands) -> LinearOperator | None:
-        """Outside compiled code: ``J^T`` as the model's pullback (residuals held as arrays),
-        ``J`` as its transpose."""
-        if not self.batching.single_chunk:
-            return None
-        params, data = operands["params"], operands["data"]
-        model, _ = self.bound(operands)
-        out, pullback = jax.vjp(lambda p: model(p, data), params)
-        held = {
-            "out": out,
-            "pullback": pullback,
-            "data": data,
-            "loss": operands["captured"]["loss"],
-        }
-        return LinearOperator(_PulledGaussNewton(self.loss, self.layout), held, self.layout)
+        return data_mean(chunk, self.data, self.batching)
 
 
-@dataclasses.dataclass(frozen=True)
-class _PulledGaussNewton:
-    loss: Canonical
-    layout: Layout
-    name = "gauss_newton (prepared)"
+@operator_type
+class _PulledGaussNewton(LinearOperator):
+    out: jax.Array
+    pullback: Any
+    data: PyTree
+    loss: Closure
+    layout: Layout = static()
+    convs: bool = static()
 
-    def __call__(self, held, v):
-        out, pullback = held["out"], held["pullback"]
-        (jv,) = jax.linear_transpose(pullback, out)((self.layout.unravel(v),))
-        (w,) = pullback(self.loss.bind(held["loss"]).hvp(out, jv, held["data"]))
-        return self.layout.ravel(w)
+    @property
+    def name(self) -> str:
+        return "gauss_newton (prepared)"
+
+    def apply(self, v):
+        def product(v):
+            (jv,) = jax.linear_transpose(self.pullback, self.out)((self.layout.unravel(v),))
+            (w,) = self.pullback(self.loss.bind().hvp(self.out, jv, self.data))
+            return self.layout.ravel(w)
+
+        return rewritten_if(self.convs, product)(v.astype(self.dtype))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 5))
-def _mean_output_loss(model: Canonical, loss: Canonical, params, data, captured, batching):
-    model_fn, loss_fn = model.bind(captured["model"]), loss.bind(captured["loss"])
+@functools.partial(jax.jit, static_argnums=(4,))
+def _mean_output_loss(model: Closure, loss: Closure, params, data, batching):
+    model_fn, loss_fn = model.bind(), loss.bind()
 
     def value(batch):
         return _at_least_float32(loss_fn.value(model_fn(params, batch), batch))
@@ -352,6 +392,8 @@ def gauss_newton(
         ``(inputs, targets)`` pair, or the one key of ``y``/``label(s)``/``target(s)`` the
         batch has (see :mod:`curvature.losses`).
 
+    Returns a :class:`GaussNewton` (or a streamed operator for a loader).
+
     Cost: one matvec is a linearisation, a JVP and its transpose: about a gradient and a half.
     """
     out_loss = output_loss(loss, targets)
@@ -362,21 +404,13 @@ def gauss_newton(
         check_scalar(
             lambda p, b: out_loss.value(model(p, b), b), (params, first), "the output loss"
         )
-    model_static, model_arrays = stable(model, (params, first), "gauss_newton()")
-    loss_static, loss_arrays, _ = canonical(out_loss)
-    captured = {"model": model_arrays, "loss": loss_arrays}
-    if check and not is_traced((first, captured)):
+    model = closure(model, params, first, what="gauss_newton()")
+    out_loss = closure(out_loss)
+    if check and not is_traced((first, model, out_loss)):
         chunks = batching or Batching.of(first, batch_size)
-        value = _mean_output_loss(
-            model_static, loss_static, params, data if batching else first, captured, chunks
-        )
+        value = _mean_output_loss(model, out_loss, params, data if batching else first, chunks)
         check_finite_value(value, "the mean loss" if batching else "the first batch's mean loss")
-    convs = needs_rewrite(model_static.bind(model_arrays), params, first)
-
-    def build(chunks: Batching):
-        matvec = _GaussNewtonMatvec(model_static, loss_static, layout, chunks)
-        return CanonicalConvs(matvec) if convs else matvec
-
-    return _operator(
-        build, params, data, captured, layout, batching, batch_size, _GaussNewtonMatvec
-    )
+    convs = needs_rewrite(model.bind(), params, first)
+    in_memory = data if batching is not None else None
+    op = GaussNewton(params, in_memory, layout, batching, convs, model=model, loss=out_loss)
+    return _finished(op, data, batch_size)

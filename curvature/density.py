@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvature import _driver
 from curvature._checks import (
     check_finite_result,
     check_key,
@@ -28,8 +29,14 @@ from curvature._checks import (
     positive_int,
     require_square,
 )
-from curvature._driving import host_driven
-from curvature._lanczos import _lanczos_recurrence, _lanczos_run
+from curvature._lanczos import (
+    basis_init,
+    basis_result,
+    basis_update,
+    recurrence_init,
+    recurrence_result,
+    recurrence_update,
+)
 from curvature._memory import check_basis_memory
 from curvature.krylov import eigh_tridiagonal
 from curvature.linear_operator import LinearOperator
@@ -113,29 +120,117 @@ def _mean_error(per_probe: np.ndarray) -> tuple[float, float]:
     return float(np.mean(per_probe)), error
 
 
-@host_driven
-@functools.partial(
-    jax.jit, static_argnames=("num_probes", "num_steps", "reorthogonalize", "probe_batch_size")
-)
-def _slq(op, key, *, num_probes, num_steps, reorthogonalize, probe_batch_size=None):
-    op = op.prepared()
-    n, dtype = op.size, op.dtype
-    # The probes are exactly those of trace(..., method="hutchinson") with the same key, so the
-    # two trace estimates agree; restart keys are derived apart from them.
-    key_restart = jax.random.fold_in(key, 0x5EED)
+def _probe_steps(num_steps: int, reorthogonalize: bool):
+    """One probe's quadrature, as steps on its own state ``{"index", "key", "restart", "like"}``:
+    the probe (row ``index`` of the Rademacher probes of ``key``, so the probes are those of
+    ``trace(..., method="hutchinson")`` with the same key), ``num_steps`` Lanczos steps, and the
+    nodes and weights of its Gauss quadrature."""
+    init = basis_init if reorthogonalize else recurrence_init
+    result = basis_result if reorthogonalize else recurrence_result
 
-    def one(i):
-        z = probe_rows(key, i[None], n, dtype)[0]  # drawn here: the probes are never all held
-        restart = jax.random.fold_in(key_restart, i)
+    def start(probe, i):
+        like = probe["like"]
+        z = probe_rows(probe["key"], probe["index"][None], like.shape[1], like.dtype)[0]
+        restart = jax.random.fold_in(probe["restart"], probe["index"])
+        return {"lanczos": init(z, num_steps), "restart": restart}
+
+    def rows(probe, j):
         if reorthogonalize:
-            run = _lanczos_run(op, z, restart, num_steps, True)
-        else:  # the quadrature needs only T: no basis
-            run = _lanczos_recurrence(op, z, restart, num_steps)
-        theta, s = eigh_tridiagonal(run)
-        return theta, s[0] ** 2
+            return probe["lanczos"][0][j]
+        return probe["lanczos"][1]
 
-    nodes, weights = jax.lax.map(one, jnp.arange(num_probes), batch_size=probe_batch_size)
-    return SpectralDensity(nodes, weights, jnp.asarray(n))
+    def update(probe, j, w):
+        if reorthogonalize:
+            new = basis_update(probe["lanczos"], j, w, probe["restart"], num_steps, True)
+        else:
+            new = recurrence_update(probe["lanczos"], j, w, probe["restart"], num_steps)
+        return {**probe, "lanczos": new}
+
+    def quadrature(probe, i):
+        run = result(probe["lanczos"], num_steps) if reorthogonalize else result(probe["lanczos"])
+        theta, s = eigh_tridiagonal(run)
+        return {"nodes": theta, "weights": s[0] ** 2}
+
+    return start, _driver.Repeat(num_steps, _driver.Apply(rows, update)), quadrature
+
+
+def _focused(steps, field: str):
+    """The steps of one item acting on ``state[field]`` (no batch axis)."""
+    start, lanczos, quadrature = steps
+    inner = lanczos.body
+    return _driver.Seq(
+        _driver.Map(lambda state, i: {**state, field: start(state[field], i)}),
+        _driver.Repeat(
+            lanczos.count,
+            _driver.Apply(
+                lambda state, j: inner.rows(state[field], j),
+                lambda state, j, w: {**state, field: inner.update(state[field], j, w)},
+            ),
+        ),
+        _driver.Map(lambda state, i: {**state, field: quadrature(state[field], i)}),
+    )
+
+
+@functools.cache
+def _slq_program(num_probes, num_steps, reorthogonalize, probe_batch_size) -> _driver.Program:
+    """Probes one at a time, or in groups of ``probe_batch_size`` run together (vmapped: one
+    ``(P, n)`` block of products a step), the last, smaller group alone."""
+    steps = _probe_steps(num_steps, reorthogonalize)
+
+    def init(specs, key):
+        n, dtype = specs[0].size, specs[0].dtype
+        return {
+            "key": key,
+            "restart": jax.random.fold_in(key, 0x5EED),  # restart keys apart from the probes
+            "like": jnp.zeros((0, n), dtype),  # n and the dtype, without memory
+            "nodes": jnp.zeros((num_probes, num_steps), dtype),
+            "weights": jnp.zeros((num_probes, num_steps), dtype),
+        }
+
+    def gather(size: int, offset: int):
+        def probes(state, g):
+            index = offset + g * size + jnp.arange(size)
+            shared = {k: state[k] for k in ("key", "restart", "like")}
+            batch = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (size, *x.shape)), shared)
+            return {**state, "probe": {**batch, "index": index}}
+
+        def store(state, g):
+            first = offset + g * size
+            out = {k: v for k, v in state.items() if k != "probe"}
+            for k in ("nodes", "weights"):
+                out[k] = jax.lax.dynamic_update_slice_in_dim(state[k], state["probe"][k], first, 0)
+            return out
+
+        start, lanczos, quadrature = steps
+        body = _driver.Seq(_driver.Map(start), lanczos, _driver.Map(quadrature))
+        return _driver.Seq(_driver.Map(probes), _driver.Vmap("probe", body), _driver.Map(store))
+
+    if probe_batch_size is None:
+
+        def one(state, i):
+            shared = {k: state[k] for k in ("key", "restart", "like")}
+            return {**state, "probe": {**shared, "index": jnp.asarray(i)}}
+
+        def store_one(state, i):
+            out = {k: v for k, v in state.items() if k != "probe"}
+            for k in ("nodes", "weights"):
+                out[k] = state[k].at[i].set(state["probe"][k])
+            return out
+
+        body = _driver.Seq(_driver.Map(one), _focused(steps, "probe"), _driver.Map(store_one))
+        parts = [_driver.Repeat(num_probes, body)]
+    else:
+        groups, remainder = divmod(num_probes, probe_batch_size)
+        parts = []
+        if groups:
+            parts.append(_driver.Repeat(groups, gather(probe_batch_size, 0)))
+        if remainder:
+            parts.append(gather(remainder, groups * probe_batch_size))
+
+    def finish(state, specs, key):
+        return SpectralDensity(state["nodes"], state["weights"], jnp.asarray(specs[0].size))
+
+    return _driver.Program(init, _driver.Seq(*parts), finish, name="spectral_density")
 
 
 def spectral_density(
@@ -151,7 +246,7 @@ def spectral_density(
     """Stochastic Lanczos quadrature: ``num_probes`` Lanczos runs of ``num_steps`` steps.
 
     Cost: ``num_probes * num_steps`` matvecs; memory: one ``(num_steps, n)`` basis at a time
-    (probes run one after another in one compiled ``lax.map``), or ``probe_batch_size`` bases
+    (probes run one after another in one compiled loop), or ``probe_batch_size`` bases
     when that many probes run together (vmapped: their matvecs become one matrix product, faster
     for small networks, the same numbers up to round-off). The basis memory is checked before it
     is allocated.
@@ -176,13 +271,7 @@ def spectral_density(
         )
     if reorthogonalize:
         check_basis_memory(op, num_steps, "spectral_density", copies=probe_batch_size or 1)
-    result = _slq(
-        op,
-        key,
-        num_probes=num_probes,
-        num_steps=num_steps,
-        reorthogonalize=reorthogonalize,
-        probe_batch_size=probe_batch_size,
-    )
+    program = _slq_program(num_probes, num_steps, reorthogonalize, probe_batch_size)
+    result = _driver.run(program, (op,), key)
     check_finite_result(result.nodes, "spectral_density")
     return result

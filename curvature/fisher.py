@@ -18,18 +18,19 @@ per-example gradients, in a few gradients' time rather than ``n`` matvecs.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from curvature._batching import data_mean
-from curvature.builders import LossMatvec, loss_operator
-from curvature.linear_operator import LinearOperator
+from curvature._checks import is_traced
+from curvature._closures import Closure
+from curvature.builders import LossOperator, loss_operator
+from curvature.linear_operator import LinearOperator, operator_type
 
-__all__ = ["empirical_fisher", "per_example_gradients"]
+__all__ = ["EmpiricalFisher", "empirical_fisher", "per_example_gradients"]
 
 PyTree = Any
 
@@ -48,28 +49,28 @@ def per_example_gradients(loss: Callable, params: PyTree, batch: PyTree) -> PyTr
     )(batch)
 
 
-@dataclasses.dataclass(frozen=True)
-class _EmpiricalFisherMatvec(LossMatvec):
-    name = "empirical_fisher"
+@operator_type
+class EmpiricalFisher(LossOperator):
+    """The empirical Fisher of a batch-mean ``loss`` (a :class:`~curvature.Closure`):
+    :func:`empirical_fisher`. Its exact diagonal comes from per-example gradients."""
 
-    def __call__(self, operands, v):
-        params, tangent = operands["params"], self.layout.unravel(v)
-        loss = self.bound_loss(operands)
+    loss: Closure = None
 
-        def chunk(batch):
-            losses, forward = jax.linearize(lambda p: _per_example_losses(loss, p, batch), params)
-            (back,) = jax.linear_transpose(forward, params)(forward(tangent) / losses.shape[0])
-            return self.layout.ravel(back)
+    kind: ClassVar[str] = "empirical_fisher"
+    has_fast_diagonal: ClassVar[bool] = True
 
-        return data_mean(chunk, operands["data"], self.batching)
+    def chunk_product(self, v, batch):
+        loss, tangent = self.loss.bind(), self.layout.unravel(v)
+        losses, forward = jax.linearize(lambda p: _per_example_losses(loss, p, batch), self.params)
+        (back,) = jax.linear_transpose(forward, self.params)(forward(tangent) / losses.shape[0])
+        return self.layout.ravel(back)
 
-    def prepare(self, operands):
-        if not self.batching.single_chunk:
-            return None
-        params, data = operands["params"], operands["data"]
-        loss = self.bound_loss(operands)
-        losses, forward = jax.linearize(lambda p: _per_example_losses(loss, p, data), params)
-        transpose = jax.linear_transpose(forward, params)
+    def linearize(self):
+        loss = self.loss.bind()
+        losses, forward = jax.linearize(
+            lambda p: _per_example_losses(loss, p, self.data), self.params
+        )
+        transpose = jax.linear_transpose(forward, self.params)
         size = losses.shape[0]
 
         def fisher(v):
@@ -78,15 +79,20 @@ class _EmpiricalFisherMatvec(LossMatvec):
 
         return fisher
 
-    def exact_diagonal(self, operands):
-        loss = self.bound_loss(operands)
+    def prepared(self):
+        # Outside compiled code nothing is held: a product is already a forward-mode product
+        # and its transpose.
+        return super().prepared() if is_traced(self) else self
+
+    def exact_diagonal(self):
+        loss = self.loss.bind()
 
         def chunk(batch):
-            grads = per_example_gradients(loss, operands["params"], batch)
+            grads = per_example_gradients(loss, self.params, batch)
             flat = jax.vmap(self.layout.ravel)(grads)
             return jnp.mean(flat**2, axis=0)
 
-        return data_mean(chunk, operands["data"], self.batching)
+        return data_mean(chunk, self.data, self.batching)
 
 
 def empirical_fisher(
@@ -117,7 +123,7 @@ def empirical_fisher(
              [0. , 2. ]], dtype=float32)
     """
     return loss_operator(
-        _EmpiricalFisherMatvec,
+        EmpiricalFisher,
         loss,
         params,
         data,

@@ -44,6 +44,7 @@ from curvature import streaming
 from curvature._checks import is_traced, num_examples
 from curvature._closures import stable
 from curvature.linear_operator import LinearOperator
+from curvature.losses import output_loss
 
 __all__ = ["empirical_fisher", "gauss_newton", "hessian", "parameters"]
 
@@ -236,7 +237,7 @@ def gauss_newton(
         bound, params, data, loss=loss, targets=targets, batch_size=batch_size, check=check
     )
     if check:
-        out_loss = op.fn.loss.bind(op.operands["captured"]["loss"])
+        out_loss = output_loss(loss, targets)
         _check_grouping(
             functools.partial(_output_loss_value, bound, out_loss),
             params,

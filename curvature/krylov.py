@@ -16,8 +16,8 @@ distinct eigenvalues) the run restarts from a random vector orthogonal to the ba
 ``beta_j = 0``: ``T`` becomes block-diagonal, ``Q`` stays orthonormal and ``Q^T A Q = T`` still holds.
 
 The whole run is one compiled ``lax.fori_loop`` over a preallocated basis (the recurrences are in
-:mod:`curvature._lanczos`); for streamed data the loop runs on the host, one pass over the data
-and one compiled update a step.
+:mod:`curvature._lanczos`, run by :mod:`curvature._driver`); for streamed data the loop runs on
+the host, one pass over the data and one compiled update a step.
 """
 
 from __future__ import annotations
@@ -28,17 +28,26 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from curvature import _driver
 from curvature._checks import (
     check_finite_result,
     check_key,
     check_steps,
+    is_traced,
     positive_int,
     require_square,
 )
-from curvature._driving import compiled, host_driven
-from curvature._lanczos import LanczosResult, _lanczos_recurrence, _lanczos_run, safe_norm
+from curvature._lanczos import (
+    LanczosResult,
+    basis_init,
+    basis_result,
+    lanczos_steps,
+    recurrence_init,
+    recurrence_result,
+    safe_norm,
+)
 from curvature._memory import check_basis_memory
-from curvature.linear_operator import LinearOperator, apply_rows
+from curvature.linear_operator import LinearOperator
 
 __all__ = ["EigshResult", "LanczosResult", "eigsh", "lanczos", "safe_norm", "tridiagonal"]
 
@@ -67,15 +76,27 @@ class EigshResult(NamedTuple):
     num_matvecs: jax.Array
 
 
-@host_driven
-@functools.partial(jax.jit, static_argnames=("num_steps", "reorthogonalize", "store_basis"))
-def _lanczos(op, key, *, num_steps, reorthogonalize, store_basis=True):
-    op = op.prepared()
-    key_start, key_restart = _split(key)
-    v0 = _normal(key_start, op.size, op.dtype)
-    if not store_basis:
-        return _lanczos_recurrence(op, v0, key_restart, num_steps)
-    return _lanczos_run(op, v0, key_restart, num_steps, reorthogonalize)
+def _start(key, spec, num_steps: int, store_basis: bool = True) -> dict:
+    """A Gaussian start vector from ``key``, and the key of restarts after a breakdown."""
+    key_start, key_restart = jax.random.split(key)
+    v0 = jax.random.normal(key_start, (spec.size,), spec.dtype)
+    init = basis_init if store_basis else recurrence_init
+    return {"lanczos": init(v0.astype(spec.dtype), num_steps), "key": key_restart}
+
+
+@functools.cache
+def _lanczos_program(num_steps: int, reorthogonalize: bool, store_basis: bool) -> _driver.Program:
+    def finish(state, specs, key):
+        if store_basis:
+            return basis_result(state["lanczos"], num_steps)
+        return recurrence_result(state["lanczos"])
+
+    return _driver.Program(
+        lambda specs, key: _start(key, specs[0], num_steps, store_basis),
+        lanczos_steps(num_steps, reorthogonalize, store_basis),
+        finish,
+        name="lanczos",
+    )
 
 
 def lanczos(
@@ -107,13 +128,7 @@ def lanczos(
         )
     if store_basis:
         check_basis_memory(op, num_steps, "lanczos")
-    return _lanczos(
-        op, key, num_steps=num_steps, reorthogonalize=reorthogonalize, store_basis=store_basis
-    )
-
-
-_split = compiled(jax.random.split)
-_normal = compiled(lambda key, n, dtype: jax.random.normal(key, (n,), dtype), static_argnums=(1, 2))
+    return _driver.run(_lanczos_program(num_steps, reorthogonalize, store_basis), (op,), key)
 
 
 def tridiagonal(result: LanczosResult) -> jax.Array:
@@ -134,7 +149,6 @@ def _select(theta: jax.Array, k: int, which: str) -> jax.Array:
     return jnp.concatenate([jnp.arange(m - 1, m - 1 - top, -1), jnp.arange(bottom - 1, -1, -1)])
 
 
-@compiled
 def eigh_tridiagonal(run: LanczosResult) -> tuple[jax.Array, jax.Array]:
     """Eigenpairs of ``T``, computed on ``T`` scaled to unit max entry (any operator scale)."""
     t = tridiagonal(run)
@@ -144,58 +158,60 @@ def eigh_tridiagonal(run: LanczosResult) -> tuple[jax.Array, jax.Array]:
     return theta * scale, s
 
 
-def _no_gradient(tree):
-    return jax.tree_util.tree_map(
-        lambda x: jax.lax.stop_gradient(x) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree
-    )
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _hellmann_feynman(fn, layout, values, vectors, operands):
+@jax.custom_jvp
+def _hellmann_feynman(values, vectors, op):
     """``values``, with the derivative ``v_i^T (dA) v_i`` in the operator's arrays."""
     return values
 
 
 @_hellmann_feynman.defjvp
-def _hellmann_feynman_jvp(fn, layout, primals, tangents):
-    values, vectors, operands = primals
-    _, _, d_operands = tangents
+def _hellmann_feynman_jvp(primals, tangents):
+    values, vectors, op = primals
+    _, _, d_op = tangents
 
-    def rayleigh(ops):
-        op = LinearOperator(fn, ops, layout)
+    def rayleigh(op):
         return jnp.sum(vectors.T * jax.vmap(op.apply)(vectors.T), axis=1)
 
-    _, d_values = jax.jvp(rayleigh, (operands,), (d_operands,))
+    _, d_values = jax.jvp(rayleigh, (op,), (d_op,))
     return values, d_values
 
 
-@host_driven
-@functools.partial(
-    jax.jit, static_argnames=("k", "which", "num_steps", "reorthogonalize", "probe_batch_size")
-)
-def _eigsh(op, key, tol, *, k, which, num_steps, reorthogonalize, probe_batch_size):
-    # The Lanczos run is not differentiated (its operands are frozen); the eigenvalues' derivative
-    # is Hellmann-Feynman's, attached at the end at no cost when nothing is differentiated.
-    frozen = _no_gradient(op).prepared()
-    run = _lanczos(frozen, key, num_steps=num_steps, reorthogonalize=reorthogonalize)
-    theta, values, vectors = _ritz(run, k, which)
-    av = apply_rows(frozen, vectors.T, probe_batch_size)
-    residuals, converged = _judge(theta, values, vectors, av, tol)
-    values = _hellmann_feynman(op.fn, op.layout, values, vectors, op.operands)
-    return EigshResult(values, vectors, residuals, converged, jnp.asarray(num_steps + k))
+@functools.cache
+def _eigsh_program(k, which, num_steps, reorthogonalize, probe_batch_size) -> _driver.Program:
+    # The Lanczos run is not differentiated (the program is frozen); the eigenvalues' derivative
+    # is Hellmann-Feynman's, attached afterwards at no cost when nothing is differentiated.
+    def init(specs, key, tol):
+        return _start(key, specs[0], num_steps)
 
+    def ritz(state, i):
+        run = basis_result(state["lanczos"], num_steps)
+        theta, s = eigh_tridiagonal(run)
+        idx = _select(theta, k, which)
+        return {"theta": theta, "values": theta[idx], "vectors": run.basis.T @ s[:, idx]}
 
-@compiled(static_argnums=(1, 2))
-def _ritz(run: LanczosResult, k: int, which: str):
-    theta, s = eigh_tridiagonal(run)
-    idx = _select(theta, k, which)
-    return theta, theta[idx], run.basis.T @ s[:, idx]
+    def judge(state, i, av):
+        values, vectors = state["values"], state["vectors"]
+        residuals = safe_norm(av - values[:, None] * vectors.T, axis=1)
+        return {**state, "residuals": residuals}
 
+    def finish(state, specs, key, tol):
+        converged = state["residuals"] <= tol * jnp.max(jnp.abs(state["theta"]))
+        return EigshResult(
+            state["values"],
+            state["vectors"],
+            state["residuals"],
+            converged,
+            jnp.asarray(num_steps + k),
+        )
 
-@compiled
-def _judge(theta, values, vectors, av, tol):
-    residuals = safe_norm(av - values[:, None] * vectors.T, axis=1)
-    return residuals, residuals <= tol * jnp.max(jnp.abs(theta))
+    body = _driver.Seq(
+        lanczos_steps(num_steps, reorthogonalize),
+        _driver.Map(ritz),
+        _driver.Apply(
+            lambda state, i: state["vectors"].T, judge, mode="map", batch_size=probe_batch_size
+        ),
+    )
+    return _driver.Program(init, body, finish, frozen=True, name="eigsh")
 
 
 def eigsh(
@@ -256,15 +272,10 @@ def eigsh(
     check_basis_memory(op, num_steps, "eigsh")
     if tol is None:
         tol = float(jnp.finfo(op.dtype).eps) ** 0.5
-    result = _eigsh(
-        op,
-        key,
-        jnp.asarray(tol, op.dtype),
-        k=k,
-        which=which,
-        num_steps=num_steps,
-        reorthogonalize=reorthogonalize,
-        probe_batch_size=probe_batch_size,
-    )
+    program = _eigsh_program(k, which, num_steps, reorthogonalize, probe_batch_size)
+    result = _driver.run(program, (op,), key, jnp.asarray(tol, op.dtype))
+    if is_traced(op):  # under a transformation: the eigenvalues' derivative
+        values = _hellmann_feynman(result.eigenvalues, result.eigenvectors, op)
+        result = result._replace(eigenvalues=values)
     check_finite_result(result.eigenvalues, "eigsh")
     return result

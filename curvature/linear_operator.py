@@ -1,15 +1,27 @@
-"""The operator: a matrix applied, never formed, with its flat-vector layout and its algebra.
+"""The operator: a matrix applied, never formed, as a type with its capabilities.
 
-An operator is a :class:`LinearOperator`: a symmetric ``n x n`` matrix that is never formed, only
-applied (``op @ v``). It is a pytree whose leaves are the arrays it closes over (parameters, data,
-the arrays a loss captures) and whose static part is the matvec function, so a jit-compiled
-algorithm that takes an operator compiles once per (function, shapes) and is reused for new
-parameters along training.
+:class:`LinearOperator` is the base class of every operator here. An operator is a pytree (a
+frozen dataclass whose array fields are leaves and whose other fields are static), so a compiled
+algorithm that takes one compiles once per (type, static fields, shapes) and is reused for new
+parameters along training. What an operator can do is a method of the base class, with a
+default; a type overrides what it does better:
 
-* :class:`Layout`: how a parameter pytree maps to a flat vector.
-* ``op1 - op2``, ``c * op``: linear combinations, e.g. the residual ``H - G``.
-* :func:`from_matrix`: a dense matrix as an operator (tests, small problems); :func:`dense` the
-  other way.
+* :meth:`~LinearOperator.apply` (required) and :meth:`~LinearOperator.apply_rows`: products
+  inside compiled code; :meth:`~LinearOperator.host_apply_rows`: products from the host (a pass
+  over the data for streamed operators, a compiled program otherwise).
+* :meth:`~LinearOperator.prepared`: the work that does not depend on the vector, done once.
+* :attr:`~LinearOperator.has_fast_diagonal` / :meth:`~LinearOperator.exact_diagonal`: an exact
+  diagonal cheaper than ``n`` products.
+* :attr:`~LinearOperator.streamed`: whether products are passes over a loader's batches.
+* :attr:`~LinearOperator.layout` (and :attr:`~LinearOperator.in_layout`): how flat vectors map to
+  parameter pytrees, so every operator knows its parameters' structure.
+
+Kinds here: :class:`Combination` (``H - G``, ``c * A``), :class:`Matrix` (:func:`from_matrix`),
+:class:`FunctionOperator` (:func:`from_function`, bring your own matvec), :class:`Linearized` (a
+prepared operator inside compiled code). Elsewhere: the Hessian, Gauss-Newton and empirical
+Fisher (:mod:`curvature.builders`, :mod:`curvature.fisher`), restricted blocks
+(:mod:`curvature.blocks`), preconditioned operators (:mod:`curvature.preconditioning`) and
+streamed ones (:mod:`curvature.streaming`).
 """
 
 from __future__ import annotations
@@ -18,21 +30,41 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvature._checks import check_float_params
-from curvature._driving import host_driven
+from curvature import _driver
+from curvature._checks import check_float_params, is_traced
+from curvature._closures import Closure, closure
 
-__all__ = ["Layout", "LinearOperator", "apply_rows", "dense", "from_matrix"]
+__all__ = [
+    "Combination",
+    "FunctionOperator",
+    "Layout",
+    "Linearized",
+    "LinearOperator",
+    "Matrix",
+    "dense",
+    "from_function",
+    "from_matrix",
+    "map_rows",
+    "operator_type",
+    "static",
+]
 
 PyTree = Any
 
 # --------------------------------------------------------------------------------------------
 # Flat vectors <-> parameter pytrees.
+
+
+def _shape_dtype(x) -> tuple[tuple[int, ...], np.dtype]:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return tuple(x.shape), np.dtype(x.dtype)
+    return tuple(np.shape(x)), np.dtype(jnp.result_type(x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +77,11 @@ class Layout:
 
     @classmethod
     def of(cls, tree: PyTree) -> Layout:
+        """The layout of a pytree of floating-point arrays (or ``jax.ShapeDtypeStruct``)."""
         check_float_params(tree)
         leaves, treedef = jax.tree_util.tree_flatten(tree)
-        shapes = tuple(tuple(np.shape(x)) for x in leaves)
-        dtypes = tuple(np.dtype(jnp.result_type(x)) for x in leaves)
-        return cls(treedef, shapes, dtypes)
+        shapes, dtypes = zip(*(_shape_dtype(x) for x in leaves), strict=True)
+        return cls(treedef, tuple(shapes), tuple(dtypes))
 
     @property
     def dtype(self) -> np.dtype:
@@ -64,6 +96,12 @@ class Layout:
     @property
     def size(self) -> int:
         return sum(self.sizes)
+
+    def skeleton(self) -> PyTree:
+        """A pytree shaped like the parameters with ``jax.ShapeDtypeStruct`` leaves: their
+        structure, paths, shapes and dtypes, without values (what selectors look at)."""
+        leaves = [jax.ShapeDtypeStruct(s, d) for s, d in zip(self.shapes, self.dtypes, strict=True)]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
     def ravel(self, tree: PyTree) -> jax.Array:
         leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -91,41 +129,85 @@ class Layout:
 
 
 # --------------------------------------------------------------------------------------------
-# The operator.
+# Operator types as pytrees.
 
 
-@jax.tree_util.register_pytree_node_class
+def static(**kwargs):
+    """A dataclass field that is part of an operator's static structure (not a pytree leaf):
+    compared by equality when compiled programs are looked up."""
+    return dataclasses.field(metadata={"static": True}, **kwargs)
+
+
+def operator_type(cls):
+    """Make ``cls`` (a :class:`LinearOperator` subclass) a frozen dataclass registered as a
+    pytree: fields declared with :func:`static` are its static part, the others its children."""
+    cls = dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
+    fields = dataclasses.fields(cls)
+    children = tuple(f.name for f in fields if not f.metadata.get("static"))
+    statics = tuple(f.name for f in fields if f.metadata.get("static"))
+
+    def flatten_with_keys(op):
+        keyed = [(jax.tree_util.GetAttrKey(name), getattr(op, name)) for name in children]
+        return keyed, tuple(getattr(op, name) for name in statics)
+
+    def flatten(op):
+        return [getattr(op, name) for name in children], tuple(getattr(op, n) for n in statics)
+
+    def unflatten(aux, values):
+        op = object.__new__(cls)
+        for name, value in zip(children, values, strict=True):
+            object.__setattr__(op, name, value)
+        for name, value in zip(statics, aux, strict=True):
+            object.__setattr__(op, name, value)
+        return op
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+    return cls
+
+
 class LinearOperator:
-    """A symmetric linear operator on flat vectors of length ``n``, applied matrix-free.
+    """A linear operator on flat vectors, applied matrix-free: the base class of every operator.
 
-    ``fn(operands, v) -> A v`` is a static, hashable function; ``operands`` is a pytree of arrays.
     Use ``op @ v`` (a vector ``(n,)`` or a matrix ``(n, k)`` of columns), ``op.matvec(v)``,
     ``op.ravel(tree)`` / ``op.unravel(v)`` between flat vectors and parameter pytrees, and
-    ``op1 + op2``, ``op1 - op2``, ``c * op``, ``-op``.
+    ``op1 + op2``, ``op1 - op2``, ``c * op``, ``-op``. Every estimator takes any subclass.
+
+    A subclass is declared with :func:`operator_type` (a frozen dataclass whose array fields are
+    pytree leaves and whose :func:`static` fields are static), has a ``layout`` (a field or a
+    property) and implements :meth:`apply`; the other capabilities have defaults. To bring a
+    matvec of your own, :func:`from_function` is simpler.
+
+    ``LinearOperator(fn, operands, layout)`` (the low-level form of earlier versions) still
+    builds an operator applying ``fn(operands, v)``: ``fn`` static and hashable, ``operands`` a
+    pytree of arrays.
     """
 
-    def __init__(
-        self, fn: Callable[[PyTree, jax.Array], jax.Array], operands: PyTree, layout: Layout
-    ):
-        self.fn = fn
-        self.operands = operands
-        self.layout = layout
+    layout: Layout
+    #: Whether products are passes over batches from a loader (driven from the host).
+    streamed: ClassVar[bool] = False
+    #: Whether :meth:`exact_diagonal` is cheaper than ``n`` products.
+    has_fast_diagonal: ClassVar[bool] = False
 
-    # pytree protocol: arrays are children, the function and layout are static.
-    def tree_flatten(self):
-        return (self.operands,), (self.fn, self.layout)
+    def __new__(cls, *args, **kwargs):
+        if cls is LinearOperator:
+            return object.__new__(_Raw)  # LinearOperator(fn, operands, layout)
+        return object.__new__(cls)
 
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(aux[0], children[0], aux[1])
+    # -- what every operator has -------------------------------------------------------------
 
     @property
-    def size(self) -> int:
-        return self.layout.size
+    def in_layout(self) -> Layout:
+        """The layout of the vectors the operator takes (``layout`` for a square operator)."""
+        return self.layout
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.size, self.size)
+        return (self.layout.size, self.in_layout.size)
+
+    @property
+    def size(self) -> int:
+        """``n``: the length of the vectors it takes."""
+        return self.in_layout.size
 
     @property
     def dtype(self) -> np.dtype:
@@ -139,83 +221,82 @@ class LinearOperator:
         """A flat vector of length ``n`` as a pytree shaped like the parameters."""
         return self.layout.unravel(vector)
 
+    # -- capabilities, with defaults ---------------------------------------------------------
+
     def apply(self, v: jax.Array) -> jax.Array:
-        """``A v`` without a jit boundary: for use inside compiled code."""
-        return self.fn(self.operands, v.astype(self.dtype))
+        """``A v`` inside compiled code (no jit boundary); ``v`` has shape ``(n,)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement apply")
 
     def apply_rows(self, rows: jax.Array) -> jax.Array:
-        """``A`` applied to every row of ``rows`` (``(k, n)``) without a jit boundary: vmapped,
-        or one pass over the data for a streamed operator (:mod:`curvature.streaming`)."""
-        rows = rows.astype(self.dtype)
-        hook = getattr(self.fn, "apply_rows", None)
-        if hook is not None:
-            return hook(self.operands, rows)
-        return jax.vmap(self.apply)(rows)
+        """``A`` applied to every row of ``rows`` (``(k, n)``) inside compiled code: vmapped, so
+        the rows share one forward pass."""
+        return jax.vmap(self.apply)(rows.astype(self.dtype))
 
-    @property
-    def streamed(self) -> bool:
-        """Whether the data come from a loader: estimators then drive the matvecs from the host
-        (:mod:`curvature.streaming`)."""
-        return bool(getattr(self.fn, "streamed", False))
+    def host_apply_rows(self, rows: jax.Array) -> jax.Array:
+        """``A`` applied to every row of ``rows`` from the host: one compiled program (prepared
+        once for all rows), or, for a streamed operator, one pass over the data."""
+        return _host_rows(self, rows)
 
     def prepared(self) -> LinearOperator:
-        """Before many matvecs at one point: the same operator, with the work that does not
-        depend on ``v`` done once.
+        """Before many products at one point: the same operator, with the work that does not
+        depend on ``v`` done once (the default: nothing to do, ``self``).
 
-        For a Hessian or Gauss-Newton operator whose data are one chunk (``batch_size=None``),
-        the forward pass and the linearisation at the parameters (``jax.linearize``) are
-        computed here and kept, so each matvec runs only the tangent (linear) part: the same
-        numbers, about 15-40% less work per matvec, at the memory of one forward pass's
-        activations. Chunked operators (and others) return themselves. Every estimator calls
-        it once at the top of its compiled program.
+        Inside compiled code a Hessian or Gauss-Newton operator whose data are one chunk
+        linearises there (``jax.linearize``), so each product runs only the tangent part: the
+        same numbers, 15-40% less work per product. Every estimator calls it at the top of its
+        compiled program.
 
         Outside compiled code it returns an operator that holds that work as arrays (the
         pullback of the gradient, ``H v = (v^T H)^T``; for the Gauss-Newton matrix the model's
         pullback): ``Hp = H.prepared()`` once, then ``Hp @ v`` for many ``v`` costs about 1.5
         gradients instead of 1.8 (``benchmarks/bench_core.py``), at the memory of a backward
         pass's residuals, held until ``Hp`` is dropped. Take it again after the parameters change.
+        Wrappers (combinations, blocks, preconditioned operators) prepare what they wrap.
         """
-        if self.streamed:  # a pass over the data per matvec: nothing to keep
-            return self
-        if not _traced(self.operands):  # never a closure over concrete arrays (constants)
-            if getattr(type(self.fn), "pulled", None) is None:
-                return self
-            pulled = _pull(self)  # None for a chunked operator
-            return self if pulled is None else pulled
-        prepare = getattr(self.fn, "prepare", None)
-        linear = prepare(self.operands) if prepare is not None else None
-        if linear is None:
-            return self
-        return LinearOperator(_Prepared(linear), (), self.layout)
+        return self
+
+    def exact_diagonal(self) -> jax.Array:
+        """``diag(A)`` inside compiled code, for operators with :attr:`has_fast_diagonal`
+        (:func:`curvature.diagonal` with ``method="exact"`` takes ``n`` products otherwise)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no fast exact diagonal; "
+            "curvature.diagonal(op, method='exact') computes it from n products"
+        )
+
+    def host_exact_diagonal(self) -> jax.Array:
+        """:meth:`exact_diagonal` from the host (a pass over the data when streamed)."""
+        return _host_diagonal(self)
+
+    # -- products from the host --------------------------------------------------------------
 
     def matvec(self, v: jax.Array) -> jax.Array:
         """``A v`` for a flat vector ``v`` of shape ``(n,)`` (jit-compiled, cached)."""
         v = jnp.asarray(v)
         if v.shape != (self.size,):
             raise ValueError(f"matvec expects a vector of shape ({self.size},), got {v.shape}")
-        return _matvec(self, v)
+        return _driver.run(_matvec_program(), (self,), v)
 
     def __matmul__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x)
         if x.ndim == 1:
             return self.matvec(x)
         if x.ndim == 2 and x.shape[0] == self.size:
-            return _matmat(self, x)
+            return _driver.run(_matmat_program(), (self,), x)
         raise ValueError(
             f"op @ x needs x of shape ({self.size},) or ({self.size}, k); got {x.shape}"
         )
 
-    def _combine(self, other: LinearOperator, sign: float) -> LinearOperator:
+    # -- algebra -----------------------------------------------------------------------------
+
+    def _combine(self, other, sign: float):
         if not isinstance(other, LinearOperator):
             return NotImplemented
+        if other.shape[0] != other.shape[1] or self.shape[0] != self.shape[1]:
+            raise TypeError("off-diagonal blocks do not combine; restrict the combination instead")
         if other.layout != self.layout:
             raise ValueError("cannot combine operators on different parameter layouts")
         ones = jnp.ones((), self.dtype)
-        return LinearOperator(
-            _Combination((self.fn, other.fn)),
-            ((ones, self.operands), (sign * ones, other.operands)),
-            self.layout,
-        )
+        return Combination(((ones, self), (sign * ones, other)), self.layout)
 
     def __add__(self, other):
         return self._combine(other, 1.0)
@@ -226,122 +307,197 @@ class LinearOperator:
     def __mul__(self, c):
         if isinstance(c, LinearOperator):
             return NotImplemented
+        if self.shape[0] != self.shape[1]:
+            raise TypeError("off-diagonal blocks do not combine; restrict the combination instead")
         c = jnp.asarray(c, self.dtype)
         if c.shape != ():
             raise ValueError(f"an operator can only be scaled by a scalar, got shape {c.shape}")
-        return LinearOperator(_Combination((self.fn,)), ((c, self.operands),), self.layout)
+        return Combination(((c, self),), self.layout)
 
     __rmul__ = __mul__
 
     def __neg__(self):
         return -1.0 * self
 
+    @property
+    def name(self) -> str:
+        """What the operator is, for messages and ``repr``."""
+        return type(self).__name__
+
     def __repr__(self):
-        name = getattr(self.fn, "name", type(self.fn).__name__)
-        return f"LinearOperator({name}, n={self.size}, dtype={self.dtype})"
-
-
-def _traced(tree) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+        m, k = self.shape
+        size = f"n={k}" if m == k else f"shape=({m}, {k})"
+        return f"{type(self).__name__}({self.name}, {size}, dtype={self.dtype})"
 
 
 @jax.jit
-def _pull(op: LinearOperator) -> LinearOperator:
-    return op.fn.pulled(op.operands)
+def _host_rows(op: LinearOperator, rows: jax.Array) -> jax.Array:
+    return op.prepared().apply_rows(rows)
 
 
-@host_driven
 @jax.jit
-def _matvec(op: LinearOperator, v: jax.Array) -> jax.Array:
-    return op.apply(v)
+def _host_diagonal(op: LinearOperator) -> jax.Array:
+    return op.exact_diagonal()
 
 
-@host_driven
-@jax.jit
-def _matmat(op: LinearOperator, x: jax.Array) -> jax.Array:
-    # One linearisation shared by every column (prepared), then the columns' tangent passes.
-    return op.prepared().apply_rows(x.T).T
+# --------------------------------------------------------------------------------------------
+# Combinations.
 
 
-def apply_rows(op: LinearOperator, rows: jax.Array, batch_size: int | None = None) -> jax.Array:
-    """``A`` applied to each row of ``rows`` (shape ``(k, n)``), inside compiled code.
+@operator_type
+class Combination(LinearOperator):
+    """``sum_i c_i A_i``: ``op1 + op2``, ``op1 - op2``, ``c * op`` (e.g. the residual ``H - G``).
 
-    Rows go through ``lax.map`` in groups of ``batch_size`` (vmapped within a group): vmapping
-    shares the forward pass of all tangents in a group, at the price of group-sized activations.
-    A streamed operator takes each group in one pass over the data.
-    """
-    if op.streamed:
-        if batch_size is None or batch_size >= rows.shape[0]:
-            return op.apply_rows(rows)
-        groups = [
-            op.apply_rows(rows[i : i + batch_size]) for i in range(0, rows.shape[0], batch_size)
-        ]
-        return jnp.concatenate(groups)
-    if batch_size is None or batch_size <= 1:
-        return jax.lax.map(op.apply, rows)
-    return jax.lax.map(op.apply, rows, batch_size=batch_size)
+    ``terms``: ``((c_1, A_1), ...)`` with scalar arrays ``c_i`` of the operators' dtype. A
+    product costs one product of each term."""
 
-
-@dataclasses.dataclass(frozen=True)
-class _Combination:
-    fns: tuple[Callable, ...]
-    name = "combination"
-
-    def __call__(self, operands, v):
-        out = None
-        for fn, (c, ops) in zip(self.fns, operands, strict=True):
-            term = c * fn(ops, v)
-            out = term if out is None else out + term
-        return out
-
-    def prepare(self, operands):
-        parts = []
-        for fn, (c, ops) in zip(self.fns, operands, strict=True):
-            prepare = getattr(fn, "prepare", None)
-            linear = prepare(ops) if prepare is not None else None
-            parts.append((c, linear if linear is not None else functools.partial(fn, ops)))
-
-        def combined(v):
-            out = None
-            for c, linear in parts:
-                term = c * linear(v)
-                out = term if out is None else out + term
-            return out
-
-        return combined
+    terms: tuple
+    layout: Layout = static()
 
     @property
     def streamed(self) -> bool:
-        return any(getattr(fn, "streamed", False) for fn in self.fns)
+        return any(op.streamed for _, op in self.terms)
 
-    def apply_rows(self, operands, rows):
-        out = None
-        for fn, (c, ops) in zip(self.fns, operands, strict=True):
-            hook = getattr(fn, "apply_rows", None)
-            products = hook(ops, rows) if hook else jax.vmap(functools.partial(fn, ops))(rows)
-            out = c * products if out is None else out + c * products
-        return out
+    @property
+    def has_fast_diagonal(self) -> bool:
+        return all(op.has_fast_diagonal for _, op in self.terms)
+
+    @property
+    def name(self) -> str:
+        return "combination"
+
+    def apply(self, v):
+        return _weighted_sum((c, op.apply(v)) for c, op in self.terms)
+
+    def apply_rows(self, rows):
+        rows = rows.astype(self.dtype)
+        return _weighted_sum((c, op.apply_rows(rows)) for c, op in self.terms)
+
+    def host_apply_rows(self, rows):
+        if not self.streamed:
+            return _host_rows(self, rows)
+        products = tuple(op.host_apply_rows(rows) for _, op in self.terms)
+        return _weighted_sum_jit(tuple(c for c, _ in self.terms), products)
+
+    def prepared(self):
+        if not is_traced(self):  # outside compiled code: products term by term, nothing held
+            return self
+        return Combination(tuple((c, op.prepared()) for c, op in self.terms), self.layout)
+
+    def exact_diagonal(self):
+        return _weighted_sum((c, op.exact_diagonal()) for c, op in self.terms)
+
+    def host_exact_diagonal(self):
+        if not self.streamed:
+            return _host_diagonal(self)
+        diagonals = tuple(op.host_exact_diagonal() for _, op in self.terms)
+        return _weighted_sum_jit(tuple(c for c, _ in self.terms), diagonals)
 
 
-class _Prepared:
-    """The matvec of :meth:`LinearOperator.prepared`: a closure over traced values, used only
-    inside the compiled program that made it."""
+def _weighted_sum(pairs):
+    out = None
+    for c, value in pairs:
+        term = c * value
+        out = term if out is None else out + term
+    return out
 
-    name = "prepared"
 
-    def __init__(self, linear: Callable[[jax.Array], jax.Array]):
-        self.linear = linear
+@jax.jit
+def _weighted_sum_jit(coefficients, values):
+    return _weighted_sum(zip(coefficients, values, strict=True))
 
-    def __call__(self, operands, v):
-        return self.linear(v)
+
+# --------------------------------------------------------------------------------------------
+# Operators of one family: shared products for estimators that take several operators.
 
 
 @dataclasses.dataclass(frozen=True)
-class _MatrixMatvec:
-    name = "matrix"
+class Family:
+    """Operators taken together (:func:`family`): the distinct non-combination operators
+    (``atoms``) whose products an estimator computes once, and for each requested operator a
+    static ``recipe`` combining them, with its coefficients (arrays) in ``coefficients``."""
 
-    def __call__(self, matrix, v):
-        return matrix @ v
+    atoms: tuple
+    recipes: tuple
+    coefficients: tuple
+
+
+def family(operators: tuple) -> Family:
+    """The atoms of ``operators``: combinations are expanded into their terms, and an operator
+    that appears several times (``H``, ``G`` and ``H - G``) is one atom, multiplied once."""
+    atoms: list = []
+    coefficients: list = []
+
+    def expand(op):
+        if isinstance(op, Combination):
+            parts = []
+            for c, term in op.terms:
+                coefficients.append(c)
+                parts.append((len(coefficients) - 1, expand(term)))
+            return ("sum", tuple(parts))
+        for j, atom in enumerate(atoms):
+            if atom is op:
+                return ("atom", j)
+        atoms.append(op)
+        return ("atom", len(atoms) - 1)
+
+    recipes = tuple(expand(op) for op in operators)
+    return Family(tuple(atoms), recipes, tuple(coefficients))
+
+
+def combine(recipe, values, coefficients):
+    """A requested operator's value from its atoms' (products, scalars): the arithmetic of
+    :meth:`Combination.apply` (``c_1 x_1 + c_2 x_2 + ...``, in the order of the terms)."""
+    kind, body = recipe
+    if kind == "atom":
+        return values[body]
+    return _weighted_sum(
+        (coefficients[slot], combine(sub, values, coefficients)) for slot, sub in body
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# A prepared operator inside compiled code.
+
+
+@operator_type
+class Linearized(LinearOperator):
+    """The product of :meth:`LinearOperator.prepared` inside compiled code: a closure over traced
+    values (a linearisation), used only inside the compiled program that made it."""
+
+    linear: Callable[[jax.Array], jax.Array] = static()
+    layout: Layout = static()
+    kind: str = static(default="prepared")
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    def apply(self, v):
+        return self.linear(v.astype(self.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Dense matrices.
+
+
+@operator_type
+class Matrix(LinearOperator):
+    """A dense symmetric ``(n, n)`` matrix (:func:`from_matrix`)."""
+
+    matrix: jax.Array
+    layout: Layout = static()
+    has_fast_diagonal: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        return "matrix"
+
+    def apply(self, v):
+        return self.matrix @ v
+
+    def exact_diagonal(self):
+        return jnp.diagonal(self.matrix).astype(self.dtype)
 
 
 def from_matrix(matrix: jax.Array) -> LinearOperator:
@@ -365,28 +521,163 @@ def from_matrix(matrix: jax.Array) -> LinearOperator:
     layout = Layout(
         jax.tree_util.tree_structure(0), ((matrix.shape[0],),), (np.dtype(matrix.dtype),)
     )
-    return LinearOperator(_MatrixMatvec(), matrix, layout)
+    return Matrix(matrix, layout)
+
+
+# --------------------------------------------------------------------------------------------
+# Bring your own operator.
+
+
+@operator_type
+class FunctionOperator(LinearOperator):
+    """A user's matvec on parameter-shaped pytrees (:func:`from_function`): ``matvec`` is a
+    :class:`~curvature.Closure` (compared by structure, its captured arrays as leaves)."""
+
+    matvec_fn: Closure
+    layout: Layout = static()
+
+    @property
+    def name(self) -> str:
+        return self.matvec_fn.name
+
+    def apply(self, v):
+        return self.layout.ravel(self.matvec_fn(self.layout.unravel(v.astype(self.dtype))))
+
+
+def from_function(matvec: Callable[[PyTree], PyTree], like: PyTree) -> LinearOperator:
+    """Your own matrix-free operator: ``matvec`` maps a pytree shaped like ``like`` to one of the
+    same shapes, linearly (``A v``; symmetric for the eigensolvers and SLQ).
+
+    Args:
+      matvec: ``v -> A v`` on pytrees shaped like ``like``. A fresh ``lambda`` or
+        ``functools.partial`` each time is fine: equivalent functions share compiled programs,
+        and the JAX arrays they capture are passed as operands (as for :func:`hessian`).
+      like: a pytree of floating-point arrays or ``jax.ShapeDtypeStruct`` (e.g. the
+        parameters): the operator's layout; its flat vectors have length ``n``, the total size.
+
+    The operator works everywhere an operator does: every estimator, ``op1 - op2``,
+    :func:`~curvature.restrict`, :func:`~curvature.preconditioned`, conjugate gradient and
+    :func:`curvature.optim.hessian_free`. Cost: a product is one call of ``matvec``.
+
+    Example:
+      >>> import jax.numpy as jnp, curvature
+      >>> d = jnp.array([3.0, 1.0, 2.0])
+      >>> op = curvature.from_function(lambda v: d * v, jnp.zeros(3))
+      >>> [round(float(x), 4) for x in curvature.eigsh(op, k=2, key=jax.random.key(0)).eigenvalues]
+      [3.0, 2.0]
+    """
+    if not callable(matvec):
+        raise TypeError(f"from_function: matvec must be a function v -> A v, got {matvec!r}")
+    layout = Layout.of(like)
+    example = layout.skeleton()
+    try:
+        out = jax.eval_shape(matvec, example)
+    except Exception as error:  # the user's function failed on a pytree shaped like `like`
+        raise ValueError(
+            f"from_function: matvec failed on a pytree shaped like `like`: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    leaves, treedef = jax.tree_util.tree_flatten(out)
+    shapes = tuple(tuple(x.shape) for x in leaves)
+    if treedef != layout.treedef or shapes != layout.shapes:
+        raise ValueError(
+            "from_function: matvec must return a pytree shaped like its input (an n x n "
+            f"operator); given {layout.treedef} with leaf shapes {layout.shapes}, it returned "
+            f"{treedef} with leaf shapes {shapes}"
+        )
+    return FunctionOperator(closure(matvec, example), layout)
+
+
+# --------------------------------------------------------------------------------------------
+# The low-level form LinearOperator(fn, operands, layout).
+
+
+@operator_type
+class _Raw(LinearOperator):
+    fn: Callable = static()
+    operands: Any = None
+    layout: Layout = static(default=None)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "name", type(self.fn).__name__)
+
+    def apply(self, v):
+        return self.fn(self.operands, v.astype(self.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Products as programs of the driver, and dense matrices.
+
+
+@functools.cache
+def _matvec_program() -> _driver.Program:
+    return _driver.Program(
+        init=lambda specs, v: v.astype(specs[0].dtype),
+        body=_driver.Apply(lambda v, i: v, lambda v, i, product: product),
+        finish=lambda product, specs, v: product,
+        name="matvec",
+    )
+
+
+@functools.cache
+def _matmat_program() -> _driver.Program:
+    # One linearisation shared by every column (the operator is prepared), then the columns'
+    # tangent passes together.
+    return _driver.Program(
+        init=lambda specs, x: x.T.astype(specs[0].dtype),
+        body=_driver.Apply(lambda rows, i: rows, lambda rows, i, products: products, mode="rows"),
+        finish=lambda products, specs, x: products.T,
+        name="matmat",
+    )
+
+
+def map_rows(op: LinearOperator, rows: jax.Array, batch_size: int | None = None) -> jax.Array:
+    """``A`` applied to each row of ``rows`` (``(k, n)``) inside compiled code, ``lax.map``-ed
+    in groups of ``batch_size`` (vmapped within a group): memory of one group's activations,
+    where :meth:`LinearOperator.apply_rows` vmaps them all."""
+    if batch_size is None or batch_size <= 1:
+        return jax.lax.map(op.apply, rows)
+    return jax.lax.map(op.apply, rows, batch_size=batch_size)
 
 
 def dense(op: LinearOperator, *, max_size: int = 20_000) -> jax.Array:
-    """Materialise ``op`` as an ``(n, n)`` array with ``n`` matvecs (columns ``A e_i``).
+    """Materialise ``op`` as an ``(m, n)`` array with ``n`` products (columns ``A e_i``), 64 unit
+    vectors at a time.
 
     Meant for small models: tests, and a user's own check against :func:`jax.hessian`.
     """
     m, k = op.shape
     if max(m, k) > max_size:
         raise ValueError(f"dense() would build a {m} x {k} matrix; raise max_size if you mean it")
-    return _dense(op)
+    return _driver.run(_dense_program(m, k), (op,))
 
 
-@host_driven
-@jax.jit
-def _dense(op):
-    # Rows A e_i in groups of 64 tangents: bounded memory for the model's activations.
-    op = op.prepared()
-    n = op.shape[1]
+@functools.cache
+def _dense_program(m: int, n: int) -> _driver.Program:
+    # Rows A e_i in groups of 64 unit vectors: bounded memory for the model's activations.
     block = min(64, n)
     groups = -(-n // block)
-    eye = jnp.eye(groups * block, n, dtype=op.dtype).reshape(groups, block, n)  # zero rows past n
-    rows = jax.lax.map(op.apply_rows, eye).reshape(groups * block, -1)[:n]
-    return rows.T
+
+    def init(specs):
+        return jnp.zeros((groups, block, m), specs[0].dtype)
+
+    def units(out, g):  # rows past n are zero
+        return jax.nn.one_hot(g * block + jnp.arange(block), n, dtype=out.dtype)
+
+    def store(out, g, products):
+        return out.at[g].set(products)
+
+    def finish(out, specs):
+        return out.reshape(groups * block, m)[:n].T
+
+    return _driver.Program(
+        init, _driver.Repeat(groups, _driver.Apply(units, store, mode="rows")), finish, name="dense"
+    )
+
+
+def is_operator(x) -> bool:
+    return isinstance(x, LinearOperator)
+
+
+__all__ += ["Family", "combine", "family", "is_operator", "is_traced"]

@@ -68,7 +68,7 @@ from curvature import _cg
 from curvature._cg import CGResult, conjugate_gradient
 from curvature._checks import check_finite_params, check_float_params, is_traced
 from curvature.builders import gauss_newton, hessian
-from curvature.linear_operator import Layout
+from curvature.linear_operator import Layout, LinearOperator
 from curvature.losses import OutputLoss, output_loss
 from curvature.stochastic_trace import diagonal
 
@@ -111,7 +111,7 @@ class HessianFreeState(NamedTuple):
 class _Config:
     model: Callable
     loss: OutputLoss
-    curvature: str
+    curvature: str | Callable
     preconditioner: str | None
     max_cg_steps: int
     cg_tol: float | None
@@ -133,7 +133,7 @@ def hessian_free(
     *,
     damping: float = 1e-3,
     max_cg_steps: int = 50,
-    curvature: str = "gauss_newton",
+    curvature: str | Callable[[PyTree, PyTree], LinearOperator] = "gauss_newton",
     targets: str | int | Callable[[PyTree], jax.Array] | None = None,
     preconditioner: str | None = None,
     cg_tol: float | None = None,
@@ -164,7 +164,10 @@ def hessian_free(
       damping: the initial $\\lambda$ (0 stays 0: undamped Newton or Gauss-Newton steps).
       max_cg_steps: CG iterations per update, at most.
       curvature: ``"gauss_newton"`` or ``"hessian"`` (may be indefinite: CG stops at negative
-        curvature and the damping grows).
+        curvature and the damping grows), or your own: a function ``(params, batch) ->`` a
+        :class:`~curvature.LinearOperator` on the parameters' layout (e.g. built with
+        :func:`~curvature.from_function`, or a block of a builder's operator), called inside
+        the compiled update.
       preconditioner: ``None``, ``"gauss_newton_diagonal"`` (exact, from per-example Jacobians:
         memory of a batch's Jacobians) or ``"second_moment"``; $M = (\\mathrm{diag} + l_2 +
         \\lambda)^{\\alpha}$ with $\\alpha$ = ``preconditioner_exponent``.
@@ -182,8 +185,11 @@ def hessian_free(
     Dtypes: the solve runs in the parameters' dtype, at least float32 (float64 for float64
     parameters under ``jax.enable_x64``).
     """
-    if curvature not in _CURVATURES:
-        raise ValueError(f"curvature must be one of {_CURVATURES}, got {curvature!r}")
+    if not callable(curvature) and curvature not in _CURVATURES:
+        raise ValueError(
+            f"curvature must be one of {_CURVATURES} or a function (params, batch) -> operator, "
+            f"got {curvature!r}"
+        )
     if preconditioner not in _PRECONDITIONERS:
         raise ValueError(
             f"preconditioner must be one of {_PRECONDITIONERS}, got {preconditioner!r}"
@@ -268,7 +274,14 @@ def _update(config: _Config, grads, state: HessianFreeState, params, batch, curv
         return jnp.where(jnp.isfinite(value), value, jnp.inf)
 
     data = batch if curvature_batch is None else curvature_batch
-    if config.curvature == "gauss_newton":
+    if callable(config.curvature):
+        op = config.curvature(params, data)
+        if not isinstance(op, LinearOperator) or op.layout != layout:
+            raise TypeError(
+                "hessian_free(curvature=f): f(params, batch) must return a LinearOperator on the "
+                f"parameters' layout (n={layout.size}); got {op!r}"
+            )
+    elif config.curvature == "gauss_newton":
         op = gauss_newton(
             model, params, data, loss=out_loss.fn, targets=out_loss.targets, check=False
         )

@@ -14,9 +14,6 @@ spectrum.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -24,14 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvature._checks import is_traced, positive_int
+from curvature._deprecations import UNSET, renamed, warn_once
 from curvature.blocks import _leaf_mask, layer_groups
-from curvature.linear_operator import LinearOperator
+from curvature.linear_operator import Layout, LinearOperator, operator_type
 
 __all__ = [
     "Conditioning",
     "ConditioningComparison",
     "DiagonalComparison",
     "DiagonalCorrelation",
+    "Preconditioned",
     "compare_conditioning",
     "compare_diagonals",
     "conditioning",
@@ -164,7 +163,7 @@ def compare_diagonals(
             mask = np.zeros(len(ex), bool)
             mask[np.asarray(selector)] = True
         else:
-            leaf_mask = _leaf_mask(None, selector, exact, f"group {name!r}")
+            leaf_mask = _leaf_mask(selector, exact, f"group {name!r}")
             mask = np.repeat(np.asarray(leaf_mask, bool), sizes)
         per_group[name] = _correlation(est[mask], ex[mask])
     return DiagonalComparison(_correlation(est, ex), per_group)
@@ -174,55 +173,61 @@ def compare_diagonals(
 # The preconditioned operator.
 
 
-@dataclasses.dataclass(frozen=True)
-class _Preconditioned:
-    """``v -> s * A (s * v)`` with ``s = P^{-1/2}``; operands ``(A's operands, s)``."""
+@operator_type
+class Preconditioned(LinearOperator):
+    """``S A S`` with ``S = diag(scale)``, ``scale = P^{-1/2}``: :func:`preconditioned`. A
+    product is one product of ``inner``; the exact diagonal is ``scale^2 diag(A)`` when ``A``
+    has a fast one."""
 
-    fn: Callable
-    name = "preconditioned"
+    inner: LinearOperator
+    scale: jax.Array
 
-    def __call__(self, operands, v):
-        inner, s = operands
-        return s * self.fn(inner, s * v)
-
-    def prepare(self, operands):
-        inner, s = operands
-        prepare = getattr(self.fn, "prepare", None)
-        linear = prepare(inner) if prepare is not None else None
-        if linear is None:
-            return None
-        return lambda v: s * linear(s * v)
-
-    def pulled(self, operands) -> LinearOperator | None:
-        # Outside compiled code (LinearOperator.prepared): the inner operator's held form, scaled.
-        inner, s = operands
-        if getattr(type(self.fn), "pulled", None) is None:
-            return None
-        held = self.fn.pulled(inner)
-        if held is None:
-            return None
-        return LinearOperator(_Preconditioned(held.fn), (held.operands, s), held.layout)
+    @property
+    def layout(self) -> Layout:
+        return self.inner.layout
 
     @property
     def streamed(self) -> bool:
-        return bool(getattr(self.fn, "streamed", False))
-
-    def apply_rows(self, operands, rows):
-        inner, s = operands
-        hook = getattr(self.fn, "apply_rows", None)
-        scaled = rows * s
-        products = (
-            hook(inner, scaled) if hook else jax.vmap(functools.partial(self.fn, inner))(scaled)
-        )
-        return products * s
+        return self.inner.streamed
 
     @property
+    def has_fast_diagonal(self) -> bool:
+        return self.inner.has_fast_diagonal
+
+    @property
+    def name(self) -> str:
+        return f"{self.inner.name} (preconditioned)"
+
+    def apply(self, v):
+        s = self.scale
+        return s * self.inner.apply(s * v.astype(self.dtype))
+
+    def apply_rows(self, rows):
+        return self.inner.apply_rows(rows.astype(self.dtype) * self.scale) * self.scale
+
+    def host_apply_rows(self, rows):
+        if not self.streamed:
+            return super().host_apply_rows(rows)
+        scaled = _scaled(jnp.asarray(rows, self.dtype), self.scale)
+        return _scaled(self.inner.host_apply_rows(scaled), self.scale)
+
+    def prepared(self):
+        # Inside compiled code the inner operator's linearisation; outside, its held form.
+        return Preconditioned(self.inner.prepared(), self.scale)
+
     def exact_diagonal(self):
-        # diag(S A S) = s^2 diag(A): the inner operator's fast exact diagonal, where it has one.
-        inner = getattr(self.fn, "exact_diagonal", None)
-        if inner is None:
-            raise AttributeError("exact_diagonal")
-        return lambda operands: operands[1] ** 2 * inner(operands[0])
+        # diag(S A S) = s^2 diag(A).
+        return self.scale**2 * self.inner.exact_diagonal()
+
+    def host_exact_diagonal(self):
+        if not self.streamed:
+            return super().host_exact_diagonal()
+        return _scaled(_scaled(self.inner.host_exact_diagonal(), self.scale), self.scale)
+
+
+@jax.jit
+def _scaled(x, s):
+    return x * s
 
 
 def _flat(op: LinearOperator, x) -> jax.Array:
@@ -232,8 +237,14 @@ def _flat(op: LinearOperator, x) -> jax.Array:
     return op.ravel(x)
 
 
-def preconditioned(op: LinearOperator, diagonal: PyTree | jax.Array) -> LinearOperator:
-    """``P^{-1/2} A P^{-1/2}`` for the positive diagonal ``P = diag(diagonal)``.
+def preconditioned(
+    op: LinearOperator,
+    preconditioner: PyTree | jax.Array = UNSET,
+    /,
+    *,
+    diagonal: PyTree | jax.Array = UNSET,
+) -> LinearOperator:
+    """``P^{-1/2} A P^{-1/2}`` for the positive diagonal ``P = diag(preconditioner)``.
 
     Its eigenvalues are those of ``P^{-1} A``: the curvature along the eigenvectors that a
     preconditioned step ``-η P^{-1} g`` sees (for Adam ``P = sqrt(ν̂) + ε``, what its update
@@ -243,12 +254,21 @@ def preconditioned(op: LinearOperator, diagonal: PyTree | jax.Array) -> LinearOp
 
     Args:
       op: a symmetric operator (e.g. :func:`~curvature.hessian`).
-      diagonal: ``P``'s diagonal, a flat vector of length ``n`` or a pytree shaped like the
-        parameters; every entry finite and > 0 (checked when it is not traced).
+      preconditioner: ``P``'s diagonal, a flat vector of length ``n`` or a pytree shaped like
+        the parameters; every entry finite and > 0 (checked when it is not traced). Its
+        deprecated keyword name is ``diagonal=`` (``diagonal`` now always means an operator's
+        own diagonal, as in :func:`conditioning`).
+
+    Returns a :class:`Preconditioned` operator.
     """
     if not isinstance(op, LinearOperator) or op.shape[0] != op.shape[1]:
         raise TypeError(f"preconditioned needs a square LinearOperator, got {op!r}")
-    p = _flat(op, diagonal).astype(op.dtype)
+    preconditioner = renamed(
+        "preconditioned", "diagonal", "preconditioner", diagonal, preconditioner
+    )
+    if preconditioner is UNSET:
+        raise TypeError("preconditioned(op, preconditioner): the diagonal P is missing")
+    p = _flat(op, preconditioner).astype(op.dtype)
     if not is_traced(p):
         host = np.asarray(p)
         bad = ~(np.isfinite(host) & (host > 0))
@@ -257,7 +277,7 @@ def preconditioned(op: LinearOperator, diagonal: PyTree | jax.Array) -> LinearOp
                 f"preconditioned needs a finite, positive diagonal; {int(bad.sum())} of "
                 f"{host.size} entries are not (add an ε, as Adam does)"
             )
-    return LinearOperator(_Preconditioned(op.fn), (op.operands, jax.lax.rsqrt(p)), op.layout)
+    return Preconditioned(op, jax.lax.rsqrt(p))
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,8 +364,9 @@ def _exact_diagonal(op, diagonal):
 
 def conditioning(
     op: LinearOperator,
+    /,
     *,
-    k: int = 3,
+    k: int = UNSET,
     num_steps: int | None = None,
     key: jax.Array,
     diagonal: PyTree | jax.Array | None = None,
@@ -356,17 +377,25 @@ def conditioning(
 
     ``diagonal`` is ``op``'s exact diagonal (flat or a pytree) if you have it; otherwise it is
     computed, :func:`~curvature.diagonal` with ``method="exact"`` (``n`` matvecs for a Hessian:
-    small networks)."""
-    k = positive_int(k, "k")
+    small networks). ``k`` is required (leaving it out warns and takes 3, its old default)."""
+    k = positive_int(_k(k, "conditioning"), "k")
     diag = _exact_diagonal(op, diagonal)
     return _conditioning(op, diag, k=k, num_steps=num_steps, key=key)
+
+
+def _k(k, where: str) -> int:
+    if k is UNSET:
+        warn_once(f"{where}: k will be required, as in eigsh; pass k=3 for the old default")
+        return 3
+    return k
 
 
 def compare_conditioning(
     op: LinearOperator,
     preconditioner: PyTree | jax.Array,
+    /,
     *,
-    k: int = 3,
+    k: int = UNSET,
     num_steps: int | None = None,
     key: jax.Array,
     diagonal: PyTree | jax.Array | None = None,
@@ -374,11 +403,12 @@ def compare_conditioning(
     """:func:`conditioning` of ``op`` and of ``preconditioned(op, preconditioner)``, with the same
     Lanczos start (``key``). The preconditioned diagonal is ``diag(A) / P`` exactly, so the exact
     ``diagonal`` of ``op`` (given, or computed once) serves both. Cost: two Lanczos runs,
-    ``2 (num_steps + 2 k)`` matvecs, and the diagonal's."""
-    k = positive_int(k, "k")
+    ``2 (num_steps + 2 k)`` matvecs, and the diagonal's. ``k`` is required (leaving it out warns
+    and takes 3)."""
+    k = positive_int(_k(k, "compare_conditioning"), "k")
     scaled = preconditioned(op, preconditioner)
     diag = jnp.asarray(_exact_diagonal(op, diagonal))
-    s2 = scaled.operands[1] ** 2
+    s2 = scaled.scale**2
     # The original as P = I: the same operator type as the preconditioned one, so the two
     # Lanczos runs share one compiled program (the products by 1 are exact).
     identity = preconditioned(op, jnp.ones(op.size, op.dtype))

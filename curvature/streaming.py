@@ -15,11 +15,12 @@ by all vectors of the pass, vmapped over them), compiled once per batch shape: a
 shorter last batch compiles two. The host loops over batches and dispatches these programs
 asynchronously; a background thread reads the next batches (a numpy memmap slice is read from disk
 there) and each batch is put on the device one batch ahead of use, so the accelerator does not
-wait on the host. The estimators are the same functions with the same results: for a streamed
-operator their loops (Lanczos steps, probe blocks, power iterations) run on the host, op by op,
-and only the batch products are compiled ("host-driven"); for in-memory data the whole estimator
-is one compiled program. A block of probes (``probe_batch_size``) costs one pass over the data,
-so for streamed data larger blocks mean fewer passes.
+wait on the host. The estimators are the same programs with the same results
+(:mod:`curvature._driver`): for a streamed operator their loops (Lanczos steps, probe blocks,
+power iterations) run on the host and every step between two products is its own compiled
+program; for in-memory data the whole estimator is one compiled program. A block of probes
+(``probe_batch_size``) costs one pass over the data, so for streamed data larger blocks mean
+fewer passes.
 
 Not available for streamed operators: derivatives through the estimators (``jax.grad`` of
 ``eigsh``), use inside ``jax.jit`` / ``jax.vmap``, and vmapped SLQ probes
@@ -36,19 +37,19 @@ set); the number of examples is checked on every pass.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from curvature._batching import Batching
+from curvature.linear_operator import LinearOperator, operator_type, static
 
-__all__ = ["batches", "is_source"]
+__all__ = ["Streamed", "batches", "is_source"]
 
 PyTree = Any
 
@@ -185,7 +186,7 @@ def first_batch(source: Callable) -> PyTree:
 
 
 # --------------------------------------------------------------------------------------------
-# The operator's matvec.
+# The operator.
 
 
 @jax.jit
@@ -197,85 +198,109 @@ def _rows_step(acc, inner, rows, weight):
 
 @jax.jit
 def _diagonal_step(acc, inner, weight):
-    return acc + weight * inner.fn.exact_diagonal(inner.operands)
+    return acc + weight * inner.exact_diagonal()
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class StreamedMatvec:
-    """The matvec of an operator over streamed data: ``build(batching)`` gives the matvec of one
-    batch (a :class:`~curvature.builders.LossMatvec` or the Gauss-Newton one); operands are the
-    parameters and captured arrays, without data."""
+@jax.jit
+def _mean(acc, count):
+    return acc / count
 
-    build: Callable[[Batching], Callable]
-    source: Callable[[], Iterable]
-    layout: Any
-    batch_size: int | None
-    prefetch: int = 2
-    examples: list = dataclasses.field(default_factory=list)  # N of the first full pass
-    name = "streamed"
-    streamed = True
 
-    def __call__(self, operands, v):
-        return self.apply_rows(operands, v[None])[0]
+_TRACED = (
+    "a streamed operator (data from a loader) was used inside jax.jit, jax.vmap or a "
+    "derivative: its matvec is a loop over batches on the host and cannot be traced. "
+    "Call op @ v or the estimators directly (they drive the batches from the host); "
+    "derivatives through estimators and vmapped SLQ probes need in-memory data."
+)
 
-    def apply_rows(self, operands, rows):
+
+class _Examples:
+    """How many examples the first full pass saw (checked on every later pass); compared by
+    identity, so it never makes two operators differ in structure."""
+
+    __slots__ = ("count",)
+
+    def __init__(self):
+        self.count = None
+
+
+@operator_type
+class Streamed(LinearOperator):
+    """An operator over streamed data: each product is one pass over the loader's batches,
+    ``A v = sum_j (b_j / N) A_j v``, where ``A_j`` is ``inner`` on batch ``j``
+    (:meth:`~curvature.builders.LossOperator.with_data`; ``inner`` is the template, built
+    without data). Products run from the host only (:meth:`host_apply_rows`); inside compiled
+    code they raise an error that says why."""
+
+    inner: LinearOperator
+    source: Callable[[], Iterable] = static()
+    batch_size: int | None = static()
+    prefetch: int = static(default=2)
+    examples: _Examples = static(default_factory=lambda: _Examples())
+
+    streamed: ClassVar[bool] = True
+
+    @property
+    def layout(self):
+        return self.inner.layout
+
+    @property
+    def has_fast_diagonal(self) -> bool:
+        return self.inner.has_fast_diagonal
+
+    @property
+    def name(self) -> str:
+        return f"{self.inner.name} (streamed)"
+
+    def apply(self, v):
+        raise TypeError(_TRACED)
+
+    def apply_rows(self, rows):
+        raise TypeError(_TRACED)
+
+    def exact_diagonal(self):
+        raise TypeError(_TRACED)
+
+    def host_apply_rows(self, rows):
         if isinstance(rows, jax.core.Tracer):
-            raise TypeError(
-                "a streamed operator (data from a loader) was used inside jax.jit, jax.vmap or a "
-                "derivative: its matvec is a loop over batches on the host and cannot be traced. "
-                "Call op @ v or the estimators directly (they drive the batches from the host); "
-                "derivatives through estimators and vmapped SLQ probes need in-memory data."
-            )
-        zeros = jnp.zeros(rows.shape, self.layout.dtype)
-        return self._pass(operands, lambda acc, inner, w: _rows_step(acc, inner, rows, w), zeros)
+            raise TypeError(_TRACED)
+        rows = jnp.asarray(rows, self.dtype)
+        zeros = jnp.zeros(rows.shape, self.dtype)
+        return self._pass(lambda acc, inner, w: _rows_step(acc, inner, rows, w), zeros)
 
-    def _inner(self, operands, batch, index: int):
-        from curvature.linear_operator import LinearOperator
+    def host_exact_diagonal(self):
+        zeros = jnp.zeros((self.layout.size,), self.dtype)
+        return self._pass(_diagonal_step, zeros)
 
+    def _inner(self, batch, index: int):
         try:
             batching = Batching.of(batch, self.batch_size)
         except ValueError as error:
             raise ValueError(f"data: batch {index} from the loader: {error}") from error
-        ops = {"params": operands["params"], "data": batch, "captured": operands["captured"]}
-        return LinearOperator(self.build(batching), ops, self.layout), batching.num_examples
+        return self.inner.with_data(batch, batching), batching.num_examples
 
-    def _pass(self, operands, step, acc):
+    def _pass(self, step, acc):
         count, structure = 0, None
-        with jax.disable_jit(False):  # estimators run this from host-driven (eager) loops
-            for index, batch in enumerate(_device_batches(self.source, self.prefetch)):
-                tree = jax.tree_util.tree_structure(batch)
-                if structure is None:
-                    structure = tree
-                elif tree != structure:
-                    raise ValueError(
-                        f"data: batch {index} from the loader has structure {tree}; the first "
-                        f"had {structure}"
-                    )
-                inner, size = self._inner(operands, batch, index)
-                acc = step(acc, inner, jnp.asarray(size, self.layout.dtype))
-                count += size
-            if count == 0:
-                raise ValueError("data: the loader yielded no batches")
-            if self.examples and self.examples[0] != count:
+        for index, batch in enumerate(_device_batches(self.source, self.prefetch)):
+            tree = jax.tree_util.tree_structure(batch)
+            if structure is None:
+                structure = tree
+            elif tree != structure:
                 raise ValueError(
-                    f"data: the loader yielded {count} examples in this pass and "
-                    f"{self.examples[0]} in the first: a streamed operator needs the same "
-                    "examples on every pass (no random subsampling or dropped batches)"
+                    f"data: batch {index} from the loader has structure {tree}; the first "
+                    f"had {structure}"
                 )
-            self.examples[:] = [count]
-            return acc / jnp.asarray(count, self.layout.dtype)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class StreamedWithDiagonal(StreamedMatvec):
-    """A streamed operator whose batches have an exact diagonal (Gauss-Newton, Fisher)."""
-
-    def exact_diagonal(self, operands):
-        zeros = jnp.zeros((self.layout.size,), self.layout.dtype)
-        return self._pass(operands, _diagonal_step, zeros)
-
-
-def streamed(build: Callable, source: Callable, layout, batch_size, has_diagonal: bool):
-    """The streamed matvec for a builder's per-batch matvec ``build(batching)``."""
-    cls = StreamedWithDiagonal if has_diagonal else StreamedMatvec
-    return cls(build, source, layout, batch_size)
+            inner, size = self._inner(batch, index)
+            acc = step(acc, inner, jnp.asarray(size, self.dtype))
+            count += size
+        if count == 0:
+            raise ValueError("data: the loader yielded no batches")
+        first = self.examples.count
+        if first is not None and first != count:
+            raise ValueError(
+                f"data: the loader yielded {count} examples in this pass and "
+                f"{first} in the first: a streamed operator needs the same "
+                "examples on every pass (no random subsampling or dropped batches)"
+            )
+        self.examples.count = count
+        return _mean(acc, jnp.asarray(count, self.dtype))

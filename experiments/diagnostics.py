@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import curvature as cv
-from curvature.operators import apply_rows
 from experiments import train
 from experiments.measure import Context, register_measurement
 from experiments.measurements import _at_least, _eigen, _estimate, _steps_check
@@ -26,23 +25,6 @@ from experiments.record import (
 )
 
 
-@functools.partial(jax.jit, static_argnames="num_matvecs")
-def _diagonal_and_mean(H, key, *, num_matvecs):
-    # The probes and numbers of cv.diagonal(H, key=key), and the per-probe means z^T H z / n for
-    # the error bar of the diagonal's mean (its entries share probes, so they are correlated).
-    H = H.prepared()
-    z = cv.rademacher(key, (num_matvecs, H.size), H.dtype)
-    products = z * apply_rows(H, z)
-    per_probe = jnp.mean(products, axis=1)
-    root_m = jnp.sqrt(num_matvecs)
-    return (
-        jnp.mean(products, axis=0),
-        jnp.std(products, axis=0, ddof=1) / root_m,
-        jnp.mean(per_probe),
-        jnp.std(per_probe, ddof=1) / root_m,
-    )
-
-
 def _hessian_diagonal(ctx: Context, matvecs: int, exact: bool):
     """``(diagonal, per-entry SE, Estimate of its mean)``, once per measurement and settings."""
 
@@ -51,10 +33,14 @@ def _hessian_diagonal(ctx: Context, matvecs: int, exact: bool):
         if exact:  # n matvecs with the unit vectors, never the n x n matrix
             diag = np.asarray(cv.diagonal(H, method="exact").diagonal)
             return diag, np.zeros(H.size), Estimate(float(diag.mean()), 0.0, H.size)
-        d, se, mean, mean_se = _diagonal_and_mean(H, ctx.key_for("diagonal"), num_matvecs=matvecs)
-        if not np.all(np.isfinite(np.asarray(d))):
-            raise FloatingPointError("diagonal: a matvec returned NaN or inf")
-        return np.asarray(d), np.asarray(se), Estimate(float(mean), float(mean_se), matvecs)
+        # The diagonal and the trace on the same probes: the diagonal's mean is tr / n, its
+        # error bar the trace's over n (the entries share probes, so they are correlated).
+        out = cv.hutchinson(
+            H, ("diagonal", "trace"), num_matvecs=matvecs, key=ctx.key_for("diagonal")
+        )
+        d, tr = out["diagonal"], out["trace"]
+        mean = Estimate(float(tr.value) / H.size, float(tr.standard_error) / H.size, matvecs)
+        return np.asarray(d.diagonal), np.asarray(d.standard_error), mean
 
     return ctx.cached(("diagonal", matvecs, exact), run)
 
@@ -93,32 +79,6 @@ def _fisher(ctx: Context) -> Fisher:
     return Fisher(_eigen(top), _estimate(trace))
 
 
-def _layer_of_entry(params) -> tuple[tuple[str, ...], np.ndarray]:
-    """The layers of ``curvature.layer_groups(params)`` and, per entry of the flat parameter
-    vector (``ravel_pytree`` order), the index of its layer."""
-    groups = cv.layer_groups(params)
-    sizes = [leaf.size for leaf in jax.tree_util.tree_leaves(params)]
-    owner = np.zeros(len(sizes), np.int32)
-    for g, selector in enumerate(groups.values()):
-        owner[np.asarray(jax.tree_util.tree_leaves(selector), bool)] = g
-    return tuple(groups), np.repeat(owner, sizes)
-
-
-@functools.partial(jax.jit, static_argnames="num_groups")
-def _block_statistics(H, G, z, layer_of_entry, *, num_groups):
-    # Probes z (m, n), each on one layer's entries. One product with H and one with G per probe
-    # give every block of H, G and R = H - G in that probe's column: per operator the squared
-    # norm of each layer's part of A z, (m, layers), and the quadratic forms z^T A z, (m,).
-    hz = apply_rows(H.prepared(), z)
-    gz = apply_rows(G.prepared(), z)
-    out = {}
-    for name, az in (("hessian", hz), ("gauss_newton", gz), ("residual", hz - gz)):
-        wide = az.astype(jnp.promote_types(az.dtype, jnp.float32))
-        squares = jax.ops.segment_sum((wide**2).T, layer_of_entry, num_segments=num_groups).T
-        out[name] = (squares, jnp.sum(z * wide, axis=1))
-    return out
-
-
 @register_measurement("blocks", defaults={"probes": 32}, check=_at_least(2, "probes"))
 def _blocks(ctx: Context) -> Blocks:
     """The curvature by layer (layers from ``curvature.layer_groups``) of H, G and R = H - G:
@@ -129,32 +89,23 @@ def _blocks(ctx: Context) -> Blocks:
     Cost: layers x probes matvecs of H and of G, one compiled program."""
     s = ctx.settings
     H, G = ctx.hessian(), ctx.gauss_newton()
-    names, layer_of_entry = _layer_of_entry(ctx.params)
-    count, m = len(names), s.probes
-    key = ctx.key_for("blocks")
-    z = jnp.concatenate(
-        [
-            cv.rademacher(jax.random.fold_in(key, j), (m, H.size), H.dtype)
-            * jnp.asarray(layer_of_entry == j, H.dtype)
-            for j in range(count)
-        ]
+    summaries = cv.block_summary(
+        (H, G, H - G),
+        cv.layer_groups(ctx.params),
+        key=ctx.key_for("blocks"),
+        num_matvecs=s.probes,
+        num_steps=0,
     )
-    stats = _block_statistics(H, G, z, jnp.asarray(layer_of_entry), num_groups=count)
     trace, trace_se, fro, fro_se = {}, {}, {}, {}
-    for name, (squares, quad) in stats.items():
-        squares = np.asarray(squares, np.float64).reshape(count, m, count)  # (column j, probe, i)
-        quad = np.asarray(quad, np.float64).reshape(count, m)
-        if not (np.all(np.isfinite(squares)) and np.all(np.isfinite(quad))):
-            raise FloatingPointError("blocks: a matvec returned NaN or inf")
-        fro[name] = tuple(tuple(float(v) for v in row) for row in squares.mean(axis=1).T)
-        fro_se[name] = tuple(
-            tuple(float(v) for v in row) for row in (squares.std(axis=1, ddof=1) / np.sqrt(m)).T
-        )
-        trace[name] = tuple(float(v) for v in quad.mean(axis=1))
-        trace_se[name] = tuple(float(v) for v in quad.std(axis=1, ddof=1) / np.sqrt(m))
+    for name, summary in zip(("hessian", "gauss_newton", "residual"), summaries, strict=True):
+        fro[name] = tuple(tuple(float(v) for v in row) for row in summary.frobenius_sq)
+        fro_se[name] = tuple(tuple(float(v) for v in row) for row in summary.frobenius_sq_se)
+        trace[name] = tuple(float(v) for v in summary.trace)
+        trace_se[name] = tuple(float(v) for v in summary.trace_se)
+    first = summaries[0]
     return Blocks(
-        names=names,
-        sizes=tuple(int(np.sum(layer_of_entry == j)) for j in range(count)),
+        names=first.names,
+        sizes=tuple(int(v) for v in first.sizes),
         trace=trace,
         trace_se=trace_se,
         frobenius_sq=fro,

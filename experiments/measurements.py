@@ -8,21 +8,9 @@ the value of the record field of its name."""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import curvature as cv
-from curvature.operators import apply_rows
-from curvature.stochastic_trace import (
-    block_size,
-    hutch_plus_plus_sketch,
-    monte_carlo,
-    quadratic_forms,
-)
 from experiments.measure import Context, register_measurement
 from experiments.record import (
     Density,
@@ -157,68 +145,21 @@ def _bottom(ctx: Context) -> Eigenvalues:
     return bottom
 
 
-@functools.partial(jax.jit, static_argnames="num_matvecs")
-def _shared_traces(H, G, key, *, num_matvecs):
-    """Hutch++ traces of H, G and R = H - G that share one sketch (of H) and one set of probes.
-
-    For a sketch basis Q fixed before the probes are drawn, Hutch++ is linear in the operator,
-    so the three estimates satisfy tr R = tr H - tr G exactly and each is unbiased, with a
-    standard error from its own probe samples. tr H is the number ``cv.trace(H, key=key)``
-    gives (the same sketch and probes). Cost: ``num_matvecs`` products with H and two thirds
-    as many with G, where three separate runs would take twice as many of each.
-    """
-    H, G = H.prepared(), G.prepared()
-    n = H.size
-    sketch = num_matvecs // 3
-    block = block_size(n, H.dtype, num_matvecs, None)
-    key_s, key_g = jax.random.split(key)
-    q = hutch_plus_plus_sketch(H, key_s, sketch, block)  # the top of H's range
-    exact_h, exact_g = (quadratic_forms(op, q, block) for op in (H, G))
-    both = _Stacked(H, G)
-
-    def samples(g, products):  # per probe: g^T H g, g^T G g, g^T R g
-        hg, gg = products[:, :n], products[:, n:]
-        return jnp.stack([jnp.sum(g * hg, 1), jnp.sum(g * gg, 1), jnp.sum(g * (hg - gg), 1)], 1)
-
-    means, errors = monte_carlo(
-        both, key_g, num_matvecs - 2 * sketch, samples, block, lambda g: g - (g @ q.T) @ q
-    )
-    exact = (exact_h, exact_g, exact_h - exact_g)
-    return [(e + means[i], errors[i]) for i, e in enumerate(exact)]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Stacked:
-    """``v -> [H v, G v]``: two operators on shared probes, for the library's Monte Carlo body."""
-
-    h: cv.LinearOperator
-    g: cv.LinearOperator
-
-    @property
-    def shape(self):
-        return (2 * self.h.size, self.h.size)
-
-    @property
-    def dtype(self):
-        return self.h.dtype
-
-    def apply(self, v):
-        return jnp.concatenate([self.h.apply(v), self.g.apply(v)])
-
-    def apply_rows(self, rows):
-        return jnp.concatenate([self.h.apply_rows(rows), self.g.apply_rows(rows)], axis=1)
-
-    streamed = False
-
-
 def _traces(ctx: Context, matvecs: int) -> tuple[Estimate, Estimate, Estimate]:
-    """tr H, tr G, tr R from :func:`_shared_traces`, once per measurement."""
+    """tr H, tr G and tr R = tr(H - G) by Hutch++ on one sketch (of H) and shared probes, once
+    per measurement (``curvature.trace`` of the three together). For a sketch basis fixed before
+    the probes are drawn, Hutch++ is linear in the operator, so tr R = tr H - tr G up to
+    round-off and each is unbiased, with a standard error from its own probe samples; tr H is
+    the number ``cv.trace(H, key=key)`` gives alone. Cost: ``matvecs`` products with H and two
+    thirds as many with G (R's are their difference)."""
 
     def run():
-        parts = _shared_traces(
-            ctx.hessian(), ctx.gauss_newton(), ctx.key_for("trace"), num_matvecs=matvecs
+        H, G = ctx.hessian(), ctx.gauss_newton()
+        parts = cv.trace((H, G, H - G), num_matvecs=matvecs, key=ctx.key_for("trace"))
+        return tuple(
+            _finite(Estimate(float(t.value), float(t.standard_error), matvecs), "trace")
+            for t in parts
         )
-        return tuple(_finite(Estimate(float(v), float(se), matvecs), "trace") for v, se in parts)
 
     return ctx.cached(("traces", matvecs), run)
 
@@ -263,27 +204,16 @@ def _gauss_newton(ctx: Context) -> GaussNewton:
     return GaussNewton(_eigen(top), trace_g, trace_r)
 
 
-@functools.partial(jax.jit, static_argnames="num_probes")
-def _shared_frobenius(H, G, key, *, num_probes):
-    # The probes of cv.frobenius_norm_squared(op, key=key), so the same numbers; R z = H z - G z
-    # reuses the two products instead of paying for both again.
-    H, G = H.prepared(), G.prepared()
-    z = cv.rademacher(key, (num_probes, H.size), H.dtype)
-    hz, gz = apply_rows(H, z), apply_rows(G, z)
-    out = []
-    for products in (hz, gz, hz - gz):
-        sq = jnp.sum(products**2, axis=1)
-        out.append((jnp.mean(sq), jnp.std(sq, ddof=1) / jnp.sqrt(num_probes)))
-    return out
-
-
 @register_measurement("frobenius", defaults={"probes": 16}, check=_at_least(2, "probes"))
 def _frobenius(ctx: Context) -> Frobenius:
     """‖H‖F², ‖G‖F², ‖R‖F² from shared Rademacher probes, so their ratios are tight (two
     matvecs a probe: R z = H z - G z)."""
     m = ctx.settings.probes
-    parts = _shared_frobenius(ctx.hessian(), ctx.gauss_newton(), ctx.key_for("fro"), num_probes=m)
-    return Frobenius(*(_finite(Estimate(float(v), float(se), m), "frobenius") for v, se in parts))
+    H, G = ctx.hessian(), ctx.gauss_newton()
+    parts = cv.frobenius_norm_squared((H, G, H - G), num_matvecs=m, key=ctx.key_for("fro"))
+    return Frobenius(
+        *(_finite(Estimate(float(f.value), float(f.standard_error), m), "frobenius") for f in parts)
+    )
 
 
 def _density_check(s, info):

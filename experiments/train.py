@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from curvature._closures import Canonical, canonical
+import curvature as cv
 from experiments.registry import Registry
 
 
@@ -164,14 +164,10 @@ def trainer(loss_fn, train_cfg, num_train: int, model_fn=None):
     entry = OPTIMIZERS.get(train_cfg.optimizer)
     if entry.needs_model and model_fn is None:
         raise ValueError(f"train.optimizer={train_cfg.optimizer!r} needs the model function")
-    loss, loss_arrays, _ = canonical(loss_fn)
-    model, model_arrays = None, None
-    if entry.needs_model:
-        model, model_arrays, _ = canonical(model_fn)
+    loss = cv.closure(loss_fn)
+    model = cv.closure(model_fn) if entry.needs_model else None
     optimizer = (train_cfg.optimizer, train_cfg.loss, entry.static(train_cfg))
-    return functools.partial(
-        _train, loss, model, optimizer, train_cfg.batch_size, num_train, (loss_arrays, model_arrays)
-    )
+    return functools.partial(_train, optimizer, train_cfg.batch_size, num_train, loss, model)
 
 
 def new_log(train_cfg, dtype, opt_state) -> dict:
@@ -180,14 +176,13 @@ def new_log(train_cfg, dtype, opt_state) -> dict:
     return {name: jnp.full((train_cfg.steps,), jnp.nan, dtype) for name in names}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _train(
-    loss: Canonical,
-    model: Canonical | None,
     optimizer: tuple,
     batch_size: int,
     num_train: int,
-    captured,
+    loss: cv.Closure,
+    model: cv.Closure | None,
     params,
     opt_state,
     start,
@@ -199,8 +194,8 @@ def _train(
     limit,
     log,
 ):
-    loss_fn = loss.bind(captured[0])
-    model_fn = None if model is None else model.bind(captured[1])
+    loss_fn = loss.bind()
+    model_fn = None if model is None else model.bind()
     full_batch = batch_size == 0 or batch_size >= num_train
     steps_per_epoch = 1 if full_batch else max(1, num_train // batch_size)
 
@@ -277,14 +272,12 @@ _PLACEHOLDER = _Placeholder()
 def evaluator(loss_fn, model_fn):
     """A compiled ``evaluate(params, batch) -> (loss, accuracy, gradient norm)``: one program per
     pair of functions, compared by structure."""
-    loss, loss_arrays, _ = canonical(loss_fn)
-    model, model_arrays, _ = canonical(model_fn)
-    return functools.partial(_evaluate, loss, model, (loss_arrays, model_arrays))
+    return functools.partial(_evaluate, cv.closure(loss_fn), cv.closure(model_fn))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _evaluate(loss: Canonical, model: Canonical, captured, params, batch):
-    loss_fn, model_fn = loss.bind(captured[0]), model.bind(captured[1])
+@jax.jit
+def _evaluate(loss: cv.Closure, model: cv.Closure, params, batch):
+    loss_fn, model_fn = loss.bind(), model.bind()
     value, grad = jax.value_and_grad(loss_fn)(params, batch)
     accuracy = jnp.mean(jnp.argmax(model_fn(params, batch), axis=-1) == batch["y"])
     grad_norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grad)))

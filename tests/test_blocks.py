@@ -109,7 +109,7 @@ def test_block_summary_against_dense_blocks(x64, key):
     params, ops = operators("relu")
     R = ops["R"]
     full = np.asarray(cv.dense(R), np.float64)
-    summary = cv.block_summary(R, key=key, probes=64, trace_matvecs=30, lanczos_steps=20)
+    summary = cv.block_summary(R, key=key, num_matvecs=64, num_steps=20)
     groups = cv.layer_groups(params)
     assert summary.names == ("0", "1", "2")
     for i, rows in enumerate(groups.values()):

@@ -7,21 +7,18 @@ import jax.numpy as jnp
 from helpers import make_problem
 
 import curvature as cv
-from curvature import _checks, builders, density, krylov, linear_operator, power, stochastic_trace
+from curvature import _checks, _driver, builders, linear_operator, stochastic_trace
 
+# Every compiled program of the library: the driver's (each estimator's whole run is one), the
+# builders' checks and preparation outside jit, and products and diagonals from the host.
 JITTED = (
-    krylov._eigsh,
-    krylov._lanczos,
-    power._power,
-    stochastic_trace._trace,
-    stochastic_trace._diagonal,
-    stochastic_trace._frobenius,
-    density._slq,
-    linear_operator._matvec,
-    linear_operator._matmat,
-    linear_operator._dense,
+    _driver._run_compiled,
+    linear_operator._host_rows,
+    linear_operator._host_diagonal,
+    stochastic_trace.probe_rows,
     builders._mean_loss,
     builders._mean_output_loss,
+    builders._pull,
     _checks._leaves_finite,
 )
 
@@ -33,7 +30,7 @@ def cache_sizes():
 def run_everything(op, key):
     cv.eigsh(op, k=3, num_steps=10, key=key)
     cv.lanczos(op, num_steps=10, key=key)
-    cv.power_iteration(op, k=2, key=key, max_iters=5)
+    cv.power_iteration(op, k=2, key=key, max_steps=5)
     cv.trace(op, num_matvecs=6, key=key)
     cv.diagonal(op, num_matvecs=4, key=key)
     cv.frobenius_norm_squared(op, num_matvecs=4, key=key)
@@ -61,7 +58,7 @@ def test_new_parameters_with_same_shapes_do_not_recompile():
         run_everything(op, jax.random.key(1))
     cv.dense(build_all(moved, data, model, loss)[1])
     cv.power_iteration(
-        build_all(moved, data, model, loss)[0], k=2, key=jax.random.key(1), max_iters=7
+        build_all(moved, data, model, loss)[0], k=2, key=jax.random.key(1), max_steps=7
     )
     assert cache_sizes() == before
 
@@ -93,7 +90,7 @@ def test_matvec_traced_once_per_program_whatever_the_step_count():
         lambda op, s: cv.spectral_density(op, num_probes=3, num_steps=s, key=jax.random.key(0)),
         lambda op, s: cv.trace(op, num_matvecs=s, key=jax.random.key(0), method="hutchinson"),
         lambda op, s: cv.trace(op, num_matvecs=s, key=jax.random.key(0)),
-        lambda op, s: cv.power_iteration(op, k=3, key=jax.random.key(0), max_iters=s),
+        lambda op, s: cv.power_iteration(op, k=3, key=jax.random.key(0), max_steps=s),
     ):
         counts = []
         for steps in (20, 100):

@@ -25,16 +25,16 @@ def test_power_iteration_flags_only_true_eigenpairs():
     # Rayleigh-Ritz step resolves +-2; with k = 1 the pair is unconverged.
     eigs = np.array([2.0, -2.0, 1.0, 0.1, 0.0])
     op = cv.from_matrix(jnp.diag(jnp.asarray(eigs)))
-    r = cv.power_iteration(op, k=3, key=jax.random.key(0), max_iters=300)
+    r = cv.power_iteration(op, k=3, key=jax.random.key(0), max_steps=300)
     flagged_pairs_are_eigenpairs(r, eigs)
     np.testing.assert_allclose(np.sort(np.asarray(r.eigenvalues)), [-2.0, 1.0, 2.0], atol=1e-5)
     assert np.all(r.converged)
-    one = cv.power_iteration(op, k=1, key=jax.random.key(0), max_iters=300)
+    one = cv.power_iteration(op, k=1, key=jax.random.key(0), max_steps=300)
     assert not one.converged[0] and one.num_iters[0] == 300
     # Ordinary spectra: every pair converges and is one of A's.
     eigs = np.array([3.0, -2.0, 1.0, 0.1, 0.0])
     r = cv.power_iteration(
-        cv.from_matrix(jnp.diag(jnp.asarray(eigs))), k=3, key=jax.random.key(0), max_iters=2000
+        cv.from_matrix(jnp.diag(jnp.asarray(eigs))), k=3, key=jax.random.key(0), max_steps=2000
     )
     flagged_pairs_are_eigenpairs(r, eigs)
     assert np.all(r.converged)

@@ -12,7 +12,7 @@ from flax import linen, nnx  # noqa: E402
 
 import curvature as cv  # noqa: E402
 import curvature.flax as cvf  # noqa: E402
-from curvature import krylov  # noqa: E402
+from curvature import _driver  # noqa: E402
 
 
 class Net(nnx.Module):
@@ -158,11 +158,11 @@ def test_rebuilding_from_the_same_module_reuses_compiled_programs():
         return cv.eigsh(op, k=1, num_steps=6, key=key).eigenvalues[0]
 
     first = top()
-    before = krylov._eigsh._cache_size()
+    before = _driver._run_compiled._cache_size()
     # A training step changes the parameters in place.
     nnx.update(net, jax.tree_util.tree_map(lambda p: p * 0.9, nnx.state(net, nnx.Param)))
     second = top()
-    assert krylov._eigsh._cache_size() == before
+    assert _driver._run_compiled._cache_size() == before
     assert abs(float(second - first)) > 1e-4 * abs(float(first))  # new parameters, new numbers
 
 
@@ -185,5 +185,5 @@ def test_a_new_but_equal_linen_module_reuses_compiled_programs(x64):
             loss="cross_entropy",
         )
         cv.eigsh(op, k=1, num_steps=5, key=jax.random.key(0))
-        sizes.append(krylov._eigsh._cache_size())
+        sizes.append(_driver._run_compiled._cache_size())
     assert sizes[0] == sizes[1] == sizes[2]

@@ -92,7 +92,7 @@ def test_lanczos_breakdown_on_few_distinct_eigenvalues(x64, key):
     basis = np.asarray(run.basis)
     assert np.all(np.isfinite(basis))
     assert np.abs(basis @ basis.T - np.eye(12)).max() < 1e-10
-    a = np.asarray(op.operands)
+    a = np.asarray(op.matrix)
     assert np.abs(basis @ a @ basis.T - np.asarray(cv.tridiagonal(run))).max() < 1e-10
     res = cv.eigsh(op, k=3, which="BE", num_steps=12, key=key)
     assert np.allclose(res.eigenvalues, [5.0, 5.0, 1.0], atol=1e-10)
@@ -111,7 +111,7 @@ def test_power_iteration_top3(x64, key, activation):
     op, h = hessian_problem(activation)
     evals = np.linalg.eigvalsh(h)
     by_magnitude = evals[np.argsort(-np.abs(evals))][:3]
-    res = cv.power_iteration(op, k=3, key=key, max_iters=20000, tol=1e-9)
+    res = cv.power_iteration(op, k=3, key=key, max_steps=20000, tol=1e-9)
     assert bool(res.converged.all()), res.num_iters
     assert np.all(np.asarray(res.num_iters) > 1)
     assert int(res.num_matvecs) == int(np.sum(res.num_iters)) + 3
@@ -124,5 +124,5 @@ def test_power_iteration_top3(x64, key, activation):
 def test_power_iteration_reports_nonconvergence(x64, key):
     # Two eigenvalues of equal magnitude: the vector never converges, so the residual stays large.
     op = cv.from_matrix(jnp.diag(jnp.array([3.0, -3.0, 1.0, 0.5])))
-    res = cv.power_iteration(op, k=1, key=key, max_iters=50, tol=1e-10)
+    res = cv.power_iteration(op, k=1, key=key, max_steps=50, tol=1e-10)
     assert not bool(res.converged[0]) and int(res.num_iters[0]) == 50

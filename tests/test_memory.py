@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import curvature as cv
-from curvature import stochastic_trace
 
 N = 50_000  # 200 kB a float32 vector
 
@@ -28,27 +27,34 @@ def diagonal_operator(n=N):
     return cv.LinearOperator(Diagonal(), d, cv.Layout.of(d))
 
 
-def temp_bytes(fn, op, **static):
-    compiled = fn.lower(op, jax.random.key(0), **static).compile()
-    analysis = compiled.memory_analysis()
+def temp_bytes(estimate, op, num_matvecs):
+    """Temporary memory of the compiled program of ``estimate(op, key, num_matvecs)`` (the
+    estimator's whole run, as it compiles inside jax.jit)."""
+    run = jax.jit(lambda o, k: estimate(o, k, num_matvecs))
+    analysis = run.lower(op, jax.random.key(0)).compile().memory_analysis()
     if analysis is None:
         pytest.skip("this backend reports no memory analysis")
     return analysis.temp_size_in_bytes
 
 
 @pytest.mark.parametrize(
-    "fn, static",
+    "estimate",
     [
-        (stochastic_trace._trace, {"method": "hutchinson"}),
-        (stochastic_trace._diagonal, {}),
-        (stochastic_trace._frobenius, {}),
+        lambda op, key, m: cv.trace(
+            op, num_matvecs=m, key=key, method="hutchinson", probe_batch_size=4
+        ),
+        lambda op, key, m: cv.diagonal(op, num_matvecs=m, key=key, probe_batch_size=4),
+        lambda op, key, m: cv.frobenius_norm_squared(
+            op, num_matvecs=m, key=key, probe_batch_size=4
+        ),
     ],
+    ids=["trace", "diagonal", "frobenius"],
 )
-def test_probe_memory_does_not_grow_with_the_number_of_probes(fn, static):
+def test_probe_memory_does_not_grow_with_the_number_of_probes(estimate):
     op = diagonal_operator()
     vector = N * 4
-    small = temp_bytes(fn, op, num_matvecs=20, block=4, **static)
-    large = temp_bytes(fn, op, num_matvecs=2000, block=4, **static)
+    small = temp_bytes(estimate, op, 20)
+    large = temp_bytes(estimate, op, 2000)
     # 2000 probes held at once would be 400 MB; a block of 4 is under 1 MB.
     assert large <= small + vector, (small, large)
     assert large < 40 * vector, large
@@ -59,7 +65,9 @@ def test_hutch_plus_plus_holds_its_sketch_and_one_block():
     vector = N * 4
     for num in (60, 300):
         sketch = num // 3
-        used = temp_bytes(stochastic_trace._trace, op, num_matvecs=num, method="hutch++", block=4)
+        used = temp_bytes(
+            lambda o, k, m: cv.trace(o, num_matvecs=m, key=k, probe_batch_size=4), op, num
+        )
         assert used < (sketch + 30) * vector, (num, used / vector)
 
 

@@ -187,7 +187,7 @@ def test_low_precision_parameters_run_the_algorithms_in_float32():
     )
     hpp = cv.trace(op, num_matvecs=30, key=key)
     assert abs(float(hpp.value) - 210.0) <= 4 * float(hpp.standard_error)
-    res = cv.power_iteration(op, k=1, key=key, max_iters=2000)
+    res = cv.power_iteration(op, k=1, key=key, max_steps=2000)
     assert float(res.eigenvalues[0]) == pytest.approx(20.0, rel=1e-2)
     # Mixed float32 / bfloat16 leaves: chunks accumulate in float32.
     mixed = {"a": jnp.ones(3, jnp.float32), "b": jnp.ones(2, jnp.bfloat16)}
@@ -213,7 +213,7 @@ def test_estimators_run_inside_jit(x64):
         return (
             cv.eigsh(op, k=2, num_steps=20, key=key).eigenvalues,
             cv.trace(op, num_matvecs=12, key=key).value,
-            cv.power_iteration(op, k=1, key=key, max_iters=50).eigenvalues,
+            cv.power_iteration(op, k=1, key=key, max_steps=50).eigenvalues,
             cv.spectral_density(op, num_probes=2, num_steps=10, key=key).nodes,
         )
 

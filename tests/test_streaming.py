@@ -9,6 +9,7 @@ import pytest
 from helpers import dense_hessian, make_problem
 
 import curvature as cv
+from curvature import _driver
 
 NUM = 23  # batches of 7: 7, 7, 7, 2
 
@@ -60,7 +61,7 @@ def test_every_estimator_gives_the_in_memory_result(x64, key):
     s_mem = cv.spectral_density(mem, num_probes=2, num_steps=8, key=key)
     s_st = cv.spectral_density(st, num_probes=2, num_steps=8, key=key)
     np.testing.assert_allclose(s_st.nodes, s_mem.nodes, rtol=1e-9, atol=1e-12)
-    p_st = cv.power_iteration(st, k=1, key=key, max_iters=50)
+    p_st = cv.power_iteration(st, k=1, key=key, max_steps=50)
     np.testing.assert_allclose(p_st.eigenvalues[0], e_mem.eigenvalues[0], rtol=1e-6)
     # The residual H - G: two streamed operators combined, one pass each.
     g_mem = cv.gauss_newton(model, params, data, loss="mse")
@@ -163,13 +164,13 @@ def test_prepared_operator_outside_jit_holds_the_linearisation(x64, key):
         assert rel(cv.dense(prepared), cv.dense(op)) < 1e-12
         # Compiled once: a second preparation at new parameters reuses the matvec's program.
         moved = jax.tree_util.tree_map(lambda p: p * 1.01, params)
-        again = cv.hessian(loss, moved, data) if op.fn.name == "hessian" else None
+        again = cv.hessian(loss, moved, data) if op.name == "hessian" else None
         if again is not None:
             v = jax.random.normal(key, (op.size,))
             prepared @ v
-            before = cv.linear_operator._matvec._cache_size()
+            before = _driver._run_compiled._cache_size()
             assert rel(again.prepared() @ v, again @ v) < 1e-12
-            assert cv.linear_operator._matvec._cache_size() == before + 1  # `again @ v` only
+            assert _driver._run_compiled._cache_size() == before + 1  # `again @ v` only
     chunked = cv.hessian(loss, params, data, batch_size=5)
     assert chunked.prepared() is chunked
 

@@ -573,19 +573,23 @@ def test_a_diverging_member_stops_with_its_reason_and_exit_1(tmp_path):
 
 def test_members_share_one_compiled_program(tmp_path):
     # Three activations, one set of programs: a run with new shapes compiles each estimator once.
-    from curvature import krylov, stochastic_trace
+    from curvature import _driver
 
     config = light_config()
     with config.unlocked():
         config.activations = ("relu", "tanh", "silu")
         config.data.num_train = 150  # shapes no other test uses
         config.workers = 1
+
     # Each member's functions are fresh closures (no module-level cache): the programs are
     # shared because functions compare by structure.
-    jitted = (krylov._eigsh, stochastic_trace._trace, experiments.train._train)
-    before = [f._cache_size() for f in jitted]
+    def compiled():  # eigsh's and Hutch++'s programs, and the trainer
+        traces = _driver.TRACES
+        return [traces["eigsh"], traces["hutch++"], experiments.train._train._cache_size()]
+
+    before = compiled()
     run_lib.run(config, tmp_path, progress=quiet())
-    after = [f._cache_size() for f in jitted]
+    after = compiled()
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
     with config.unlocked():
         config.share_activations = "no"

@@ -1,0 +1,325 @@
+"""How an algorithm runs: written once as a small program of steps, run as one compiled program
+for in-memory data and as a host loop of compiled steps for streamed data.
+
+An algorithm here (Lanczos, a Monte Carlo block of probes, Hutch++, power iteration, SLQ, CG, the
+columns of ``dense``) is a :class:`Program`: ``init`` makes a state (a pytree), ``body`` is a tree
+of steps over that state, ``finish`` turns the state into the result. The steps are
+
+* :class:`Apply`: ``rows(state, i)`` are multiplied by the operators and ``update(state, i,
+  products)`` takes the products (the only place an algorithm meets an operator);
+* :class:`Map`: ``fn(state, i)``, work between products;
+* :class:`Repeat` (a fixed count, the index ``i`` passed to the steps inside), :class:`While`
+  (``cond(state)``) and :class:`Seq`;
+* :class:`Vmap`: steps written for one item (a probe, say) run on a batch of them at once, the
+  state's ``field`` holding the batch on a leading axis.
+
+:func:`run` interprets a program in one of two ways, decided by the operators alone:
+
+* in memory: the whole program is one ``jax.jit`` (``fori_loop`` / ``while_loop``), the operators
+  prepared once at the top (:meth:`~curvature.LinearOperator.prepared`); a second call with the
+  same shapes compiles nothing;
+* streamed (an operator whose data come from a loader): the loops run on the host, every
+  ``init``, ``rows``, ``update``, ``Map``, ``cond`` and ``finish`` is its own compiled program
+  (compiled once, cached by the step), and each product is a pass over the data
+  (:meth:`~curvature.LinearOperator.host_apply_rows`). Nothing runs op by op, and no global mode
+  is switched.
+
+The step functions never see an operator: ``init`` and ``finish`` get the operators' static
+:class:`Spec` (shape, dtype), so the same compiled steps serve every operator of those shapes.
+Programs are hashable (their step functions compare by identity): build them with a cached
+constructor so equal settings give the same program and reuse its compiled code.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+__all__ = [
+    "Apply",
+    "Map",
+    "Program",
+    "Repeat",
+    "Seq",
+    "Spec",
+    "Vmap",
+    "While",
+    "inline",
+    "run",
+]
+
+State = Any
+
+
+class Spec(NamedTuple):
+    """What the steps may know of an operator: its shape ``(m, k)`` and its vectors' dtype."""
+
+    shape: tuple[int, int]
+    dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return self.shape[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Map:
+    """``state = fn(state, i)``: work between products (compiled on its own when streamed)."""
+
+    fn: Callable[[State, Any], State]
+
+
+@dataclasses.dataclass(frozen=True)
+class Apply:
+    """``state = update(state, i, products)`` with the products of ``rows(state, i)``.
+
+    ``operators``: which operators multiply (an index: ``products`` is that operator's array; a
+    tuple of indices: a tuple of arrays). ``mode``: ``"vector"`` for one vector ``(k,)`` (a
+    matvec), ``"rows"`` for a block ``(b, k)`` multiplied together (vmapped: shared forward
+    passes; one pass over streamed data), ``"map"`` for a block taken a row at a time
+    (``lax.map``, ``batch_size`` rows vmapped together; streamed: one pass per group).
+    """
+
+    rows: Callable[[State, Any], jax.Array]
+    update: Callable[[State, Any, Any], State]
+    operators: int | tuple[int, ...] = 0
+    mode: str = "vector"
+    batch_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Repeat:
+    """``body`` ``count`` times; the steps inside get the index ``i = 0 .. count - 1``."""
+
+    count: int
+    body: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class While:
+    """``body`` while ``cond(state)``; the steps inside get the enclosing index."""
+
+    cond: Callable[[State], jax.Array]
+    body: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Vmap:
+    """``body`` (written for one item) on every item of ``state[field]`` (a pytree whose leaves
+    have a leading batch axis) at once: in compiled code ``jax.vmap`` of the whole body, its
+    products batched; streamed, each step vmapped and each product a block of rows (one pass).
+    Inside, only :class:`Map`, :class:`Apply` (``mode="vector"``), :class:`Repeat` and
+    :class:`Seq`."""
+
+    field: str
+    body: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq:
+    steps: tuple
+
+    def __init__(self, *steps):
+        object.__setattr__(self, "steps", tuple(steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """``finish(state, specs, *args)`` after ``body`` on ``init(specs, *args)``.
+
+    ``frozen``: the products are not differentiated (their operands are stopped), as for an
+    eigensolver whose derivative is attached afterwards. ``name``: the algorithm, for
+    :data:`TRACES`."""
+
+    init: Callable
+    body: Any
+    finish: Callable
+    frozen: bool = False
+    name: str = "program"
+
+
+# --------------------------------------------------------------------------------------------
+# Running a program.
+
+
+def run(program: Program, operators: tuple, *args):
+    """``program`` on ``operators`` (a tuple) and ``args`` (a pytree of arrays, or ``None``): one
+    compiled program for in-memory operators, host-driven when one of them is streamed."""
+    if any(op.streamed for op in operators):
+        return _run_on_host(program, operators, args)
+    return _run_compiled(program, operators, args)
+
+
+#: How often each algorithm (``Program.name``) was traced into a compiled program: once per
+#: compilation, so tests can check that the same shapes never compile again.
+TRACES: collections.Counter = collections.Counter()
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _run_compiled(program: Program, operators: tuple, args):
+    TRACES[program.name] += 1
+    specs = specs_of(operators)
+    active = _stopped(operators) if program.frozen else operators
+    prepared = tuple(op.prepared() for op in active)
+    state = program.init(specs, *args)
+    state = _traced(program.body, prepared, state, 0)
+    return program.finish(state, specs, *args)
+
+
+def inline(program: Program, operators: tuple, *args):
+    """``program`` traced into the caller's compiled code (operators already prepared, e.g. a
+    closure over a linearisation): for algorithms used inside another compiled algorithm."""
+    specs = specs_of(operators)
+    state = program.init(specs, *args)
+    state = _traced(program.body, operators, state, 0)
+    return program.finish(state, specs, *args)
+
+
+def specs_of(operators: tuple) -> tuple[Spec, ...]:
+    return tuple(Spec(tuple(op.shape), np.dtype(op.dtype)) for op in operators)
+
+
+def _stopped(tree):
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.stop_gradient(x) if jax.numpy.issubdtype(x.dtype, np.inexact) else x,
+        tree,
+    )
+
+
+def _select(products: tuple, which):
+    if isinstance(which, int):
+        return products[which]
+    return tuple(products[j] for j in which)
+
+
+def _indices(which) -> tuple[int, ...]:
+    return (which,) if isinstance(which, int) else tuple(which)
+
+
+def _traced_products(op, rows: jax.Array, step: Apply) -> jax.Array:
+    if step.mode == "vector":
+        return op.apply(rows)
+    if step.mode == "rows":
+        return op.apply_rows(rows)
+    if step.batch_size is None or step.batch_size <= 1:
+        return jax.lax.map(op.apply, rows)
+    return jax.lax.map(op.apply, rows, batch_size=step.batch_size)
+
+
+def _traced(node, operators: tuple, state, i):
+    if isinstance(node, Map):
+        return node.fn(state, i)
+    if isinstance(node, Apply):
+        rows = node.rows(state, i)
+        products = {j: _traced_products(operators[j], rows, node) for j in _indices(node.operators)}
+        return node.update(state, i, _select(products, node.operators))
+    if isinstance(node, Repeat):
+        return jax.lax.fori_loop(
+            0, node.count, lambda j, s: _traced(node.body, operators, s, j), state
+        )
+    if isinstance(node, While):
+        return jax.lax.while_loop(node.cond, lambda s: _traced(node.body, operators, s, i), state)
+    if isinstance(node, Seq):
+        for step in node.steps:
+            state = _traced(step, operators, state, i)
+        return state
+    if isinstance(node, Vmap):
+        batch = jax.vmap(lambda item: _traced(node.body, operators, item, i))(state[node.field])
+        return {**state, node.field: batch}
+    raise TypeError(f"internal: unknown program step {node!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Host-driven: the loops on the host, every step compiled.
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn: Callable, **jit_kwargs) -> Callable:
+    """``jax.jit(fn)``, one per step function (kept for the life of the process, as the cached
+    program constructors keep their steps)."""
+    key = (fn, tuple(sorted(jit_kwargs.items())))
+    jitted = _COMPILED.get(key)
+    if jitted is None:
+        jitted = _COMPILED[key] = jax.jit(fn, **jit_kwargs)
+    return jitted
+
+
+def _host_products(op, rows: jax.Array, step: Apply) -> jax.Array:
+    if step.mode == "vector":
+        return op.host_apply_rows(rows[None])[0]
+    if step.mode == "rows":
+        return op.host_apply_rows(rows)
+    size = rows.shape[0] if step.batch_size is None else step.batch_size
+    if size >= rows.shape[0]:
+        return op.host_apply_rows(rows)
+    parts = [op.host_apply_rows(rows[s : s + size]) for s in range(0, rows.shape[0], size)]
+    return _compiled(_concatenate)(parts)
+
+
+def _concatenate(parts):
+    return jax.numpy.concatenate(parts)
+
+
+def _run_on_host(program: Program, operators: tuple, args):
+    specs = specs_of(operators)
+    state = _compiled(program.init, static_argnums=0)(specs, *args)
+    state = _hosted(program.body, operators, state, 0)
+    return _compiled(program.finish, static_argnums=1)(state, specs, *args)
+
+
+def _hosted(node, operators: tuple, state, i):
+    if isinstance(node, Map):
+        return _compiled(node.fn)(state, i)
+    if isinstance(node, Apply):
+        rows = _compiled(node.rows)(state, i)
+        products = {j: _host_products(operators[j], rows, node) for j in _indices(node.operators)}
+        return _compiled(node.update)(state, i, _select(products, node.operators))
+    if isinstance(node, Repeat):
+        for j in range(node.count):
+            state = _hosted(node.body, operators, state, j)
+        return state
+    if isinstance(node, While):
+        cond = _compiled(node.cond)
+        while bool(cond(state)):
+            state = _hosted(node.body, operators, state, i)
+        return state
+    if isinstance(node, Seq):
+        for step in node.steps:
+            state = _hosted(step, operators, state, i)
+        return state
+    if isinstance(node, Vmap):
+        return {**state, node.field: _hosted_batch(node.body, operators, state[node.field], i)}
+    raise TypeError(f"internal: unknown program step {node!r}")
+
+
+def _hosted_batch(node, operators: tuple, batch, i):
+    """A :class:`Vmap` body from the host: every step vmapped over the batch, every product a
+    block of rows (one pass over streamed data for the whole batch)."""
+    if isinstance(node, Map):
+        return _compiled(_vmapped(node.fn, (0, None)))(batch, i)
+    if isinstance(node, Apply) and node.mode == "vector" and isinstance(node.operators, int):
+        rows = _compiled(_vmapped(node.rows, (0, None)))(batch, i)
+        products = operators[node.operators].host_apply_rows(rows)
+        return _compiled(_vmapped(node.update, (0, None, 0)))(batch, i, products)
+    if isinstance(node, Repeat):
+        for j in range(node.count):
+            batch = _hosted_batch(node.body, operators, batch, j)
+        return batch
+    if isinstance(node, Seq):
+        for step in node.steps:
+            batch = _hosted_batch(step, operators, batch, i)
+        return batch
+    raise TypeError(f"internal: {node!r} cannot run inside Vmap from the host")
+
+
+@functools.cache
+def _vmapped(fn: Callable, in_axes: tuple) -> Callable:
+    return jax.vmap(fn, in_axes=in_axes)
