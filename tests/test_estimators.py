@@ -152,3 +152,103 @@ def test_negative_mass_ignores_exact_zero_eigenvalues(key):
     )
     mass, error = slq.mass_below()
     assert abs(mass - 0.25) <= 4 * error + 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Several operators on shared probes.
+
+
+def shared_problem(activation="tanh"):
+    params, data, model, loss, _ = make_problem(activation, "cross_entropy")
+    H = cv.hessian(loss, params, data)
+    G = cv.gauss_newton(model, params, data, loss="cross_entropy")
+    return H, G
+
+
+def same(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("probe_batch_size", [None, 4, 64])
+def test_shared_probes_give_each_operator_its_own_numbers(x64, key, probe_batch_size):
+    # With the same key, an operator's estimate among others is exactly its estimate alone
+    # (Hutch++: the first operator's, whose sketch the others share).
+    H, G = shared_problem()
+    R = H - G
+    kw = dict(key=key, probe_batch_size=probe_batch_size)
+    for estimator, options in (
+        (cv.trace, dict(num_matvecs=30, method="hutchinson")),
+        (cv.frobenius_norm_squared, dict(num_matvecs=12)),
+        (cv.diagonal, dict(num_matvecs=12)),
+    ):
+        together = estimator((H, G, R), **options, **kw)
+        for op, result in zip((H, G, R), together, strict=True):
+            assert same(result, estimator(op, **options, **kw)), estimator.__name__
+    together = cv.trace((H, G, R), num_matvecs=30, **kw)
+    assert same(together[0], cv.trace(H, num_matvecs=30, **kw))
+    # Several statistics on one set of probes: the same numbers as each alone.
+    both = cv.hutchinson((H, R), ("diagonal", "trace"), num_matvecs=12, **kw)
+    for op, d, t in zip((H, R), both["diagonal"], both["trace"], strict=True):
+        assert same(d, cv.diagonal(op, num_matvecs=12, **kw))
+        assert same(t, cv.trace(op, num_matvecs=12, method="hutchinson", **kw))
+
+
+def test_shared_probes_are_linear_and_honest(x64, key):
+    H, G = shared_problem()
+    h, g = (np.asarray(cv.dense(op), np.float64) for op in (H, G))
+    # Hutchinson on shared probes: tr H - tr G is tr(H - G), to round-off.
+    tr_h, tr_g, tr_r = cv.trace((H, G, H - G), num_matvecs=20, key=key, method="hutchinson")
+    assert float(tr_h.value - tr_g.value) == pytest.approx(float(tr_r.value), abs=1e-12)
+    # Hutch++ with H's sketch: every estimate unbiased within its own error, over seeds.
+    runs = [cv.trace((H, G, H - G), num_matvecs=30, key=jax.random.key(s)) for s in range(60)]
+    for k, exact in enumerate((np.trace(h), np.trace(g), np.trace(h - g))):
+        share, bias_z, spread = coverage(
+            [r[k].value for r in runs], [r[k].standard_error for r in runs], exact
+        )
+        assert share >= 0.85 and bias_z < 4 and 0.7 < spread < 1.4, (k, share, bias_z, spread)
+    # The mean of the diagonal is tr / n exactly, from the same probes.
+    out = cv.hutchinson(H, ("diagonal", "trace"), num_matvecs=16, key=key)
+    assert float(jnp.sum(out["diagonal"].diagonal)) == pytest.approx(
+        float(out["trace"].value), rel=1e-12
+    )
+    with pytest.raises(ValueError, match="statistics must be distinct names among"):
+        cv.hutchinson(H, ("trace", "variance"), num_matvecs=4, key=key)
+    with pytest.raises(ValueError, match="operators on shared probes need one layout"):
+        cv.trace((H, cv.from_matrix(jnp.eye(3))), num_matvecs=4, key=key)
+
+
+def test_shared_products_multiply_each_operator_once(x64, key):
+    # Streamed operators count their passes over the data: (H, G, H - G) costs the passes of H
+    # and G alone, the residual's products being their difference.
+    params, data, model, loss, _ = make_problem("relu", "cross_entropy")
+    passes = {"H": 0, "G": 0}
+
+    def loader(name):
+        def batches():
+            passes[name] += 1
+            yield data
+
+        return batches
+
+    H = cv.hessian(loss, params, loader("H"))
+    G = cv.gauss_newton(model, params, loader("G"), loss="cross_entropy")
+    passes.update(H=0, G=0)
+    cv.frobenius_norm_squared((H, G, H - G), num_matvecs=6, key=key)
+    assert passes == {"H": 6, "G": 6}
+    passes.update(H=0, G=0)
+    cv.trace((H, G, H - G), num_matvecs=12, key=key)  # Hutch++: H sketches alone
+    assert passes == {"H": 12, "G": 8}
+    passes.update(H=0, G=0)
+    cv.frobenius_norm_squared((H, G, H - G), num_matvecs=6, key=key, probe_batch_size=3)
+    assert passes == {"H": 2, "G": 2}  # a block of probes is one pass
+    in_memory = cv.frobenius_norm_squared(
+        (
+            cv.hessian(loss, params, data),
+            cv.gauss_newton(model, params, data, loss="cross_entropy"),
+        ),
+        num_matvecs=6,
+        key=key,
+    )
+    streamed = cv.frobenius_norm_squared((H, G), num_matvecs=6, key=key)
+    for a, b in zip(in_memory, streamed, strict=True):
+        np.testing.assert_allclose(b.value, a.value, rtol=1e-10)

@@ -187,3 +187,35 @@ def test_a_new_but_equal_linen_module_reuses_compiled_programs(x64):
         cv.eigsh(op, k=1, num_steps=5, key=jax.random.key(0))
         sizes.append(_driver._run_compiled._cache_size())
     assert sizes[0] == sizes[1] == sizes[2]
+
+
+def test_flax_builders_on_a_loader_equal_in_memory_with_checks(x64):
+    # Streamed data with check=True: the grouping check runs on the first batch, and the
+    # operators equal their in-memory twins (the Gauss-Newton one used to fail here, reading an
+    # attribute its streamed form did not have).
+    net, data = trained_net(), make_data(n=21)
+    loader = cv.batches(jax.tree_util.tree_map(np.asarray, data), 8)  # 8, 8 and 5 examples
+
+    def apply(module, batch):
+        return module(batch["x"])
+
+    pairs = [
+        (
+            cvf.hessian(loss_fn, net, loader, check=True),
+            cvf.hessian(loss_fn, net, data),
+        ),
+        (
+            cvf.gauss_newton(apply, net, loader, loss="cross_entropy", targets="y", check=True),
+            cvf.gauss_newton(apply, net, data, loss="cross_entropy", targets="y"),
+        ),
+    ]
+    for streamed, in_memory in pairs:
+        assert streamed.streamed and not in_memory.streamed
+        np.testing.assert_allclose(cv.dense(streamed), cv.dense(in_memory), rtol=1e-10, atol=1e-12)
+    g_st, g_mem = pairs[1]
+    np.testing.assert_allclose(
+        cv.diagonal(g_st, method="exact").diagonal,
+        cv.diagonal(g_mem, method="exact").diagonal,
+        rtol=1e-10,
+        atol=1e-14,
+    )
