@@ -91,7 +91,7 @@ def main():
         },
         rounds=5 * rounds,
     )
-    out["hvp"] = {**hvp, "prepare_s": once(lambda: op.prepared().operands)}
+    out["hvp"] = {**hvp, "prepare_s": once(lambda: jax.tree_util.tree_leaves(op.prepared()))}
     name = "streaming_quick" if args.quick else f"streaming_{jax.default_backend()}"
     write_result(out, name, table(out))
 
