@@ -11,7 +11,7 @@ of steps over that state, ``finish`` turns the state into the result. The steps 
 * :class:`Repeat` (a fixed count, the index ``i`` passed to the steps inside), :class:`While`
   (``cond(state)``) and :class:`Seq`;
 * :class:`Vmap`: steps written for one item (a probe, say) run on a batch of them at once, the
-  state's ``field`` holding the batch on a leading axis.
+  state's ``field`` holding the batch on a leading axis (in compiled code only).
 
 :func:`run` interprets a program in one of two ways, decided by the operators alone:
 
@@ -112,10 +112,8 @@ class While:
 @dataclasses.dataclass(frozen=True)
 class Vmap:
     """``body`` (written for one item) on every item of ``state[field]`` (a pytree whose leaves
-    have a leading batch axis) at once: in compiled code ``jax.vmap`` of the whole body, its
-    products batched; streamed, each step vmapped and each product a block of rows (one pass).
-    Inside, only :class:`Map`, :class:`Apply` (``mode="vector"``), :class:`Repeat` and
-    :class:`Seq`."""
+    have a leading batch axis) at once: ``jax.vmap`` of the whole body, its products batched.
+    In compiled code only (not for streamed operators)."""
 
     field: str
     body: Any
@@ -276,6 +274,7 @@ def _run_on_host(program: Program, operators: tuple, args):
 
 
 def _hosted(node, operators: tuple, state, i):
+    """``node`` from the host: loops in Python, every step its own compiled program."""
     if isinstance(node, Map):
         return _compiled(node.fn)(state, i)
     if isinstance(node, Apply):
@@ -292,34 +291,9 @@ def _hosted(node, operators: tuple, state, i):
             state = _hosted(node.body, operators, state, i)
         return state
     if isinstance(node, Seq):
-        for step in node.steps:
-            state = _hosted(step, operators, state, i)
+        for part in node.steps:
+            state = _hosted(part, operators, state, i)
         return state
-    if isinstance(node, Vmap):
-        return {**state, node.field: _hosted_batch(node.body, operators, state[node.field], i)}
-    raise TypeError(f"internal: unknown program step {node!r}")
-
-
-def _hosted_batch(node, operators: tuple, batch, i):
-    """A :class:`Vmap` body from the host: every step vmapped over the batch, every product a
-    block of rows (one pass over streamed data for the whole batch)."""
-    if isinstance(node, Map):
-        return _compiled(_vmapped(node.fn, (0, None)))(batch, i)
-    if isinstance(node, Apply) and node.mode == "vector" and isinstance(node.operators, int):
-        rows = _compiled(_vmapped(node.rows, (0, None)))(batch, i)
-        products = operators[node.operators].host_apply_rows(rows)
-        return _compiled(_vmapped(node.update, (0, None, 0)))(batch, i, products)
-    if isinstance(node, Repeat):
-        for j in range(node.count):
-            batch = _hosted_batch(node.body, operators, batch, j)
-        return batch
-    if isinstance(node, Seq):
-        for step in node.steps:
-            batch = _hosted_batch(step, operators, batch, i)
-        return batch
-    raise TypeError(f"internal: {node!r} cannot run inside Vmap from the host")
-
-
-@functools.cache
-def _vmapped(fn: Callable, in_axes: tuple) -> Callable:
-    return jax.vmap(fn, in_axes=in_axes)
+    # Vmap: a batch of items in one compiled program needs the products traced; the estimators
+    # that use it (SLQ with probe_batch_size) refuse streamed operators before they get here.
+    raise TypeError(f"{type(node).__name__} steps cannot run from the host (streamed data)")

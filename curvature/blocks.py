@@ -37,6 +37,7 @@ from curvature.linear_operator import (
     combine,
     family,
     operator_type,
+    recipe_atoms,
     static,
 )
 from curvature.stochastic_trace import probe_rows
@@ -313,7 +314,7 @@ def _block_program(num_groups: int, num_probes: int, batch_size, recipes) -> _dr
     """Per group ``j`` and probe ``i``, for every requested operator: the squared norm of each
     group's part of ``A z`` (the column ``j`` of the blocks' Frobenius norms) and ``z^T A z``
     (group ``j``'s trace), for probes ``z`` on group ``j``'s entries alone."""
-    atoms = tuple(range(max(max(_atoms_of(r)) for r in recipes) + 1))
+    atoms = tuple(range(max(max(recipe_atoms(r)) for r in recipes) + 1))
 
     def init(specs, key, entry_group, coefficients):
         n, dtype = specs[0].size, specs[0].dtype
@@ -363,11 +364,6 @@ def _block_program(num_groups: int, num_probes: int, batch_size, recipes) -> _dr
         lambda state, specs, *args: (state["squares"], state["quads"]),
         name="block_summary",
     )
-
-
-def _atoms_of(recipe) -> set[int]:
-    kind, body = recipe
-    return {body} if kind == "atom" else set().union(*(_atoms_of(sub) for _, sub in body))
 
 
 def block_summary(

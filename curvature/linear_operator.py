@@ -42,12 +42,16 @@ from curvature._closures import Closure, closure
 
 __all__ = [
     "Combination",
+    "Family",
     "FunctionOperator",
     "Layout",
     "Linearized",
     "LinearOperator",
     "Matrix",
+    "combine",
     "dense",
+    "family",
+    "recipe_atoms",
     "from_function",
     "from_matrix",
     "map_rows",
@@ -445,6 +449,12 @@ def family(operators: tuple) -> Family:
     return Family(tuple(atoms), recipes, tuple(coefficients))
 
 
+def recipe_atoms(recipe) -> set[int]:
+    """The atoms a recipe combines (indices into :attr:`Family.atoms`)."""
+    kind, body = recipe
+    return {body} if kind == "atom" else set().union(*(recipe_atoms(sub) for _, sub in body))
+
+
 def combine(recipe, values, coefficients):
     """A requested operator's value from its atoms' (products, scalars): the arithmetic of
     :meth:`Combination.apply` (``c_1 x_1 + c_2 x_2 + ...``, in the order of the terms)."""
@@ -674,10 +684,3 @@ def _dense_program(m: int, n: int) -> _driver.Program:
     return _driver.Program(
         init, _driver.Repeat(groups, _driver.Apply(units, store, mode="rows")), finish, name="dense"
     )
-
-
-def is_operator(x) -> bool:
-    return isinstance(x, LinearOperator)
-
-
-__all__ += ["Family", "combine", "family", "is_operator", "is_traced"]

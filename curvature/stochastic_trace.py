@@ -46,7 +46,7 @@ from curvature._checks import (
     require_square,
 )
 from curvature._lanczos import safe_norm
-from curvature.linear_operator import LinearOperator, combine, family
+from curvature.linear_operator import LinearOperator, combine, family, recipe_atoms
 
 __all__ = [
     "DiagonalResult",
@@ -153,11 +153,7 @@ SAMPLES = {"trace": _trace_sample, "diagonal": _diagonal_sample, "frobenius": _n
 
 
 def _num_atoms(recipes) -> int:
-    def atoms(recipe):
-        kind, body = recipe
-        return {body} if kind == "atom" else set().union(*(atoms(sub) for _, sub in body))
-
-    return max(set().union(*(atoms(r) for r in recipes))) + 1
+    return max(set().union(*(recipe_atoms(r) for r in recipes))) + 1
 
 
 def _samples(sample, z, products, recipes, coefficients):
@@ -374,7 +370,7 @@ def _hutch_plus_plus_program(num_matvecs: int, block: int, recipes) -> _driver.P
     sketch = num_matvecs // 3
     count = num_matvecs - 2 * sketch
     atoms = tuple(range(_num_atoms(recipes)))
-    first = tuple(sorted(_atoms_of(recipes[0])))  # the sketch is of the first operator
+    first = tuple(sorted(recipe_atoms(recipes[0])))  # the sketch is of the first operator
     sketch_block = min(block, sketch)
     sketch_blocks = -(-sketch // sketch_block)
     exact_blocks = -(-sketch // block)
@@ -442,11 +438,6 @@ def _hutch_plus_plus_program(num_matvecs: int, block: int, recipes) -> _driver.P
         _monte_carlo(count, block, _trace_sample, recipes, "key", project=True),
     )
     return _driver.Program(init, body, finish, name="hutch++")
-
-
-def _atoms_of(recipe) -> set[int]:
-    kind, body = recipe
-    return {body} if kind == "atom" else set().union(*(_atoms_of(sub) for _, sub in body))
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,13 +511,10 @@ def trace(
     if method == "hutch++" and num_matvecs // 3 > n:
         raise ValueError(f"hutch++ sketch of {num_matvecs // 3} exceeds the dimension n={n}")
     if method == "hutchinson":
-        program = functools.partial(_hutchinson_program, ("trace",), num_matvecs, block)
-        parts, _ = _estimate(program, ops, key)
-        parts = tuple(p[0] for p in parts)
-    else:
-        program = functools.partial(_hutch_plus_plus_program, num_matvecs, block)
-        parts, exact = _estimate(program, ops, key)
-        parts = tuple((e + p[0][0], p[0][1]) for e, p in zip(exact, parts, strict=True))
+        return _hutchinson(op, ("trace",), num_matvecs, key, probe_batch_size, "trace")[0]
+    program = functools.partial(_hutch_plus_plus_program, num_matvecs, block)
+    parts, exact = _estimate(program, ops, key)
+    parts = tuple((e + p[0][0], p[0][1]) for e, p in zip(exact, parts, strict=True))
     results = tuple(TraceResult(v, e, jnp.asarray(num_matvecs)) for v, e in parts)
     for result in results:
         check_finite_result(result.value, "trace")
@@ -547,18 +535,9 @@ def frobenius_norm_squared(
     share the probes, which cancels much of the noise in their ratios, and ``H - G`` costs no
     product of its own. Off-diagonal blocks (:func:`~curvature.restrict` with ``cols``) are
     accepted. Cost: ``num_matvecs`` products with each distinct operator."""
-    ops, single = _operators(op, "frobenius_norm_squared", square=False)
-    check_key(key)
-    num_matvecs = positive_int(num_matvecs, "num_matvecs")
-    block = block_size(num_matvecs, probe_batch_size)
-    if num_matvecs < 2:
-        raise ValueError(f"num_matvecs must be >= 2 for a standard error, got {num_matvecs!r}")
-    program = functools.partial(_hutchinson_program, ("frobenius",), num_matvecs, block)
-    parts = tuple(p[0] for p in _estimate(program, ops, key)[0])
-    results = tuple(TraceResult(v, e, jnp.asarray(num_matvecs)) for v, e in parts)
-    for result in results:
-        check_finite_result(result.value, "frobenius_norm_squared")
-    return results[0] if single else results
+    return _hutchinson(
+        op, ("frobenius",), num_matvecs, key, probe_batch_size, "frobenius_norm_squared"
+    )[0]
 
 
 def diagonal(
@@ -594,17 +573,7 @@ def diagonal(
         raise ValueError(f"method must be 'bekas' or 'exact', got {method!r}")
     if num_matvecs is None or key is None:
         raise ValueError("diagonal(method='bekas') needs num_matvecs and key")
-    check_key(key)
-    num_matvecs = positive_int(num_matvecs, "num_matvecs")
-    block = block_size(num_matvecs, probe_batch_size)
-    if num_matvecs < 2:
-        raise ValueError(f"diagonal needs num_matvecs >= 2 for a standard error, got {num_matvecs}")
-    program = functools.partial(_hutchinson_program, ("diagonal",), num_matvecs, block)
-    parts = tuple(p[0] for p in _estimate(program, ops, key)[0])
-    results = tuple(DiagonalResult(d, e, jnp.asarray(num_matvecs)) for d, e in parts)
-    for result in results:
-        check_finite_result(result.diagonal, "diagonal")
-    return results[0] if single else results
+    return _hutchinson(op, ("diagonal",), num_matvecs, key, probe_batch_size, "diagonal")[0]
 
 
 _RESULTS = {"trace": TraceResult, "diagonal": DiagonalResult, "frobenius": TraceResult}
@@ -642,24 +611,29 @@ def hutchinson(
             f"hutchinson: statistics must be distinct names among {tuple(SAMPLES)}, got "
             f"{statistics!r}"
         )
+    results = _hutchinson(op, statistics, num_matvecs, key, probe_batch_size, "hutchinson")
+    return dict(zip(statistics, results, strict=True))
+
+
+def _hutchinson(op, statistics: tuple[str, ...], num_matvecs, key, probe_batch_size, what: str):
+    """Per statistic, a result (or a tuple of results for a tuple of operators), after the
+    checks every Hutchinson-family estimator makes."""
     square = "trace" in statistics or "diagonal" in statistics
-    ops, single = _operators(op, "hutchinson", square=square)
+    ops, single = _operators(op, what, square=square)
     check_key(key)
     num_matvecs = positive_int(num_matvecs, "num_matvecs")
     if num_matvecs < 2:
-        raise ValueError(
-            f"hutchinson needs num_matvecs >= 2 for a standard error, got {num_matvecs}"
-        )
+        raise ValueError(f"{what} needs num_matvecs >= 2 for a standard error, got {num_matvecs}")
     block = block_size(num_matvecs, probe_batch_size)
     program = functools.partial(_hutchinson_program, statistics, num_matvecs, block)
     parts, _ = _estimate(program, ops, key)  # per operator, per statistic
     count = jnp.asarray(num_matvecs)
-    out = {}
+    out = []
     for j, name in enumerate(statistics):
         results = tuple(_RESULTS[name](*per_op[j], count) for per_op in parts)
         for result in results:
-            check_finite_result(result[0], name)
-        out[name] = results[0] if single else results
+            check_finite_result(result[0], what)
+        out.append(results[0] if single else results)
     return out
 
 
