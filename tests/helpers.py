@@ -80,3 +80,42 @@ def dense_hessian(loss, params, data):
 
 def sym_eigh(matrix):
     return np.linalg.eigh(np.asarray(matrix, np.float64))
+
+
+def hessian_problem(activation, loss_name="cross_entropy"):
+    """The chunked Hessian operator of a small MLP and its dense float64 reference."""
+    import curvature as cv
+
+    params, data, _, loss, _ = make_problem(activation, loss_name)
+    op = cv.hessian(loss, params, data, batch_size=5)
+    return op, np.asarray(dense_hessian(loss, params, data))
+
+
+def assert_eigs_close(got, want, scale, rtol):
+    # Relative per eigenvalue, with a floor for eigenvalues near zero.
+    err = np.abs(np.asarray(got) - np.asarray(want))
+    assert np.all(err <= rtol * np.maximum(np.abs(want), 1e-3 * scale)), (got, want)
+
+
+def rel_err(a, b):
+    """``||a - b|| / ||b||``."""
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def compiled_cache_sizes() -> list[int]:
+    """The number of compiled programs of every jitted entry point of the library: the driver's
+    (each estimator's whole run is one), the builders' checks and preparation outside jit, and
+    products and diagonals from the host."""
+    from curvature import _checks, _driver, builders, linear_operator, stochastic_trace
+
+    jitted = (
+        _driver._run_compiled,
+        linear_operator._host_rows,
+        linear_operator._host_diagonal,
+        stochastic_trace.probe_rows,
+        builders._mean_loss,
+        builders._mean_output_loss,
+        builders._pull,
+        _checks._leaves_finite,
+    )
+    return [f._cache_size() for f in jitted]

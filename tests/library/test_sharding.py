@@ -1,7 +1,7 @@
 """Sharded data and parameters give the unsharded results: 8 forced CPU devices in one process,
 and 2 processes x 2 CPU devices under ``jax.distributed``.
 
-Each configuration runs in child processes (``tests/_sharding_worker.py``), so this process keeps
+Each configuration runs in child processes (``tests/library/_sharding_worker.py``), so this process keeps
 its single device. All three children start together when the first test here needs them (their
 compilations overlap on a 2-core machine) and each prints one JSON line of measurements, which the
 tests below check. Float64: sharded and unsharded results differ only by the order of summation.

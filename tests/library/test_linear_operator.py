@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import dense_hessian, make_problem
+from helpers import dense_hessian, make_problem, rel_err
 
 import curvature as cv
 import curvature.optim
@@ -183,3 +183,21 @@ def test_the_low_level_constructor_still_builds_an_operator():
     op = cv.LinearOperator(Scale(), jnp.arange(1.0, 4.0), cv.Layout.of(jnp.zeros(3)))
     assert isinstance(op, cv.LinearOperator)
     np.testing.assert_allclose(cv.dense(op), np.diag([1.0, 2.0, 3.0]))
+
+
+def test_unravel_roundtrip_and_matmat(x64):
+    params, data, _, loss, _ = make_problem("tanh", "mse")
+    op = cv.hessian(loss, params, data)
+    v = jax.random.normal(jax.random.key(3), (op.size,))
+    tree = op.unravel(v)
+    assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(params)
+    assert jnp.array_equal(op.ravel(tree), v)
+    block = jax.random.normal(jax.random.key(4), (op.size, 3))
+    assert rel_err(op @ block, jnp.stack([op @ block[:, i] for i in range(3)], 1)) < 1e-12
+
+
+def test_from_matrix_rejects_what_lanczos_cannot_use():
+    with pytest.raises(ValueError, match="symmetric"):
+        cv.from_matrix(jnp.array([[1.0, 2.0], [0.0, 1.0]]))
+    with pytest.raises(TypeError, match="complex"):
+        cv.from_matrix(jnp.eye(2) * (1 + 1j))
