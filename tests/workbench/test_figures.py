@@ -1,19 +1,29 @@
 """Figures drawn from a small saved run: the drawn data equals the stored numbers."""
 
-import subprocess
-import sys
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
+import curvature as cv
+
 pytest.importorskip("matplotlib")
 pytest.importorskip("flax")
-from test_experiments import cli, load_config, quiet  # noqa: E402
+from workbench_helpers import (  # noqa: E402
+    cli,
+    load_config,
+    quiet,
+)
 
-import curvature as cv  # noqa: E402
 import experiments  # noqa: E402
 from curvature import plotting  # noqa: E402
-from experiments import figures, figures_structure, report, storage  # noqa: E402
+from experiments import (  # noqa: E402
+    figures,
+    figures_structure,
+    report,
+    storage,
+)
 from experiments import run as run_lib  # noqa: E402
 
 
@@ -281,34 +291,7 @@ def test_plot_and_compare_commands_redraw_without_recomputing(saved_run, tmp_pat
     assert (tmp_path / "compare.png").exists() and "relu" in (tmp_path / "compare.md").read_text()
 
 
-def test_library_density_helper_draws_onto_a_given_axis():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    op = cv.from_matrix(np.diag(np.linspace(-1.0, 3.0, 40)))
-    import jax
-
-    d = cv.spectral_density(op, num_probes=3, num_steps=10, key=jax.random.key(0))
-    fig, ax = plt.subplots()
-    grid, values = plotting.plot_density(ax, d, sigma=0.1, rug=True, label="diag")
-    assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=1e-3)
-    assert np.allclose(ax.lines[0].get_ydata(), np.maximum(values, 1e-5))
-    assert ax.get_yscale() == "log" and "σ = 0.1" in ax.get_ylabel()
-    plt.close(fig)
-
-
-def test_importing_the_library_needs_neither_matplotlib_nor_flax():
-    code = "import sys, curvature; assert not {'matplotlib', 'flax', 'optax'} & set(sys.modules), sorted(sys.modules)"
-    assert (
-        subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode
-        == 0
-    )
-
-
 def test_partial_run_with_a_failed_seed_is_summarised_honestly(saved_run, tmp_path):
-    import shutil
 
     workdir, _ = saved_run
     partial = tmp_path / "partial"
@@ -336,3 +319,48 @@ def test_partial_run_with_a_failed_seed_is_summarised_honestly(saved_run, tmp_pa
     assert [0, 10, 20] in xs
     figures.draw_all(partial)
     assert (partial / "report.md").exists()
+
+
+def test_figures_follow_each_measurements_own_schedule(tmp_path):
+    from experiments import figures
+
+    config = load_config()
+    with config.unlocked():
+        config.activations = ("relu",)
+        config.measure.every = 5
+        config.measure.quantities = ("lambda_max", "top_eigenvalues", "bottom_eigenvalues")
+        config.measure.top_eigenvalues.every = 10
+        config.measure.bottom_eigenvalues.steps = (0, 15)
+        config.measure.top_eigenvalues.lanczos_steps = 20
+    run_lib.run(config, tmp_path, progress=quiet())
+    member = experiments.load_run(tmp_path).members["relu-seed0"]
+    have_top = [r.step for r in member.records if r.top_eigenvalues is not None]
+    have_bottom = [r.step for r in member.records if r.bottom_eigenvalues is not None]
+    assert member.steps == [0, 5, 10, 15, 20] and have_top == [0, 10, 20]
+    assert have_bottom == [0, 15, 20]
+    lines = {
+        line.get_gid(): line
+        for ax in figures.eigenvalue_figure(experiments.load_run(tmp_path)).axes
+        for line in ax.lines
+        if line.get_gid()
+    }
+    assert list(lines["eig/relu/top0"].get_xdata()) == have_top
+    assert list(lines["eig/relu/bottom0"].get_xdata()) == have_bottom
+    assert figures.draw_all(tmp_path)
+
+
+def test_library_density_helper_draws_onto_a_given_axis():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    op = cv.from_matrix(np.diag(np.linspace(-1.0, 3.0, 40)))
+
+    d = cv.spectral_density(op, num_probes=3, num_steps=10, key=jax.random.key(0))
+    fig, ax = plt.subplots()
+    grid, values = plotting.plot_density(ax, d, sigma=0.1, rug=True, label="diag")
+    assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=1e-3)
+    assert np.allclose(ax.lines[0].get_ydata(), np.maximum(values, 1e-5))
+    assert ax.get_yscale() == "log" and "σ = 0.1" in ax.get_ylabel()
+    plt.close(fig)

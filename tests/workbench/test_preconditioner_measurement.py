@@ -8,11 +8,19 @@ import pytest
 import curvature as cv
 
 pytest.importorskip("flax")
-from test_experiments import load_config, quiet  # noqa: E402
+from workbench_helpers import (  # noqa: E402
+    load_config,
+    quiet,
+)
 
 import experiments  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
-from experiments import figures_preconditioner, models, report, train  # noqa: E402
+from experiments import (  # noqa: E402
+    figures_preconditioner,
+    models,
+    report,
+    train,
+)
 from experiments import run as run_lib  # noqa: E402
 from experiments.errors import ConfigError  # noqa: E402
 

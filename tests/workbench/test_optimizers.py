@@ -7,15 +7,23 @@ import pytest
 
 pytest.importorskip("flax")
 pytest.importorskip("optax")
-from test_experiments import load_config, quiet  # noqa: E402
+from workbench_helpers import (  # noqa: E402
+    load_config,
+    quiet,
+)
 
 import experiments  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
-from experiments import figures_optim, sweep, train  # noqa: E402
+from experiments import (  # noqa: E402
+    figures_optim,
+    train,
+)
 from experiments import run as run_lib  # noqa: E402
 from experiments.errors import ConfigError  # noqa: E402
 
 HF = "relu-optimizer=hessian_free-learning_rate=1.0-seed0"
+
+
 SGD = "relu-optimizer=sgd-learning_rate=0.2-seed0"
 
 
@@ -81,18 +89,6 @@ def test_bad_hessian_free_settings_name_their_key(key, value, match):
         config.train.hessian_free[key] = value
     with pytest.raises(ConfigError, match=f"config key {match}"):
         config_lib.validate(config)
-
-
-def test_fields_swept_together_need_one_value_each():
-    config = load_config()
-    with config.unlocked():
-        config.sweep = ("train.optimizer+train.learning_rate=(adam,0.01),(sgd)",)
-    with pytest.raises(ConfigError, match=r"'\(sgd\)' is not a tuple of 2 values"):
-        sweep.members(config)
-    with config.unlocked():
-        config.sweep = ("train.optimizer+train.learning_rate=(adam,0.01)", "train.optimizer=sgd")
-    with pytest.raises(ConfigError, match="a field is swept twice"):
-        sweep.members(config)
 
 
 def test_gradient_equivalents_count_preconditioner_curvature_and_line_search():

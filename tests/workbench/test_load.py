@@ -1,0 +1,76 @@
+"""``load_run``: a reloaded run reproduces the numbers it recorded; checkpoints keep leaves
+under their pytree paths."""
+
+import numpy as np
+import pytest
+
+import curvature as cv
+
+pytest.importorskip("flax")
+from workbench_helpers import smoke_run as run_smoke_once  # noqa: E402
+
+import experiments  # noqa: E402
+from experiments import data as data_lib  # noqa: E402
+from experiments import (  # noqa: E402
+    measure,
+    storage,
+)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    return run_smoke_once(tmp_path_factory)
+
+
+def test_load_run_reproduces_the_recorded_curvature(smoke_run):
+    # The load_run round trip: the reloaded loss, parameters and measurement set give the
+    # recorded numbers at every measured step (kept by default), and the truth agrees.
+    config, workdir, _ = smoke_run
+    run = experiments.load_run(workdir)
+    assert run.members.keys() == {"relu-seed0", "tanh-seed0"}
+    dataset = data_lib.load(config.data)
+    assert np.array_equal(run.data.x_train, dataset.x_train)
+    for member in run.members.values():
+        assert member.checkpoint_steps() == [0, 10, 20]
+        assert member.config.activations == [member.activation] or tuple(
+            member.config.activations
+        ) == (member.activation,)
+        for step in (10, 20):
+            record = member.record(step)
+            H = cv.hessian(member.loss, member.params(step), member.measure_data)
+            again = cv.eigsh(
+                H, k=6, which="BE", num_steps=20, key=measure.measurement_key(0, step, "eig")
+            )
+            assert np.allclose(again.eigenvalues[:3], record.top_eigenvalues.values, rtol=1e-5)
+            assert np.allclose(
+                again.eigenvalues[3:][::-1][:2], record.bottom_eigenvalues.values, rtol=1e-5
+            )
+            assert float(member.loss(member.params(step), member.measure_data)) == pytest.approx(
+                record.train_loss, rel=1e-5
+            )
+        # And the truth: the dense Hessian of the saved parameters at the last step.
+        final = member.records[-1]
+        H = cv.hessian(member.loss, member.params(20), member.measure_data)
+        exact = np.linalg.eigvalsh(np.asarray(cv.dense(H), np.float64))
+        assert final.top_eigenvalues.values[0] == pytest.approx(exact[-1], rel=1e-3)
+        assert final.trace.value == pytest.approx(
+            np.sum(exact), abs=5 * final.trace.standard_error + 1e-4
+        )
+        # The optimizer state is kept with the parameters (plain SGD: the learning rate).
+        state = member.opt_state(20)
+        assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.2)
+        with pytest.raises(KeyError, match="kept no parameters at step 5"):
+            member.params(5)
+        with pytest.raises(KeyError, match="saved no eigenvectors"):
+            member.eigenvectors(20)
+
+
+def test_checkpoint_leaves_are_saved_under_their_pytree_paths(smoke_run):
+    _, workdir, _ = smoke_run
+    arrays = storage.read_npz(
+        workdir / "members" / "relu-seed0" / "checkpoints" / "step_000020.npz"
+    )
+    assert "params/hidden/0/kernel/value" in arrays and "params/readout/bias/value" in arrays
+    assert arrays["params/hidden/0/kernel/value"].shape == (64, 8)
+    assert "opt_state/hyperparams/learning_rate" in arrays
+    assert int(arrays["step"]) == 20
