@@ -271,7 +271,7 @@ def _run_member(
     stop=None,
 ) -> dict:
     config = spec.config
-    schedule = config_lib.schedule(config)
+    schedule = measure_lib.schedule(config)
     status = storage.read_json(folder.status, {})
     log = storage.MetricsLog(folder.metrics)
     # A step whose spectra or eigenvector file is lost or unreadable lost part of its
@@ -367,7 +367,7 @@ def _run_member(
             config=config,
             seed=spec.seed,
             step=target,
-            plan=config_lib.plan_at(config, target),
+            plan=measure_lib.plan_at(config, target),
         )
         try:
             record, spectra = measure_lib.measure(

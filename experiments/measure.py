@@ -27,11 +27,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 import curvature as cv
 from experiments import train
-from experiments.errors import ConfigError
+from experiments.errors import ConfigError, require
 from experiments.record import (
     Record,
 )
@@ -162,6 +163,177 @@ class Context:
 
     def section(self, name: str):
         return getattr(self.config.measure, name)
+
+
+# --------------------------------------------------------------------------------------------
+# The config section ``measure``: what to measure, when and on which examples.
+
+# The plan of the default comparison: everything but the optional diagnostics.
+DEFAULT_QUANTITIES = (
+    "top_eigenvalues",
+    "bottom_eigenvalues",
+    "trace",
+    "gauss_newton",
+    "frobenius",
+    "density",
+)
+
+# A measurement's own schedule, added to its section: `every` k steps or at explicit `steps`
+# (plus step 0 and the last); neither: at every measurement step of the run.
+SCHEDULE_KEYS = {"every": 0, "steps": ()}
+
+# Keys of release 0.1 and where they went, for the "does not exist" error.
+MOVED_KEYS = {
+    "measure.top_k": "measure.top_eigenvalues.k",
+    "measure.bottom_k": "measure.bottom_eigenvalues.k",
+    "measure.lanczos_steps": "measure.top_eigenvalues.lanczos_steps (and each measurement's own)",
+    "measure.trace_matvecs": "measure.trace.matvecs",
+    "measure.frobenius_probes": "measure.frobenius.probes",
+    "measure.slq_probes": "measure.density.probes",
+    "measure.slq_steps": "measure.density.lanczos_steps",
+}
+
+
+def section() -> ml_collections.ConfigDict:
+    """The config section ``measure``, with each registered measurement's own section at its
+    defaults (register a measurement before making a config that plans it)."""
+    s = ml_collections.ConfigDict()
+    s.every = 100  # measure every k steps; step 0 and the last step always
+    s.steps = ()  # or an explicit list of steps (then `every` is ignored)
+    s.split = "train"  # the measurement set: "train" or "test" examples
+    s.num_examples = 0  # the first N examples of that split; 0: all of it
+    s.batch_size = 0  # chunk size inside the curvature matvec; 0: all at once
+    # Data-parallel measurement: the measurement set is sharded along its example axis over a
+    # one-axis mesh of this many devices (the first of jax.devices()) and the parameters are
+    # replicated, so every estimator runs through XLA's partitioning. An integer >= 1, which
+    # must divide the measurement examples, or "all": the most devices, up to
+    # jax.device_count(), that divide them. 1: unsharded, as before the key existed.
+    s.devices = ml_collections.FieldReference(1, field_type=object)  # int or "all"
+    s.quantities = DEFAULT_QUANTITIES  # the plan (MEASUREMENTS)
+    s.keep_params = True  # parameters at every measured step (False: the last only)
+    s.save_eigenvectors = 0  # keep this many top Hessian eigenvectors per step
+    # Each measurement's accuracy settings, with the defaults it declares, and its own schedule.
+    for name, entry in MEASUREMENTS.items():
+        s[name] = ml_collections.ConfigDict({**SCHEDULE_KEYS, **entry.defaults})
+    return s
+
+
+def check(config, num_params: int | None = None) -> None:
+    """Raise :class:`ConfigError` for the first bad key of ``measure``: the schedule, the
+    measurement set, the plan and each planned measurement's settings."""
+    m, last = config.measure, config.train.steps
+    require(m.every >= 1, "measure.every", "must be >= 1")
+    require(
+        all(isinstance(s, int) and not isinstance(s, bool) for s in m.steps),
+        "measure.steps",
+        f"steps must be integers, got {tuple(m.steps)}",
+    )
+    require(
+        all(0 <= s <= last for s in m.steps),
+        "measure.steps",
+        f"steps must lie in [0, train.steps={last}]",
+    )
+    require(m.split in ("train", "test"), "measure.split", f"{m.split!r} is not 'train' or 'test'")
+    require(m.num_examples >= 0, "measure.num_examples", "must be >= 0 (0: the whole split)")
+    require(m.batch_size >= 0, "measure.batch_size", "must be >= 0 (0: all examples at once)")
+    devices = m.devices
+    require(
+        devices == "all"
+        or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1),
+        "measure.devices",
+        f"{devices!r} is not an integer >= 1 or 'all'",
+    )
+    require(
+        devices == "all" or devices <= jax.device_count(),
+        "measure.devices",
+        f"{devices} devices asked for, but jax.device_count() is {jax.device_count()}",
+    )
+    require(m.save_eigenvectors >= 0, "measure.save_eigenvectors", "must be >= 0")
+    known = set(section().keys())
+    for key in m.keys():
+        moved = MOVED_KEYS.get(f"measure.{key}")
+        require(
+            key in known,
+            f"measure.{key}",
+            f"does not exist{f'; it moved to {moved}' if moved else ''}",
+        )
+    require(len(m.quantities) > 0, "measure.quantities", "empty: name at least one measurement")
+    if m.save_eigenvectors:
+        source = next((q for q in ("top_eigenvalues", "lambda_max") if q in m.quantities), None)
+        require(
+            source is not None,
+            "measure.save_eigenvectors",
+            "needs top_eigenvalues or lambda_max in measure.quantities",
+        )
+        k = m.top_eigenvalues.k if source == "top_eigenvalues" else 1
+        require(
+            m.save_eigenvectors <= k,
+            "measure.save_eigenvectors",
+            f"{m.save_eigenvectors} exceeds the {k} eigenvalues that {source} computes",
+        )
+    if "top_eigenvalues" in m.quantities and "bottom_eigenvalues" in m.quantities:
+        k_end = max(m.top_eigenvalues.k, m.bottom_eigenvalues.k)
+        steps = max(m.top_eigenvalues.lanczos_steps, m.bottom_eigenvalues.lanczos_steps)
+        require(
+            steps >= 2 * k_end,
+            "measure.top_eigenvalues.lanczos_steps",
+            f"{steps} is smaller than 2 * max(top k, bottom k) = {2 * k_end} "
+            "(both ends come from one Lanczos run)",
+        )
+    for name in m.quantities:
+        own = m.get(name)
+        if own is None or "every" not in own:
+            continue
+        require(
+            isinstance(own.every, int) and own.every >= 0,
+            f"measure.{name}.every",
+            "must be an integer >= 0 (0: the run's schedule)",
+        )
+        require(
+            all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= last for x in own.steps
+            ),
+            f"measure.{name}.steps",
+            f"steps must be integers in [0, train.steps={last}]",
+        )
+    info = {"optimizer": config.train.optimizer}
+    if num_params is not None:
+        info["num_params"] = num_params
+    check_plan(config, info)
+
+
+def _own_steps(own, last: int) -> set[int] | None:
+    """A measurement's own schedule, or ``None`` when it follows the run's."""
+    if own is None or not (own.get("every") or own.get("steps")):
+        return None
+    found = set(own.steps) if own.steps else set(range(0, last + 1, own.every))
+    return found | {0, last}
+
+
+def schedule(config) -> list[int]:
+    """The measurement steps: explicit or every k, always with step 0 and the last step, and
+    every step of a measurement with its own schedule."""
+    last = config.train.steps
+    m = config.measure
+    steps = set(m.steps) if m.steps else set(range(0, last + 1, m.every))
+    for name in m.quantities:
+        steps |= _own_steps(m.get(name), last) or set()
+    return sorted(steps | {0, last})
+
+
+def plan_at(config, step: int) -> tuple[str, ...]:
+    """The measurements taken at ``step``: those on the run's schedule and those whose own
+    schedule holds it."""
+    last = config.train.steps
+    m = config.measure
+    run_steps = set(m.steps) if m.steps else set(range(0, last + 1, m.every))
+    run_steps |= {0, last}
+    out = []
+    for name in m.quantities:
+        own = _own_steps(m.get(name), last)
+        if (own is None and step in run_steps) or (own is not None and step in own):
+            out.append(name)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------

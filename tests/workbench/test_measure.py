@@ -17,8 +17,8 @@ from workbench_helpers import (  # noqa: E402
 )
 
 import experiments  # noqa: E402
-from experiments import config as config_lib  # noqa: E402
 from experiments import data as data_lib  # noqa: E402
+from experiments import measure  # noqa: E402
 from experiments import run as run_lib  # noqa: E402
 
 
@@ -29,15 +29,11 @@ def test_schedule_and_per_measurement_plans():
         config.measure.every = 25
         config.measure.density.steps = (0, 60)
         config.measure.trace.every = 50
-    assert config_lib.schedule(config) == [0, 25, 50, 60, 75, 100]
-    assert "density" in config_lib.plan_at(config, 60) and "trace" not in config_lib.plan_at(
-        config, 60
-    )
-    assert "top_eigenvalues" not in config_lib.plan_at(config, 60)
-    assert "density" in config_lib.plan_at(config, 100)  # the last step always
-    assert "trace" in config_lib.plan_at(config, 50) and "trace" not in config_lib.plan_at(
-        config, 25
-    )
+    assert measure.schedule(config) == [0, 25, 50, 60, 75, 100]
+    assert "density" in measure.plan_at(config, 60) and "trace" not in measure.plan_at(config, 60)
+    assert "top_eigenvalues" not in measure.plan_at(config, 60)
+    assert "density" in measure.plan_at(config, 100)  # the last step always
+    assert "trace" in measure.plan_at(config, 50) and "trace" not in measure.plan_at(config, 25)
 
 
 def test_curvature_can_be_measured_on_a_named_subset_of_the_test_split(tmp_path):

@@ -12,6 +12,7 @@ from workbench_helpers import (  # noqa: E402
 
 from experiments import config as config_lib  # noqa: E402
 from experiments import (  # noqa: E402
+    measure,  # noqa: E402
     models,
 )
 from experiments import run as run_lib  # noqa: E402
@@ -55,11 +56,11 @@ def test_softplus_beta_study_activations_tend_to_relu():
     # measures the curvature by layer at the first and last steps only.
     config_lib.validate(config)
     assert run_lib.share_activations(config)
-    assert "blocks" in config_lib.plan_at(config, 600) and "blocks" in config_lib.plan_at(config, 0)
-    assert "blocks" not in config_lib.plan_at(config, 200)
+    assert "blocks" in measure.plan_at(config, 600) and "blocks" in measure.plan_at(config, 0)
+    assert "blocks" not in measure.plan_at(config, 200)
     main = load_config("relu_vs_smooth")
     config_lib.validate(main)
-    with_blocks = [s for s in config_lib.schedule(main) if "blocks" in config_lib.plan_at(main, s)]
+    with_blocks = [s for s in measure.schedule(main) if "blocks" in measure.plan_at(main, s)]
     assert with_blocks == [0, 600]
 
 
