@@ -107,9 +107,9 @@ def _command(command):
 
 
 def _draw(workdir):
-    from experiments import figures
+    from experiments import pages
 
-    for path in figures.draw_all(workdir, sigma=_SIGMA.value):
+    for path in pages.draw_all(workdir, sigma=_SIGMA.value):
         print(f"wrote {path}")
 
 

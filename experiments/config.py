@@ -100,3 +100,15 @@ def drop_resumable(resolved: dict) -> dict:
         if entry.section and out.get("train", {}).get(entry.section) == at_defaults:
             out["train"].pop(entry.section)
     return out
+
+
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """``"key: A on disk, B now"`` for every key where two configs (as JSON) differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        path = f"{prefix}{k}"
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += differences(a[k], b[k], path + ".")
+        elif a.get(k) != b.get(k):
+            out.append(f"{path}: {a.get(k)!r} on disk, {b.get(k)!r} now")
+    return out

@@ -1,10 +1,12 @@
-"""Measurements: a registry of named curvature quantities, each with its own accuracy settings,
-and the function that takes one measurement of a member at one step.
+"""Taking measurements: the config section ``measure`` (what to measure, when, on which
+examples), the schedule, and the function that takes every planned measurement of a member at
+one step (and compiles them ahead of the members).
 
 A config's ``measure.quantities`` is the plan: the names to measure at every scheduled step, e.g.
 ``("lambda_max",)`` for an edge-of-stability run (its cost is its Lanczos steps), or the full set
 of the default comparison. Each measurement's settings are the config section of its name
-(``measure.top_eigenvalues.k``), with defaults declared once, at registration.
+(``measure.top_eigenvalues.k``), with the defaults its declaration gives
+(:mod:`experiments.measurements`).
 
 A user registers a measurement from their config file::
 
@@ -20,9 +22,9 @@ and adds its name to ``measure.quantities``; its value lands in ``record.extra[n
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -30,139 +32,20 @@ import jax
 import ml_collections
 import numpy as np
 
-import curvature as cv
 from experiments import train
 from experiments.errors import ConfigError, require
-from experiments.record import (
+from experiments.measurements import (
+    MEASUREMENTS,
+    Context,
+    Measurement,
     Record,
+    measurement_key,
+    register_measurement,
 )
-from experiments.registry import Registry
 
 
 class MeasurementFailed(RuntimeError):
     """A measurement could not be taken (a non-finite loss or matvec); the member stops."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Measurement:
-    """``fn(ctx)`` returns the value of record field ``field`` (``None``: a user measurement,
-    kept in ``record.extra``); ``defaults`` are its settings; ``check(settings, ctx_info)``
-    returns an error message for settings that cannot run, or ``None``."""
-
-    fn: Callable[[Context], Any]
-    defaults: dict
-    check: Callable[[Any, dict], str | None] | None = None
-    field: str | None = None
-    doc: str = ""
-
-
-MEASUREMENTS: Registry[Measurement] = Registry("measurement", "measure.quantities")
-
-
-def register_measurement(
-    name: str,
-    fn: Callable | None = None,
-    *,
-    defaults: dict | None = None,
-    check: Callable | None = None,
-    replace: bool = True,
-):
-    """Register ``fn(ctx)`` as measurement ``name`` (usable as a decorator).
-
-    ``defaults`` become the config section ``measure.<name>`` of configs made afterwards by
-    :func:`experiments.config.base_config` (register before calling it). A user measurement may be
-    registered again (a config file loaded twice), replacing the first."""
-
-    def add(fn):
-        field = name if name in _RECORD_FIELDS else None
-        MEASUREMENTS.register(
-            name,
-            Measurement(fn, dict(defaults or {}), check, field, (fn.__doc__ or "").strip()),
-            replace=replace,
-        )
-        return fn
-
-    return add if fn is None else add(fn)
-
-
-_RECORD_FIELDS = {f.name for f in dataclasses.fields(Record)}
-
-
-def measurement_key(seed: int, step: int, name: str) -> jax.Array:
-    """The PRNG key of measurement ``name`` at ``step``: a function of the seed, the step and the
-    name alone, so members that share a seed share their probes, a resumed run draws the same
-    ones, and ``trace`` and ``gauss_newton`` (which asks for the ``"trace"`` key) share probes."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 2), step)
-    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-
-
-@dataclasses.dataclass
-class Context:
-    """What a measurement sees: the member's pure ``model(params, batch)`` and
-    ``loss(params, batch)``, its ``params`` and ``opt_state`` at this step, the measurement set
-    ``data`` (with its ``activation`` column), the member's resolved ``config``, this measurement's
-    ``settings``, the plan, and ``key_for(name)``. ``spectra`` collects arrays saved in the step's
-    spectra file; ``hessian()`` / ``gauss_newton()`` build the operators once per measurement.
-    With ``measure.devices`` > 1, ``data`` is sharded along its examples over a one-axis mesh
-    and ``params`` and ``opt_state`` are replicated on it: jitted code runs data-parallel."""
-
-    model: Callable
-    loss: Callable
-    params: Any
-    opt_state: Any
-    data: dict
-    config: Any
-    seed: int
-    step: int
-    plan: tuple[str, ...]
-    settings: Any = None
-    spectra: dict = dataclasses.field(default_factory=dict)
-    _cache: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def key(self) -> jax.Array:
-        return self.key_for(self._name)
-
-    _name: str = ""
-
-    def key_for(self, name: str) -> jax.Array:
-        return measurement_key(self.seed, self.step, name)
-
-    @property
-    def batch_size(self) -> int | None:
-        return self.config.measure.batch_size or None
-
-    def cached(self, name: str, make: Callable):
-        if name not in self._cache:
-            self._cache[name] = make()
-        return self._cache[name]
-
-    def hessian(self) -> cv.LinearOperator:
-        return self.cached(
-            "H",
-            lambda: cv.hessian(
-                self.loss, self.params, self.data, batch_size=self.batch_size, check=False
-            ),
-        )
-
-    def gauss_newton(self) -> cv.LinearOperator:
-        from experiments import models
-
-        output_loss = models.LOSSES.get(self.config.train.loss).gauss_newton
-        return self.cached(
-            "G",
-            lambda: cv.gauss_newton(
-                self.model,
-                self.params,
-                self.data,
-                loss=output_loss,
-                batch_size=self.batch_size,
-                check=False,
-            ),
-        )
-
-    def section(self, name: str):
-        return getattr(self.config.measure, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,11 +69,11 @@ SCHEDULE_KEYS = {"every": 0, "steps": ()}
 MOVED_KEYS = {
     "measure.top_k": "measure.top_eigenvalues.k",
     "measure.bottom_k": "measure.bottom_eigenvalues.k",
-    "measure.lanczos_steps": "measure.top_eigenvalues.lanczos_steps (and each measurement's own)",
-    "measure.trace_matvecs": "measure.trace.matvecs",
-    "measure.frobenius_probes": "measure.frobenius.probes",
-    "measure.slq_probes": "measure.density.probes",
-    "measure.slq_steps": "measure.density.lanczos_steps",
+    "measure.lanczos_steps": "measure.top_eigenvalues.num_steps (and each measurement's own)",
+    "measure.trace_matvecs": "measure.trace.num_matvecs",
+    "measure.frobenius_probes": "measure.frobenius.num_matvecs",
+    "measure.slq_probes": "measure.density.num_probes",
+    "measure.slq_steps": "measure.density.num_steps",
 }
 
 
@@ -271,15 +154,6 @@ def check(config, num_params: int | None = None) -> None:
             "measure.save_eigenvectors",
             f"{m.save_eigenvectors} exceeds the {k} eigenvalues that {source} computes",
         )
-    if "top_eigenvalues" in m.quantities and "bottom_eigenvalues" in m.quantities:
-        k_end = max(m.top_eigenvalues.k, m.bottom_eigenvalues.k)
-        steps = max(m.top_eigenvalues.lanczos_steps, m.bottom_eigenvalues.lanczos_steps)
-        require(
-            steps >= 2 * k_end,
-            "measure.top_eigenvalues.lanczos_steps",
-            f"{steps} is smaller than 2 * max(top k, bottom k) = {2 * k_end} "
-            "(both ends come from one Lanczos run)",
-        )
     for name in m.quantities:
         own = m.get(name)
         if own is None or "every" not in own:
@@ -296,7 +170,7 @@ def check(config, num_params: int | None = None) -> None:
             f"measure.{name}.steps",
             f"steps must be integers in [0, train.steps={last}]",
         )
-    info = {"optimizer": config.train.optimizer}
+    info = {"optimizer": config.train.optimizer, "plan": tuple(m.quantities), "measure": m}
     if num_params is not None:
         info["num_params"] = num_params
     check_plan(config, info)
@@ -342,7 +216,8 @@ def plan_at(config, step: int) -> tuple[str, ...]:
 
 def check_plan(config, info: dict) -> None:
     """Raise :class:`ConfigError` for an unknown name in the plan or settings that cannot run.
-    ``info`` may hold ``num_params`` and ``optimizer``."""
+    ``info`` (what each measurement's check reads) may hold ``num_params``, ``optimizer``,
+    ``plan`` and the ``measure`` section."""
     plan = tuple(config.measure.quantities)
     for name in plan:
         entry = MEASUREMENTS.get(name)
@@ -372,11 +247,9 @@ def measure(ctx: Context, *, test_data: dict, member: str, fingerprint: str) -> 
     fields, extra = {}, {}
     for name in ctx.plan:
         entry = MEASUREMENTS.get(name)
-        ctx.settings = getattr(ctx.config.measure, name, None)
-        ctx._name = name
         t0 = time.perf_counter()
         try:
-            value = jax.block_until_ready(entry.fn(ctx))
+            value = jax.block_until_ready(entry.fn(ctx.taking(name, ctx.config.measure.get(name))))
         except FloatingPointError as err:
             raise MeasurementFailed(f"{name}: {err}") from None
         except Exception as err:  # noqa: BLE001
@@ -421,13 +294,13 @@ def warm_up(
     ``make_context()`` and discarding the result. XLA compiles distinct programs in parallel
     (it releases the GIL), where the members' first measurements would compile them one after
     another; the members then find every program compiled."""
-    import concurrent.futures
 
     def one(name):
         ctx = make_context()
-        ctx.plan, ctx._name = plan, name
-        ctx.settings = getattr(ctx.config.measure, name, None)
-        jax.block_until_ready(MEASUREMENTS.get(name).fn(ctx))
+        ctx.plan = plan
+        jax.block_until_ready(
+            MEASUREMENTS.get(name).fn(ctx.taking(name, ctx.config.measure.get(name)))
+        )
 
     def guarded(fn, *args):
         # x64 is per thread; an error here is the members' to report, with their step and name.
@@ -437,8 +310,8 @@ def warm_up(
             except Exception:  # noqa: BLE001
                 pass
 
-    # The costliest first, so that the threads finish together.
-    order = sorted(plan, key=lambda n: n not in ("gauss_newton", "density", "frobenius"))
+    # The costliest to compile first (their declared cost), so that the threads finish together.
+    order = sorted(plan, key=lambda n: -MEASUREMENTS.get(n).cost)
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         futures = [pool.submit(guarded, one, name) for name in order]
         futures += [pool.submit(guarded, f) for f in extra]
@@ -460,5 +333,17 @@ def _plain(value):
     return value
 
 
-# The built-in measurements register themselves on import (after everything above exists).
-from experiments import measurements as _builtins  # noqa: E402, F401
+__all__ = [
+    "MEASUREMENTS",
+    "Context",
+    "Measurement",
+    "MeasurementFailed",
+    "check",
+    "measure",
+    "measurement_key",
+    "plan_at",
+    "register_measurement",
+    "schedule",
+    "section",
+    "warm_up",
+]

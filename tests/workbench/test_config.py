@@ -31,16 +31,16 @@ from experiments import run as run_lib  # noqa: E402
             "data.path: /nonexistent/d.npz does not exist",
         ),
         (
-            lambda c: setattr(c.measure.top_eigenvalues, "lanczos_steps", 2),
-            "config key measure.top_eigenvalues: lanczos_steps=2 must be an integer >= k=3",
+            lambda c: setattr(c.measure.top_eigenvalues, "num_steps", 2),
+            "config key measure.top_eigenvalues: num_steps=2 must be an integer >= k=3",
         ),
         (
             lambda c: setattr(c.train, "optimizer", "lbfgs"),
             "config key train.optimizer: unknown optimizer 'lbfgs'; known: sgd, momentum, adam, rmsprop",
         ),
         (
-            lambda c: setattr(c.measure.density, "lanczos_steps", 10_000),
-            "config key measure.density: lanczos_steps=10000 exceeds the 682 parameters",
+            lambda c: setattr(c.measure.density, "num_steps", 10_000),
+            "config key measure.density: num_steps=10000 exceeds the 682 parameters",
         ),
         (
             lambda c: setattr(c.measure, "steps", (0, 5.5, 10)),

@@ -45,7 +45,7 @@ def test_a_lambda_max_plan_costs_its_lanczos_steps(tmp_path):
     with config.unlocked():
         config.activations = ("tanh",)
         config.measure.quantities = ("lambda_max",)
-        config.measure.lambda_max.lanczos_steps = 12
+        config.measure.lambda_max.num_steps = 12
         config.measure.save_eigenvectors = 1
     run_lib.run(config, tmp_path, progress=quiet())
     member = experiments.load_run(tmp_path).members["tanh-seed0"]
@@ -73,7 +73,7 @@ def test_diagonal_optimizer_state_and_gradient_noise_against_exact_values(tmp_pa
         config.measure.diagonal.exact = True
         config.measure.optimizer_state.exact = True
         config.measure.gradient_noise.num_examples = 40
-        config.measure.gradient_noise.chunk = 16
+        config.measure.gradient_noise.batch_size = 16
     run_lib.run(config, tmp_path, progress=quiet())
     member = experiments.load_run(tmp_path).members["tanh-seed0"]
     record = member.records[-1]
@@ -123,7 +123,7 @@ def test_diagonal_settings_are_their_own_and_its_mean_has_an_honest_error_bar(tm
         config.train.steps, config.measure.every = 10, 10
         config.measure.quantities = ("optimizer_state", "diagonal")
         config.measure.optimizer_state.exact = True
-        config.measure.diagonal.matvecs = 12
+        config.measure.diagonal.num_matvecs = 12
     run_lib.run(config, tmp_path, progress=quiet())
     member = experiments.load_run(tmp_path).members["relu-seed0"]
     assert member.records[0].optimizer_state is None  # no gradient seen yet at step 0
@@ -149,8 +149,8 @@ def test_fisher_and_blocks_measurements_against_dense(tmp_path):
     with config.unlocked():
         config.train.steps, config.measure.every = 20, 20
         config.measure.quantities = ("fisher", "blocks")
-        config.measure.fisher.k, config.measure.fisher.lanczos_steps = 2, 30
-        config.measure.blocks.probes = 24
+        config.measure.fisher.k, config.measure.fisher.num_steps = 2, 30
+        config.measure.blocks.num_matvecs = 24
     run_lib.run(config, tmp_path, progress=quiet())
     run = experiments.load_run(tmp_path)
     shares = {}

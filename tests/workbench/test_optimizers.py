@@ -14,12 +14,12 @@ from workbench_helpers import (  # noqa: E402
 
 import experiments  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
+from experiments import run as run_lib  # noqa: E402
 from experiments import (  # noqa: E402
-    figures_optim,
     train,
 )
-from experiments import run as run_lib  # noqa: E402
 from experiments.errors import ConfigError  # noqa: E402
+from experiments.figures import optim  # noqa: E402
 
 HF = "relu-optimizer=hessian_free-learning_rate=1.0-seed0"
 
@@ -62,7 +62,7 @@ def test_hessian_free_trains_beside_sgd_and_logs_what_each_step_cost(tmp_path):
     assert np.all(sgd.training().cost == 1) and sgd.records[-1].training.gradient_equivalents == 6
     assert sgd.records[-1].learning_rate == 0.2 and hf.records[-1].learning_rate == 1.0
     # The comparison: a figure (loss against steps, cost and seconds) and a table in the summary.
-    fig = figures_optim.optimizer_figure(run)
+    fig = optim.optimizer_figure(run)
     gids = {line.get_gid() for ax in fig.axes for line in ax.lines}
     assert {f"{x}/{g}/0" for x in ("step", "gradient_equivalents", "seconds") for g in (
         "relu-optimizer=hessian_free-learning_rate=1.0", "relu-optimizer=sgd-learning_rate=0.2"

@@ -7,7 +7,8 @@ import pytest
 
 pytest.importorskip("flax")
 
-from experiments.record import Eigenvalues, Estimate, Record  # noqa: E402
+from experiments.measurements import Record  # noqa: E402
+from experiments.record import Eigenvalues, Estimate  # noqa: E402
 
 
 def test_records_round_trip_through_json():

@@ -9,10 +9,10 @@ from workbench_helpers import (  # noqa: E402
 )
 
 import experiments  # noqa: E402
-from experiments import (  # noqa: E402
-    report,
-)
 from experiments import run as run_lib  # noqa: E402
+from experiments import (  # noqa: E402
+    table,  # noqa: E402
+)
 from experiments.record import Eigenvalues, Estimate  # noqa: E402
 
 
@@ -22,10 +22,10 @@ def test_summary_marks_unconverged_values_and_unreadable_estimates(tmp_path):
         config.activations = ("tanh",)
         config.train.steps = 10
         config.measure.quantities = ("top_eigenvalues", "bottom_eigenvalues", "trace", "density")
-        config.measure.top_eigenvalues.lanczos_steps = 6  # too few to converge
-        config.measure.bottom_eigenvalues.lanczos_steps = 6  # both ends: one run of 6 steps
-        config.measure.trace.matvecs = 4
-        config.measure.density.lanczos_steps = 4
+        config.measure.top_eigenvalues.num_steps = 6  # too few to converge
+        config.measure.bottom_eigenvalues.num_steps = 6  # both ends: one run of 6 steps
+        config.measure.trace.num_matvecs = 4
+        config.measure.density.num_steps = 4
     run_lib.run(config, tmp_path, progress=quiet())
     record = experiments.load_run(tmp_path).members["tanh-seed0"].records[-1]
     assert not all(record.top_eigenvalues.converged)
@@ -38,10 +38,10 @@ def test_summary_marks_unconverged_values_and_unreadable_estimates(tmp_path):
 
 def test_cells_carry_their_error_bars():
     # One seed: ± the estimator's standard error; an estimate within 2 SE of zero is not a number.
-    assert report.cell([Estimate(7.3, 0.1)]).text() == "7.3 ± 0.1"
-    assert report.cell([Estimate(0.007, 0.006)]).text() == "≈0 (±0.012)"
-    assert report.cell([Estimate(1.0, 0.1), Estimate(3.0, 0.1)]).text() == "2 ± 1.4"
+    assert table.cell([Estimate(7.3, 0.1)]).text() == "7.3 ± 0.1"
+    assert table.cell([Estimate(0.007, 0.006)]).text() == "≈0 (±0.012)"
+    assert table.cell([Estimate(1.0, 0.1), Estimate(3.0, 0.1)]).text() == "2 ± 1.4"
     unconverged = Eigenvalues((2.0,), (0.1,), (False,))
-    assert report.cell([unconverged]).text() == "2†"
-    assert report.cell([unconverged]).unconverged == pytest.approx(0.05)
-    assert report.cell([float("nan")]).text() == "n/a"
+    assert table.cell([unconverged]).text() == "2†"
+    assert table.cell([unconverged]).unconverged == pytest.approx(0.05)
+    assert table.cell([float("nan")]).text() == "n/a"

@@ -141,7 +141,7 @@ def test_float64_members_in_threads_compute_in_float64(tmp_path):
         config.train.steps = 10
         config.measure.quantities = ("lambda_max", "gradient_noise")
         config.measure.gradient_noise.num_examples = 20
-        config.measure.gradient_noise.chunk = 8
+        config.measure.gradient_noise.batch_size = 8
     statuses = run_lib.run(config, tmp_path, progress=quiet())
     assert {s["state"] for s in statuses.values()} == {"done"}
     run = experiments.load_run(tmp_path)
