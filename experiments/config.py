@@ -17,11 +17,12 @@ module assembles them and checks the run-level keys.
 from __future__ import annotations
 
 import json
+import pathlib
 
 import ml_collections
 
 from experiments import data as data_lib
-from experiments import measure, models, train
+from experiments import measure, models, storage, train
 from experiments.errors import require
 from experiments.optimizers import OPTIMIZERS
 
@@ -112,3 +113,14 @@ def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif a.get(k) != b.get(k):
             out.append(f"{path}: {a.get(k)!r} on disk, {b.get(k)!r} now")
     return out
+
+
+def stored(workdir) -> ml_collections.ConfigDict | None:
+    """The config of the run in ``workdir`` (its ``config.json``), locked; ``None`` when it holds
+    none: ``python -m experiments run --workdir=DIR`` resumes with it."""
+    found = storage.read_json(pathlib.Path(workdir).expanduser() / "config.json")
+    if found is None:
+        return None
+    config = ml_collections.ConfigDict(found)
+    config.lock()
+    return config
