@@ -93,10 +93,12 @@ def one_line_errors(main):
 
 
 def parse_flags(argv):
-    """absl's parser, with ``~`` expanded in paths, and a one-line error for an override of a config key that does not exist
+    """absl's parser, with ``~`` expanded in paths, deprecated config keys renamed (with a
+    warning), and a one-line error for an override of a config key that does not exist
     (ml_collections raises a KeyError from deep inside flag parsing), and for a config file that
     is missing or raises."""
-    argv = [_expand_workdir(a) for a in argv]
+    argv = [_renamed(_expand_workdir(a)) for a in argv]
+    sys.argv[:] = argv  # ml_collections reads the --config.* overrides from sys.argv itself
     config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if config_path is not None and not os.path.isfile(os.path.expanduser(config_path)):
         print(f"error: config file {config_path} does not exist", file=sys.stderr)
@@ -134,3 +136,12 @@ def _expand_workdir(arg: str) -> str:
         if arg.startswith(flag):
             return flag + ",".join(os.path.expanduser(p) for p in arg[len(flag) :].split(","))
     return arg
+
+
+def _renamed(arg: str) -> str:
+    """``--config.measure.trace.matvecs=30`` -> ``--config.measure.trace.num_matvecs=30``, with
+    a ``FutureWarning``: a deprecated key overridden on the command line sets its new name."""
+    if not arg.startswith("--config."):
+        return arg
+    key, eq, value = arg[len("--config.") :].partition("=")
+    return f"--config.{config_lib.current_key(key)}{eq}{value}"

@@ -12,25 +12,41 @@ Each concept owns its section, its defaults and its checks: ``data`` (:mod:`expe
 own section (:mod:`experiments.train`, :mod:`experiments.optimizers`), ``measure`` with each
 measurement's own section (:mod:`experiments.measure`, :mod:`experiments.measurements`). This
 module assembles them and checks the run-level keys.
+
+One vocabulary for budgets: ``num_steps`` (Krylov steps), ``num_matvecs`` (Monte Carlo
+products), ``num_probes`` (SLQ probes). Keys renamed to it (:data:`RENAMED_KEYS`, declared by
+each measurement) stay usable: a config file, a command-line override or a sweep that names the
+old key sets the new one, with a ``FutureWarning`` once per key and process; a run directory
+written with the old names loads, resumes and plots as before (its member fingerprints hash the
+first names, so they do not change).
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import warnings
 
 import ml_collections
 
 from experiments import data as data_lib
 from experiments import measure, models, storage, train
 from experiments.errors import require
+from experiments.measurements import BUILTINS
 from experiments.optimizers import OPTIMIZERS
 
 # Keys that a resumed run may change: they change how, not what, is computed (at most the
 # round-off: measure.batch_size and measure.devices change the order of summation).
 RESUMABLE_CHANGES = ("measure.batch_size", "measure.devices", "workers", "share_activations")
 
-MOVED_KEYS = measure.MOVED_KEYS  # keys of release 0.1 and where they went
+MOVED_KEYS = measure.MOVED_KEYS  # keys of release 0.1 and where they went: errors only
+
+# Deprecated keys and their new names: ``{"measure.trace.matvecs": "measure.trace.num_matvecs"}``.
+RENAMED_KEYS = {
+    f"measure.{m.name}.{old}": f"measure.{m.name}.{new}"
+    for m in BUILTINS
+    for old, new in m.renamed.items()
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -57,7 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(config, num_params: int | None = None) -> None:
     """Raise :class:`~experiments.errors.ConfigError` naming the first bad key, before any
-    training: the run-level keys here, each section by its concept."""
+    training: the run-level keys here, each section by its concept. Deprecated keys are first
+    moved to their new names (:func:`rename_deprecated_keys`)."""
+    rename_deprecated_keys(config)
     _check_run(config)
     for concept in (models, data_lib, train):
         concept.check(config)
@@ -115,12 +133,79 @@ def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Renamed keys.
+
+_warned: set[str] = set()
+
+
+def _warn_renamed(old: str) -> None:
+    if old not in _warned:
+        _warned.add(old)
+        warnings.warn(
+            f"config key {old} is deprecated: use {RENAMED_KEYS[old]}", FutureWarning, stacklevel=4
+        )
+
+
+def current_key(path: str) -> str:
+    """The name a config key has now: a deprecated key's new name (with a ``FutureWarning``,
+    once per key and process), any other key itself."""
+    if path in RENAMED_KEYS:
+        _warn_renamed(path)
+        return RENAMED_KEYS[path]
+    return path
+
+
+def rename_deprecated_keys(config) -> None:
+    """Move every deprecated key that ``config`` holds (a config file set it) to its new name,
+    in place, with a ``FutureWarning`` once per key and process; the old key's value wins."""
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            continue
+        _warn_renamed(old)
+        value = node[leaf]
+        with config.unlocked():
+            del node[leaf]
+            node[new.rsplit(".", 1)[1]] = value
+
+
+def _moved(resolved: dict, pairs) -> dict:
+    """A copy of a config as JSON with each key ``a`` of ``pairs`` moved to ``b``."""
+    out = json.loads(json.dumps(resolved))
+    for a, b in pairs:
+        *parents, leaf = a.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[b.rsplit(".", 1)[1]] = node.pop(leaf)
+    return out
+
+
+def upgrade(resolved: dict) -> dict:
+    """A stored config (JSON of ``config.json`` or ``member.json``) with today's key names: a run
+    directory written before a rename reads as if written now. Silent: the run directory did
+    nothing wrong."""
+    return _moved(resolved, RENAMED_KEYS.items())
+
+
+def fingerprint_form(resolved: dict) -> dict:
+    """What a member's fingerprint hashes: its resolved config (as JSON) less the keys that may
+    change on resume, renamed keys under their first names, so that a run directory keeps its
+    fingerprints across the renames."""
+    return _moved(drop_resumable(upgrade(resolved)), ((b, a) for a, b in RENAMED_KEYS.items()))
+
+
 def stored(workdir) -> ml_collections.ConfigDict | None:
-    """The config of the run in ``workdir`` (its ``config.json``), locked; ``None`` when it holds
-    none: ``python -m experiments run --workdir=DIR`` resumes with it."""
+    """The config of the run in ``workdir`` (its ``config.json``, upgraded), locked; ``None``
+    when it holds none: ``python -m experiments run --workdir=DIR`` resumes with it."""
     found = storage.read_json(pathlib.Path(workdir).expanduser() / "config.json")
     if found is None:
         return None
-    config = ml_collections.ConfigDict(found)
+    config = ml_collections.ConfigDict(upgrade(found))
     config.lock()
     return config

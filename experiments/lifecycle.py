@@ -37,8 +37,9 @@ class Interrupted(Exception):
 
 def fingerprint(member_config, data_fingerprint: str) -> str:
     """A hash of what a member computes: its resolved config, less the keys that may change on
-    resume, and the data."""
-    resolved = config_lib.drop_resumable(json.loads(member_config.to_json_best_effort()))
+    resume, renamed keys under their first names (:func:`experiments.config.fingerprint_form`),
+    and the data."""
+    resolved = config_lib.fingerprint_form(json.loads(member_config.to_json_best_effort()))
     text = json.dumps({"config": resolved, "data": data_fingerprint}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -136,9 +137,8 @@ def verify(spec: MemberSpec, folder: MemberDir, member_fingerprint: str) -> None
     other = "holds results of another config or data set"
     hint = "resume with the same config and data, or choose a new --workdir"
     if info is not None and info.get("fingerprint") != member_fingerprint:
-        diff = config_lib.differences(
-            info.get("config", {}), json.loads(spec.config.to_json_best_effort())
-        )
+        stored = config_lib.upgrade(info.get("config", {}))
+        diff = config_lib.differences(stored, json.loads(spec.config.to_json_best_effort()))
         detail = f" ({'; '.join(diff[:4])})" if diff else " (the data changed)"
         raise RunDirError(f"{folder.path} {other}{detail}; {hint}")
     status = storage.read_json(folder.status, {})

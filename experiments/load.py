@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import lifecycle, models, storage, sweep, train, training_log
 from experiments.errors import RunDirError
@@ -221,7 +222,7 @@ def load_run(workdir) -> Run:
     stored = storage.read_json(workdir / "config.json")
     if stored is None:
         raise FileNotFoundError(f"{workdir} has no config.json: not a run directory")
-    config = ml_collections.ConfigDict(stored)
+    config = ml_collections.ConfigDict(config_lib.upgrade(stored))
     run = Run(
         workdir,
         config,
@@ -254,7 +255,7 @@ def load_run(workdir) -> Run:
             model_activations=tuple(info.get("model_activations", [info["activation"]])),
             seed=info["seed"],
             overrides=info.get("overrides", {}),
-            config=ml_collections.ConfigDict(info["config"]),
+            config=ml_collections.ConfigDict(config_lib.upgrade(info["config"])),
             status=storage.read_json(folder.status, {}),
             records=folder.records(),
             dir=folder.path,

@@ -140,6 +140,13 @@ def check(config, num_params: int | None = None) -> None:
             f"measure.{key}",
             f"does not exist{f'; it moved to {moved}' if moved else ''}",
         )
+    for name, entry in MEASUREMENTS.items():
+        own = m.get(name)
+        known = [*SCHEDULE_KEYS, *entry.defaults]
+        for key in own.keys() if isinstance(own, ml_collections.ConfigDict) else ():
+            require(
+                key in known, f"measure.{name}.{key}", f"does not exist; known: {', '.join(known)}"
+            )
     require(len(m.quantities) > 0, "measure.quantities", "empty: name at least one measurement")
     if m.save_eigenvectors:
         source = next((q for q in ("top_eigenvalues", "lambda_max") if q in m.quantities), None)

@@ -58,7 +58,8 @@ def resolved(config) -> dict:
 
 
 def _comparable(obj: dict) -> dict:
-    return config_lib.drop_resumable(obj)
+    """A config as JSON, as runs compare: today's key names, less what a resume may change."""
+    return config_lib.drop_resumable(config_lib.upgrade(obj))
 
 
 class DataCache:

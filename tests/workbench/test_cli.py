@@ -15,6 +15,7 @@ from workbench_helpers import (  # noqa: E402
 )
 from workbench_helpers import smoke_run as run_smoke_once  # noqa: E402
 
+import experiments  # noqa: E402
 from experiments import (  # noqa: E402
     storage,
 )
@@ -147,3 +148,23 @@ def test_an_interrupted_command_says_how_to_resume(tmp_path):
     assert "Traceback" not in err
     kept = storage.read_metrics(log)
     assert len(kept) >= 3 and [r["step"] for r in kept] == list(range(0, 10 * len(kept), 10))
+
+
+def test_a_deprecated_key_on_the_command_line_sets_its_new_name(tmp_path):
+    out = cli(
+        "run",
+        "--config=configs/smoke.py",
+        f"--workdir={tmp_path}",
+        "--config.activations=('relu',)",
+        "--config.train.steps=0",
+        "--config.measure.quantities=('trace',)",
+        "--config.measure.trace.matvecs=9",
+        "--quiet",
+    )
+    assert out.returncode == 0, out.stderr
+    warning = "FutureWarning: config key measure.trace.matvecs is deprecated: use "
+    assert warning + "measure.trace.num_matvecs" in out.stderr
+    assert out.stderr.count("is deprecated") == 1
+    stored = json.loads((tmp_path / "config.json").read_text())["measure"]["trace"]
+    assert stored["num_matvecs"] == 9 and "matvecs" not in stored
+    assert experiments.load_run(tmp_path).members["relu-seed0"].records[0].trace.num_matvecs == 9

@@ -1,5 +1,8 @@
 """The config: every bad value is an error naming its key, before any training."""
 
+import json
+import warnings
+
 import jax
 import pytest
 
@@ -9,7 +12,10 @@ from workbench_helpers import (  # noqa: E402
     quiet,
 )
 
+import experiments  # noqa: E402
+from experiments import config as config_lib  # noqa: E402
 from experiments import run as run_lib  # noqa: E402
+from experiments.errors import ConfigError  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -119,3 +125,93 @@ def test_an_old_key_set_in_a_config_file_names_its_new_place(tmp_path):
         ValueError, match="measure.top_k: does not exist; it moved to measure.top_eigenvalues.k"
     ):
         run_lib.run(config, tmp_path, progress=quiet())
+
+
+# Release 0.1's names of the budgets, written out here (not read from the code's table).
+RELEASE_01_NAMES = {
+    "measure.lambda_max.lanczos_steps": "measure.lambda_max.num_steps",
+    "measure.top_eigenvalues.lanczos_steps": "measure.top_eigenvalues.num_steps",
+    "measure.bottom_eigenvalues.lanczos_steps": "measure.bottom_eigenvalues.num_steps",
+    "measure.gauss_newton.lanczos_steps": "measure.gauss_newton.num_steps",
+    "measure.density.lanczos_steps": "measure.density.num_steps",
+    "measure.fisher.lanczos_steps": "measure.fisher.num_steps",
+    "measure.preconditioner.lanczos_steps": "measure.preconditioner.num_steps",
+    "measure.trace.matvecs": "measure.trace.num_matvecs",
+    "measure.gauss_newton.trace_matvecs": "measure.gauss_newton.num_matvecs",
+    "measure.fisher.trace_matvecs": "measure.fisher.num_matvecs",
+    "measure.diagonal.matvecs": "measure.diagonal.num_matvecs",
+    "measure.optimizer_state.diagonal_matvecs": "measure.optimizer_state.num_matvecs",
+    "measure.frobenius.probes": "measure.frobenius.num_matvecs",
+    "measure.blocks.probes": "measure.blocks.num_matvecs",
+    "measure.density.probes": "measure.density.num_probes",
+    "measure.gradient_noise.chunk": "measure.gradient_noise.batch_size",
+}
+
+
+def _holds(config, path):
+    *parents, leaf = path.split(".")
+    for part in parents:
+        config = config[part]
+    return leaf in config
+
+
+def test_every_renamed_key_is_today_a_key_under_its_new_name():
+    assert config_lib.RENAMED_KEYS == RELEASE_01_NAMES
+    base = config_lib.base_config()
+    for old, new in RELEASE_01_NAMES.items():
+        assert _holds(base, new) and not _holds(base, old), old
+
+
+def test_a_deprecated_key_in_a_config_file_sets_its_new_name_and_warns_once(tmp_path):
+    config_lib._warned.clear()
+    config = load_config()
+    with config.unlocked():  # what a config file written for release 0.1 does
+        config.measure.trace.matvecs = 12
+        config.measure.density.lanczos_steps = 30
+    with pytest.warns(FutureWarning) as caught:
+        config_lib.validate(config)
+    assert sorted(str(w.message) for w in caught) == [
+        "config key measure.density.lanczos_steps is deprecated: use measure.density.num_steps",
+        "config key measure.trace.matvecs is deprecated: use measure.trace.num_matvecs",
+    ]
+    assert config.measure.trace.num_matvecs == 12 and "matvecs" not in config.measure.trace
+    assert config.measure.density.num_steps == 30 and "lanczos_steps" not in config.measure.density
+    # Once per key and process: the same key in another config is mapped silently.
+    again = load_config()
+    with again.unlocked():
+        again.measure.trace.matvecs = 14
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config_lib.validate(again)
+    assert again.measure.trace.num_matvecs == 14
+    # A run takes it the same way: the stored config holds the new name only.
+    with again.unlocked():
+        again.activations, again.train.steps = ("relu",), 0
+        again.measure.quantities = ("trace",)
+    run_lib.run(again, tmp_path, progress=quiet())
+    stored = json.loads((tmp_path / "config.json").read_text())["measure"]["trace"]
+    assert stored == {"every": 0, "steps": [], "num_matvecs": 14}
+    record = experiments.load_run(tmp_path).members["relu-seed0"].records[0]
+    assert record.trace.num_matvecs == 14
+
+
+def test_errors_name_the_new_key_and_unknown_settings_are_errors():
+    config_lib._warned.clear()
+    config = load_config()
+    with config.unlocked():
+        config.measure.frobenius.probes = 1  # deprecated, and too few
+    with pytest.warns(FutureWarning, match="measure.frobenius.probes is deprecated"):
+        with pytest.raises(
+            ConfigError,
+            match="config key measure.frobenius: num_matvecs=1 must be an integer >= 2",
+        ):
+            config_lib.validate(config)
+    config = load_config()
+    with config.unlocked():
+        config.measure.trace.num_matvec = 30  # misspelt: once silently ignored
+    with pytest.raises(
+        ConfigError,
+        match="config key measure.trace.num_matvec: does not exist; known: every, steps, "
+        "num_matvecs",
+    ):
+        config_lib.validate(config)

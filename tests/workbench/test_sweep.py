@@ -13,6 +13,7 @@ from workbench_helpers import (  # noqa: E402
 )
 
 import experiments  # noqa: E402
+from experiments import config as config_lib  # noqa: E402
 from experiments import (  # noqa: E402
     measure,
     report,
@@ -122,3 +123,20 @@ def test_fields_swept_together_need_one_value_each():
         config.sweep = ("train.optimizer+train.learning_rate=(adam,0.01)", "train.optimizer=sgd")
     with pytest.raises(ConfigError, match="a field is swept twice"):
         sweep.members(config)
+
+
+def test_a_sweep_over_a_deprecated_key_sets_its_new_name():
+    # Member names keep the key as written (a run directory swept over it keeps its members).
+    config_lib._warned.clear()
+    config = load_config()
+    with config.unlocked():
+        config.activations = ("relu",)
+        config.sweep = ("measure.lambda_max.lanczos_steps=12,14",)
+    with pytest.warns(FutureWarning, match="use measure.lambda_max.num_steps"):
+        specs = sweep.members(config)
+    assert [s.name for s in specs] == [
+        "relu-lanczos_steps=12-seed0",
+        "relu-lanczos_steps=14-seed0",
+    ]
+    assert [s.config.measure.lambda_max.num_steps for s in specs] == [12, 14]
+    assert all("lanczos_steps" not in s.config.measure.lambda_max for s in specs)
