@@ -32,7 +32,7 @@ def main():
     t_start = time.perf_counter()
     import jax
 
-    from experiments import figures, load, measure, run
+    from experiments import load, measure, pages, run
 
     t_import = time.perf_counter() - t_start
     spec = importlib.util.spec_from_file_location("config", ROOT / args.config)
@@ -60,7 +60,7 @@ def main():
         total_run = time.perf_counter() - t0
         phases["members"] = total_run - phases["prepare"] - phases.get("compile (warm-up)", 0.0)
         t0 = time.perf_counter()
-        figures.draw_all(workdir)
+        pages.draw_all(workdir)
         phases["figures and report"] = time.perf_counter() - t0
         per_measurement = collections.Counter()
         for member in load.load_run(workdir).members.values():

@@ -27,5 +27,5 @@ def get_config():
     c.measure.quantities = ("lambda_max",)
     # At the edge the top eigenvalues crowd together (the top four of tanh at η = 0.4 lie within
     # 1.5%): 30 Lanczos steps leave most of them unconverged (residual ~0.4%), 60 converge.
-    c.measure.lambda_max.lanczos_steps = 60
+    c.measure.lambda_max.num_steps = 60
     return c

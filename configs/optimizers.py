@@ -34,5 +34,5 @@ def get_config():
     c.train.hessian_free.damping = 0.1
     c.train.hessian_free.max_cg_steps = 50
     c.measure.quantities = ("lambda_max", "trace")
-    c.measure.trace.matvecs = 30
+    c.measure.trace.num_matvecs = 30
     return c

@@ -24,8 +24,8 @@ def get_config():
     c.measure.steps = (0, 1000)
     c.measure.quantities = ("top_eigenvalues", "gauss_newton")
     c.measure.top_eigenvalues.k = 20
-    c.measure.top_eigenvalues.lanczos_steps = 80
+    c.measure.top_eigenvalues.num_steps = 80
     c.measure.gauss_newton.k = 20
-    c.measure.gauss_newton.lanczos_steps = 80
-    c.measure.gauss_newton.trace_matvecs = 30
+    c.measure.gauss_newton.num_steps = 80
+    c.measure.gauss_newton.num_matvecs = 30
     return c

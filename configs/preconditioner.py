@@ -28,5 +28,5 @@ def get_config():
     c.measure.steps = (0, 25, 100, 250, 500, 1000)
     c.measure.quantities = ("preconditioner",)
     c.measure.preconditioner.k = 3
-    c.measure.preconditioner.lanczos_steps = 40
+    c.measure.preconditioner.num_steps = 40
     return c

@@ -20,7 +20,7 @@ def get_config():
     c.measure.density.steps = (0, 100, 300, 600)
     # Of G's spectrum the summary reports the top eigenvalue: one Ritz pair from 30 steps.
     c.measure.gauss_newton.k = 1
-    c.measure.gauss_newton.lanczos_steps = 30
+    c.measure.gauss_newton.num_steps = 30
     # The curvature by layer (the block figure) at initialisation and at the end only.
     c.measure.quantities = (*c.measure.quantities, "blocks")
     c.measure.blocks.steps = (0, 600)

@@ -15,14 +15,14 @@ def get_config():
     c.train.learning_rate = 0.2
     c.measure.every = 10
     c.measure.top_eigenvalues.k = 3
-    c.measure.top_eigenvalues.lanczos_steps = 20
+    c.measure.top_eigenvalues.num_steps = 20
     c.measure.bottom_eigenvalues.k = 2
-    c.measure.bottom_eigenvalues.lanczos_steps = 20
+    c.measure.bottom_eigenvalues.num_steps = 20
     c.measure.gauss_newton.k = 3
-    c.measure.gauss_newton.lanczos_steps = 20
-    c.measure.gauss_newton.trace_matvecs = 30
-    c.measure.trace.matvecs = 30
-    c.measure.frobenius.probes = 4
-    c.measure.density.probes = 2
-    c.measure.density.lanczos_steps = 15
+    c.measure.gauss_newton.num_steps = 20
+    c.measure.gauss_newton.num_matvecs = 30
+    c.measure.trace.num_matvecs = 30
+    c.measure.frobenius.num_matvecs = 4
+    c.measure.density.num_probes = 2
+    c.measure.density.num_steps = 15
     return c

@@ -23,8 +23,8 @@ def get_config():
     c.train.learning_rate = 0.2
     c.measure.steps = (0, 50, 200, 600)
     c.measure.quantities = ("lambda_max", "trace", "gauss_newton", "frobenius", "blocks")
-    c.measure.lambda_max.lanczos_steps = 30
+    c.measure.lambda_max.num_steps = 30
     c.measure.gauss_newton.k = 1
-    c.measure.gauss_newton.lanczos_steps = 30
+    c.measure.gauss_newton.num_steps = 30
     c.measure.blocks.steps = (0, 600)
     return c

@@ -1,53 +1,52 @@
-"""The experiment configuration: defaults, sweeps, and a validation that names the offending key.
+"""The experiment configuration: the run-level keys, one section per concept, and a validation
+that names the offending key.
 
 Configs are ``configs/*.py`` files whose ``get_config()`` returns an ``ml_collections.ConfigDict``
 (the flax-examples convention); variants start from :func:`base_config` and change a few fields.
 The command line overrides fields as ``--config.train.steps=500`` and sweeps any field as
 ``--sweep=train.learning_rate=0.1,0.2``. The config is locked, so a misspelt key is an error, and
-ml_collections rejects a value of the wrong type. Allowed names (activations, optimizers, losses,
-models, data sources, measurements) come from their registries.
+ml_collections rejects a value of the wrong type.
+
+Each concept owns its section, its defaults and its checks: ``data`` (:mod:`experiments.data`),
+``model`` and the activation names (:mod:`experiments.models`), ``train`` with each optimizer's
+own section (:mod:`experiments.train`, :mod:`experiments.optimizers`), ``measure`` with each
+measurement's own section (:mod:`experiments.measure`, :mod:`experiments.measurements`). This
+module assembles them and checks the run-level keys.
+
+One vocabulary for budgets: ``num_steps`` (Krylov steps), ``num_matvecs`` (Monte Carlo
+products), ``num_probes`` (SLQ probes). Keys renamed to it (:data:`RENAMED_KEYS`, declared by
+each measurement) stay usable: a config file, a command-line override or a sweep that names the
+old key sets the new one, with a ``FutureWarning`` once per key and process; a run directory
+written with the old names loads, resumes and plots as before (its member fingerprints hash the
+first names, so they do not change).
 """
 
 from __future__ import annotations
 
-import math
+import json
+import pathlib
+import warnings
 
-import jax
 import ml_collections
 
 from experiments import data as data_lib
-from experiments import hessian_free, models, train
-from experiments import measure as measure_lib
-from experiments.errors import ConfigError
-
-# The plan of the default comparison: everything but the optional diagnostics.
-DEFAULT_QUANTITIES = (
-    "top_eigenvalues",
-    "bottom_eigenvalues",
-    "trace",
-    "gauss_newton",
-    "frobenius",
-    "density",
-)
+from experiments import measure, models, storage, train
+from experiments.errors import require
+from experiments.measurements import BUILTINS
+from experiments.optimizers import OPTIMIZERS
 
 # Keys that a resumed run may change: they change how, not what, is computed (at most the
 # round-off: measure.batch_size and measure.devices change the order of summation).
 RESUMABLE_CHANGES = ("measure.batch_size", "measure.devices", "workers", "share_activations")
 
-# Old keys (release 0.1) and where they went, for the "does not exist" error.
-MOVED_KEYS = {
-    "measure.top_k": "measure.top_eigenvalues.k",
-    "measure.bottom_k": "measure.bottom_eigenvalues.k",
-    "measure.lanczos_steps": "measure.top_eigenvalues.lanczos_steps (and each measurement's own)",
-    "measure.trace_matvecs": "measure.trace.matvecs",
-    "measure.frobenius_probes": "measure.frobenius.probes",
-    "measure.slq_probes": "measure.density.probes",
-    "measure.slq_steps": "measure.density.lanczos_steps",
+MOVED_KEYS = measure.MOVED_KEYS  # keys of release 0.1 and where they went: errors only
+
+# Deprecated keys and their new names: ``{"measure.trace.matvecs": "measure.trace.num_matvecs"}``.
+RENAMED_KEYS = {
+    f"measure.{m.name}.{old}": f"measure.{m.name}.{new}"
+    for m in BUILTINS
+    for old, new in m.renamed.items()
 }
-
-
-SCHEDULE_KEYS = {"every": 0, "steps": ()}
-HESSIAN_FREE = dict(hessian_free.HESSIAN_FREE_DEFAULTS)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -65,250 +64,47 @@ def base_config() -> ml_collections.ConfigDict:
     # One compiled program for every activation ("yes"), one per activation ("no"), or "auto":
     # shared whenever the run has more than one activation.
     c.share_activations = "auto"
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "digits"  # digits | teacher | mixture | npz | idx (data.SOURCES)
-    c.data.path = ""  # npz file, or folder of idx / idx.gz files
-    c.data.test_fraction = 0.25  # for sources without their own test split
-    c.data.split_seed = 0
-    c.data.standardize = True
-    c.data.num_train = 0  # 0: all
-    c.data.num_test = 0
-    c.data.image_shape = ()  # e.g. (8, 8, 1) for a CNN on digits
-    c.data.num_examples = 2000  # synthetic sources
-    c.data.input_dim = 20
-    c.data.num_classes = 10
-    c.data.teacher_width = 32
-    c.data.separation = 3.0
-    c.data.synthetic_seed = 0
-
-    c.model = ml_collections.ConfigDict()
-    c.model.kind = "mlp"  # mlp | cnn (models.MODELS)
-    c.model.width = 32
-    c.model.depth = 2
-    c.model.channels = (8, 16)  # cnn
-
-    c.train = ml_collections.ConfigDict()
-    c.train.loss = "cross_entropy"  # cross_entropy | mse on one-hot labels (models.LOSSES)
-    # sgd | momentum | adam | rmsprop | hessian_free (train.OPTIMIZERS)
-    c.train.optimizer = "sgd"
-    c.train.learning_rate = 0.1  # Hessian-free: scales its step (Martens: 1.0)
-    c.train.momentum = 0.9
-    # curvature.optim.hessian_free's settings (experiments.hessian_free has their meaning).
-    c.train.hessian_free = ml_collections.ConfigDict(HESSIAN_FREE)
-    c.train.steps = 1000
-    c.train.batch_size = 0  # 0: full batch
-    # Stop a member whose training loss exceeds this multiple of its initial loss (0: never).
-    c.train.divergence_factor = 10.0
-
-    c.measure = ml_collections.ConfigDict()
-    c.measure.every = 100  # measure every k steps; step 0 and the last step always
-    c.measure.steps = ()  # or an explicit list of steps (then `every` is ignored)
-    c.measure.split = "train"  # the measurement set: "train" or "test" examples
-    c.measure.num_examples = 0  # the first N examples of that split; 0: all of it
-    c.measure.batch_size = 0  # chunk size inside the curvature matvec; 0: all at once
-    # Data-parallel measurement: the measurement set is sharded along its example axis over a
-    # one-axis mesh of this many devices (the first of jax.devices()) and the parameters are
-    # replicated, so every estimator runs through XLA's partitioning. An integer >= 1, which
-    # must divide the measurement examples, or "all": the most devices, up to
-    # jax.device_count(), that divide them. 1: unsharded, as before the key existed.
-    c.measure.devices = ml_collections.FieldReference(1, field_type=object)  # int or "all"
-    c.measure.quantities = DEFAULT_QUANTITIES  # the plan (measure.MEASUREMENTS)
-    c.measure.keep_params = True  # parameters at every measured step (False: the last only)
-    c.measure.save_eigenvectors = 0  # keep this many top Hessian eigenvectors per step
-    # Each measurement's accuracy settings, with the defaults it registered, and its own schedule:
-    # `every` k steps or at explicit `steps` (plus step 0 and the last); neither: at every
-    # measurement step of the run.
-    for name, entry in measure_lib.MEASUREMENTS.items():
-        c.measure[name] = ml_collections.ConfigDict({**SCHEDULE_KEYS, **entry.defaults})
+    c.data = data_lib.section()
+    c.model = models.section()
+    c.train = train.section()
+    c.measure = measure.section()
     return c
 
 
 def validate(config, num_params: int | None = None) -> None:
-    """Raise :class:`ConfigError` naming the first bad key. Runs before any training."""
+    """Raise :class:`~experiments.errors.ConfigError` naming the first bad key, before any
+    training: the run-level keys here, each section by its concept. Deprecated keys are first
+    moved to their new names (:func:`rename_deprecated_keys`)."""
+    rename_deprecated_keys(config)
+    _check_run(config)
+    for concept in (models, data_lib, train):
+        concept.check(config)
+    measure.check(config, num_params)
 
-    def need(ok, key, message):
-        if not ok:
-            raise ConfigError(f"config key {key}: {message}")
 
-    need(len(config.activations) > 0, "activations", "empty")
-    for name in config.activations:
-        try:
-            models.parse_activation(name)
-        except ValueError as err:
-            raise ConfigError(f"config key activations: {err}") from None
-    need(len(set(config.activations)) == len(config.activations), "activations", "duplicates")
-    need(len(config.seeds) > 0, "seeds", "empty")
-    need(
+def _check_run(config) -> None:
+    require(len(config.seeds) > 0, "seeds", "empty")
+    require(
         all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in config.seeds),
         "seeds",
         "need integers >= 0",
     )
-    need(len(set(config.seeds)) == len(config.seeds), "seeds", "duplicates")
-    need(config.workers >= 0, "workers", "must be >= 0 (0: automatic)")
-    need(
+    require(len(set(config.seeds)) == len(config.seeds), "seeds", "duplicates")
+    require(config.workers >= 0, "workers", "must be >= 0 (0: automatic)")
+    require(
         config.share_activations in ("auto", "yes", "no"),
         "share_activations",
         f"{config.share_activations!r} is not 'auto', 'yes' or 'no'",
     )
-    need(
+    require(
         config.dtype in ("float32", "float64"),
         "dtype",
         f"{config.dtype!r} is not float32 or float64",
     )
-    data_lib.SOURCES.get(config.data.source)
-    models.MODELS.get(config.model.kind)
-    models.LOSSES.get(config.train.loss)
-    train.OPTIMIZERS.get(config.train.optimizer)
-    need(config.model.width >= 1 and config.model.depth >= 1, "model.width/depth", "must be >= 1")
-    lr = config.train.learning_rate
-    need(
-        math.isfinite(lr) and lr > 0, "train.learning_rate", f"{lr} is not a finite positive number"
-    )
-    need(config.train.steps >= 0, "train.steps", "must be >= 0")
-    need(config.train.batch_size >= 0, "train.batch_size", "must be >= 0 (0: full batch)")
-    factor = config.train.divergence_factor
-    need(
-        factor == 0 or (math.isfinite(factor) and factor > 1),
-        "train.divergence_factor",
-        f"{factor} must be > 1 (or 0: never stop)",
-    )
-    need(
-        0.0 <= config.train.momentum < 1.0,
-        "train.momentum",
-        f"{config.train.momentum} is not in [0, 1)",
-    )
-    for key, message in hessian_free.check_settings(config.train):
-        need(False, key, message)
-    m = config.measure
-    need(m.every >= 1, "measure.every", "must be >= 1")
-    need(
-        all(isinstance(s, int) and not isinstance(s, bool) for s in m.steps),
-        "measure.steps",
-        f"steps must be integers, got {tuple(m.steps)}",
-    )
-    need(
-        all(0 <= s <= config.train.steps for s in m.steps),
-        "measure.steps",
-        f"steps must lie in [0, train.steps={config.train.steps}]",
-    )
-    need(m.split in ("train", "test"), "measure.split", f"{m.split!r} is not 'train' or 'test'")
-    need(m.num_examples >= 0, "measure.num_examples", "must be >= 0 (0: the whole split)")
-    need(m.batch_size >= 0, "measure.batch_size", "must be >= 0 (0: all examples at once)")
-    devices = m.devices
-    need(
-        devices == "all"
-        or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1),
-        "measure.devices",
-        f"{devices!r} is not an integer >= 1 or 'all'",
-    )
-    need(
-        devices == "all" or devices <= jax.device_count(),
-        "measure.devices",
-        f"{devices} devices asked for, but jax.device_count() is {jax.device_count()}",
-    )
-    need(m.save_eigenvectors >= 0, "measure.save_eigenvectors", "must be >= 0")
-    need(
-        config.data.num_train >= 0 and config.data.num_test >= 0,
-        "data.num_train/num_test",
-        "must be >= 0 (0: all)",
-    )
-    known = set(base_config().measure.keys())
-    for key in m.keys():
-        moved = MOVED_KEYS.get(f"measure.{key}")
-        need(
-            key in known,
-            f"measure.{key}",
-            f"does not exist{f'; it moved to {moved}' if moved else ''}",
-        )
-    need(len(m.quantities) > 0, "measure.quantities", "empty: name at least one measurement")
-    if m.save_eigenvectors:
-        source = next((q for q in ("top_eigenvalues", "lambda_max") if q in m.quantities), None)
-        need(
-            source is not None,
-            "measure.save_eigenvectors",
-            "needs top_eigenvalues or lambda_max in measure.quantities",
-        )
-        k = m.top_eigenvalues.k if source == "top_eigenvalues" else 1
-        need(
-            m.save_eigenvectors <= k,
-            "measure.save_eigenvectors",
-            f"{m.save_eigenvectors} exceeds the {k} eigenvalues that {source} computes",
-        )
-    if "top_eigenvalues" in m.quantities and "bottom_eigenvalues" in m.quantities:
-        k_end = max(m.top_eigenvalues.k, m.bottom_eigenvalues.k)
-        steps = max(m.top_eigenvalues.lanczos_steps, m.bottom_eigenvalues.lanczos_steps)
-        need(
-            steps >= 2 * k_end,
-            "measure.top_eigenvalues.lanczos_steps",
-            f"{steps} is smaller than 2 * max(top k, bottom k) = {2 * k_end} "
-            "(both ends come from one Lanczos run)",
-        )
-    for name in m.quantities:
-        section = m.get(name)
-        if section is None or "every" not in section:
-            continue
-        need(
-            isinstance(section.every, int) and section.every >= 0,
-            f"measure.{name}.every",
-            "must be an integer >= 0 (0: the run's schedule)",
-        )
-        need(
-            all(
-                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= config.train.steps
-                for x in section.steps
-            ),
-            f"measure.{name}.steps",
-            f"steps must be integers in [0, train.steps={config.train.steps}]",
-        )
-    info = {"optimizer": config.train.optimizer}
-    if num_params is not None:
-        info["num_params"] = num_params
-    measure_lib.check_plan(config, info)
-
-
-def _own_steps(section, last: int) -> set[int] | None:
-    """A measurement's own schedule, or ``None`` when it follows the run's."""
-    if section is None or not (section.get("every") or section.get("steps")):
-        return None
-    if section.steps:
-        own = set(section.steps)
-    else:
-        own = set(range(0, last + 1, section.every))
-    return own | {0, last}
-
-
-def schedule(config) -> list[int]:
-    """The measurement steps: explicit or every k, always with step 0 and the last step, and
-    every step of a measurement with its own schedule."""
-    last = config.train.steps
-    m = config.measure
-    steps = set(m.steps) if m.steps else set(range(0, last + 1, m.every))
-    for name in m.quantities:
-        own = _own_steps(m.get(name), last)
-        steps |= own or set()
-    return sorted(steps | {0, last})
-
-
-def plan_at(config, step: int) -> tuple[str, ...]:
-    """The measurements taken at ``step``: those on the run's schedule and those whose own
-    schedule holds it."""
-    last = config.train.steps
-    m = config.measure
-    run_steps = set(m.steps) if m.steps else set(range(0, last + 1, m.every))
-    run_steps |= {0, last}
-    out = []
-    for name in m.quantities:
-        own = _own_steps(m.get(name), last)
-        if (own is None and step in run_steps) or (own is not None and step in own):
-            out.append(name)
-    return tuple(out)
 
 
 def drop_resumable(resolved: dict) -> dict:
     """A resolved config (as JSON) without the keys that may change when a run is resumed."""
-    import json
-
     out = json.loads(json.dumps(resolved))
     for path in RESUMABLE_CHANGES:
         node = out
@@ -316,7 +112,100 @@ def drop_resumable(resolved: dict) -> dict:
         for part in parents:
             node = node.get(part, {})
         node.pop(leaf, None)
-    # A section at its defaults is left out: runs from before it existed compare equal.
-    if out.get("train", {}).get("hessian_free") == json.loads(json.dumps(HESSIAN_FREE)):
-        out["train"].pop("hessian_free")
+    # An optimizer's section at its defaults is left out: runs from before it existed (those of
+    # release 0.1 for train.hessian_free) compare equal.
+    for entry in OPTIMIZERS.values():
+        at_defaults = json.loads(json.dumps(entry.defaults))
+        if entry.section and out.get("train", {}).get(entry.section) == at_defaults:
+            out["train"].pop(entry.section)
     return out
+
+
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """``"key: A on disk, B now"`` for every key where two configs (as JSON) differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        path = f"{prefix}{k}"
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += differences(a[k], b[k], path + ".")
+        elif a.get(k) != b.get(k):
+            out.append(f"{path}: {a.get(k)!r} on disk, {b.get(k)!r} now")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Renamed keys.
+
+_warned: set[str] = set()
+
+
+def _warn_renamed(old: str) -> None:
+    if old not in _warned:
+        _warned.add(old)
+        warnings.warn(
+            f"config key {old} is deprecated: use {RENAMED_KEYS[old]}", FutureWarning, stacklevel=4
+        )
+
+
+def current_key(path: str) -> str:
+    """The name a config key has now: a deprecated key's new name (with a ``FutureWarning``,
+    once per key and process), any other key itself."""
+    if path in RENAMED_KEYS:
+        _warn_renamed(path)
+        return RENAMED_KEYS[path]
+    return path
+
+
+def rename_deprecated_keys(config) -> None:
+    """Move every deprecated key that ``config`` holds (a config file set it) to its new name,
+    in place, with a ``FutureWarning`` once per key and process; the old key's value wins."""
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            continue
+        _warn_renamed(old)
+        value = node[leaf]
+        with config.unlocked():
+            del node[leaf]
+            node[new.rsplit(".", 1)[1]] = value
+
+
+def _moved(resolved: dict, pairs) -> dict:
+    """A copy of a config as JSON with each key ``a`` of ``pairs`` moved to ``b``."""
+    out = json.loads(json.dumps(resolved))
+    for a, b in pairs:
+        *parents, leaf = a.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[b.rsplit(".", 1)[1]] = node.pop(leaf)
+    return out
+
+
+def upgrade(resolved: dict) -> dict:
+    """A stored config (JSON of ``config.json`` or ``member.json``) with today's key names: a run
+    directory written before a rename reads as if written now. Silent: the run directory did
+    nothing wrong."""
+    return _moved(resolved, RENAMED_KEYS.items())
+
+
+def fingerprint_form(resolved: dict) -> dict:
+    """What a member's fingerprint hashes: its resolved config (as JSON) less the keys that may
+    change on resume, renamed keys under their first names, so that a run directory keeps its
+    fingerprints across the renames."""
+    return _moved(drop_resumable(upgrade(resolved)), ((b, a) for a, b in RENAMED_KEYS.items()))
+
+
+def stored(workdir) -> ml_collections.ConfigDict | None:
+    """The config of the run in ``workdir`` (its ``config.json``, upgraded), locked; ``None``
+    when it holds none: ``python -m experiments run --workdir=DIR`` resumes with it."""
+    found = storage.read_json(pathlib.Path(workdir).expanduser() / "config.json")
+    if found is None:
+        return None
+    config = ml_collections.ConfigDict(upgrade(found))
+    config.lock()
+    return config

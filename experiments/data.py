@@ -15,9 +15,10 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
+import ml_collections
 import numpy as np
 
-from experiments.errors import DataError
+from experiments.errors import DataError, require
 from experiments.registry import Registry
 
 
@@ -36,6 +37,37 @@ class Dataset(NamedTuple):
 
 # ``loader(data_cfg) -> (x_train, y_train, x_test, y_test)`` by ``data.source``.
 SOURCES: Registry[Callable] = Registry("data source", "data.source")
+
+
+def section() -> ml_collections.ConfigDict:
+    """The config section ``data``, at its defaults."""
+    s = ml_collections.ConfigDict()
+    s.source = "digits"  # digits | teacher | mixture | npz | idx (SOURCES)
+    s.path = ""  # npz file, or folder of idx / idx.gz files
+    s.test_fraction = 0.25  # for sources without their own test split
+    s.split_seed = 0
+    s.standardize = True
+    s.num_train = 0  # 0: all
+    s.num_test = 0
+    s.image_shape = ()  # e.g. (8, 8, 1) for a CNN on digits
+    s.num_examples = 2000  # synthetic sources
+    s.input_dim = 20
+    s.num_classes = 10
+    s.teacher_width = 32
+    s.separation = 3.0
+    s.synthetic_seed = 0
+    return s
+
+
+def check(config) -> None:
+    """Raise :class:`~experiments.errors.ConfigError` for the first bad key of ``data``. What
+    needs the files (their arrays, the split's sizes) is checked when they load
+    (:class:`~experiments.errors.DataError`)."""
+    d = config.data
+    SOURCES.get(d.source)
+    require(
+        d.num_train >= 0 and d.num_test >= 0, "data.num_train/num_test", "must be >= 0 (0: all)"
+    )
 
 
 def load(cfg) -> Dataset:

@@ -12,3 +12,9 @@ class DataError(ValueError):
 class RunDirError(ValueError):
     """A run directory that cannot be used as it is: a file is corrupt, it holds results of
     another config or data set, or it cannot be written. Names the file and what to do."""
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    """Raise :class:`ConfigError` ``config key <key>: <message>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"config key {key}: {message}")

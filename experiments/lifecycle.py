@@ -1,17 +1,5 @@
-"""One member of a sweep: its files, its checks on resume, training to each scheduled step and
-measuring there, and the repair of lost records.
-
-Member folder (``workdir/members/<name>/``)::
-
-    member.json            name, activation, seed, swept values, fingerprint, resolved config
-    status.json            running | done | failed (with the reason)
-    metrics.jsonl          one Record per measurement, appended and fsynced
-    training.npz           the per-step training log (experiments.training_log)
-    spectra/step_XXXXXX.npz       SLQ nodes and weights, Ritz values, diagonals ...
-    checkpoints/step_XXXXXX.npz   parameters and optimizer state at a measured step, leaves
-                                  under their pytree paths (every step with measure.keep_params,
-                                  else the last only)
-    eigenvectors/step_XXXXXX.npz  top Hessian eigenvectors (measure.save_eigenvectors)
+"""One member of a sweep: its checks on resume, training to each scheduled step and measuring
+there, and the repair of lost records. Its folder is laid out in :mod:`experiments.rundir`.
 
 The fingerprint hashes the member's resolved config (less what may change on resume) and the
 data; every record, checkpoint and ``member.json`` carries it, so results of another config or
@@ -25,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import pathlib
 from collections.abc import Callable
 
 import jax
@@ -37,7 +24,10 @@ from experiments import config as config_lib
 from experiments import measure as measure_lib
 from experiments import models, storage, train, training_log
 from experiments.errors import RunDirError
-from experiments.record import Record, Training
+from experiments.measurements import MEASUREMENTS
+from experiments.optimizers import OPTIMIZERS
+from experiments.record import Training
+from experiments.rundir import MemberDir
 from experiments.sweep import MemberSpec
 
 
@@ -47,8 +37,9 @@ class Interrupted(Exception):
 
 def fingerprint(member_config, data_fingerprint: str) -> str:
     """A hash of what a member computes: its resolved config, less the keys that may change on
-    resume, and the data."""
-    resolved = config_lib.drop_resumable(json.loads(member_config.to_json_best_effort()))
+    resume, renamed keys under their first names (:func:`experiments.config.fingerprint_form`),
+    and the data."""
+    resolved = config_lib.fingerprint_form(json.loads(member_config.to_json_best_effort()))
     text = json.dumps({"config": resolved, "data": data_fingerprint}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -137,45 +128,6 @@ def _num_outputs(s: Setup) -> int:
     return int(jax.eval_shape(s.model, s.init_params, batch).shape[-1])
 
 
-class MemberDir:
-    """Paths and checked reads of one member's folder."""
-
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-        self.info = path / "member.json"
-        self.status = path / "status.json"
-        self.metrics = path / "metrics.jsonl"
-        self.training = path / training_log.FILE
-
-    def spectra(self, step: int) -> pathlib.Path:
-        return self.path / "spectra" / f"step_{step:06d}.npz"
-
-    def checkpoint(self, step: int) -> pathlib.Path:
-        return self.path / "checkpoints" / f"step_{step:06d}.npz"
-
-    def eigenvectors(self, step: int) -> pathlib.Path:
-        return self.path / "eigenvectors" / f"step_{step:06d}.npz"
-
-    def checkpoint_steps(self) -> list[int]:
-        folder = self.path / "checkpoints"
-        if not folder.exists():
-            return []
-        return sorted(int(p.stem[5:]) for p in folder.glob("step_*.npz") if p.stem[5:].isdigit())
-
-    def records(self) -> list[Record]:
-        out = []
-        for obj in storage.read_metrics(self.metrics):
-            try:
-                out.append(Record.from_json(obj))
-            except (TypeError, KeyError, ValueError, AttributeError):
-                raise RunDirError(
-                    f"{self.metrics}: a record is not in this version's format "
-                    f"(step {obj.get('step') if isinstance(obj, dict) else '?'}); "
-                    "use a new --workdir"
-                ) from None
-        return sorted(out, key=lambda r: r.step)
-
-
 def verify(spec: MemberSpec, folder: MemberDir, member_fingerprint: str) -> None:
     """Refuse a member folder that holds results of another config or data set, or a corrupt
     status or checkpoint file: :class:`RunDirError`, before anything is written."""
@@ -185,7 +137,8 @@ def verify(spec: MemberSpec, folder: MemberDir, member_fingerprint: str) -> None
     other = "holds results of another config or data set"
     hint = "resume with the same config and data, or choose a new --workdir"
     if info is not None and info.get("fingerprint") != member_fingerprint:
-        diff = _diff(info.get("config", {}), json.loads(spec.config.to_json_best_effort()))
+        stored = config_lib.upgrade(info.get("config", {}))
+        diff = config_lib.differences(stored, json.loads(spec.config.to_json_best_effort()))
         detail = f" ({'; '.join(diff[:4])})" if diff else " (the data changed)"
         raise RunDirError(f"{folder.path} {other}{detail}; {hint}")
     status = storage.read_json(folder.status, {})
@@ -204,34 +157,14 @@ def verify(spec: MemberSpec, folder: MemberDir, member_fingerprint: str) -> None
             raise RunDirError(f"{folder.training} {other}; {hint}")
 
 
-def _diff(a, b, prefix="") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        path = f"{prefix}{k}"
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _diff(a[k], b[k], path + ".")
-        elif a.get(k) != b.get(k):
-            out.append(f"{path}: {a.get(k)!r} on disk, {b.get(k)!r} now")
-    return out
-
-
-# Record fields whose measurement writes arrays to the step's spectra file.
-_SPECTRA_FIELDS = (
-    "top_eigenvalues",
-    "bottom_eigenvalues",
-    "gauss_newton",
-    "density",
-    "diagonal",
-    "optimizer_state",
-    "preconditioner",
-)
-
-
 def _lost_files(folder: MemberDir, record: dict, eigenvectors: int) -> bool:
-    """Whether the files of the measurement ``record`` are missing or unreadable."""
+    """Whether the files of the measurement ``record`` are missing or unreadable: its spectra
+    file, when one of its measurements writes one (their declarations say), and its
+    eigenvectors."""
     step = record["step"]
     paths = []
-    if any(record.get(f) is not None for f in _SPECTRA_FIELDS):
+    with_spectra = [m.field for m in MEASUREMENTS.values() if m.spectra and m.field]
+    if any(record.get(f) is not None for f in with_spectra):
         paths.append(folder.spectra(step))
     if eigenvectors:
         paths.append(folder.eigenvectors(step))
@@ -271,22 +204,66 @@ def _run_member(
     stop=None,
 ) -> dict:
     config = spec.config
-    schedule = config_lib.schedule(config)
+    schedule = measure_lib.schedule(config)
     status = storage.read_json(folder.status, {})
     log = storage.MetricsLog(folder.metrics)
-    # A step whose spectra or eigenvector file is lost or unreadable lost part of its
-    # measurement: measure it again.
-    damaged = {
-        r["step"] for r in log.records if _lost_files(folder, r, config.measure.save_eigenvectors)
-    }
+    damaged = _damaged_steps(folder, log, config)
+    missing = _steps_to_measure(schedule, log, damaged, status)
+    if not missing and status.get("state") in ("done", "failed"):
+        return status
+    _write_info(folder, spec, setup_, member_fingerprint)
+    if status.get("state") != "failed":
+        _set_status(folder, state="running")
+    training = _Training(spec, folder, setup_, member_fingerprint)
+    for target in missing:
+        if stop is not None and stop.is_set():
+            raise Interrupted(f"{spec.name}: stopped with the run")
+        training.restore(target)
+        if target > training.at:
+            progress.update(f"{label}: training to step {target} of {schedule[-1]}")
+            why = training.to(target)
+            if why is not None:
+                message = f"{why}; kept {len(log.records)} measurements"
+                progress.line(f"{label}: stopped: {message}")
+                return _set_status(folder, state="failed", message=message, step=training.at)
+        training.keep(target)
+        if target in damaged:
+            log.drop(target)
+        progress.update(f"{label}: measuring step {target} ({len(log.steps) + 1}/{len(schedule)})")
+        try:
+            record, spectra = _measure(spec, setup_, training, target, member_fingerprint)
+        except measure_lib.MeasurementFailed as err:
+            message = f"measurement at step {target} failed: {err}"
+            progress.line(f"{label}: stopped: {message}")
+            return _set_status(folder, state="failed", message=message, step=training.at)
+        _write_measurement(folder, log, record, spectra)
+        if not config.measure.keep_params:
+            _keep_last_checkpoint(folder)
+        if on_measurement is not None:
+            on_measurement(spec.name, target)
+    if status.get("state") == "failed":
+        return status
+    return _set_status(folder, state="done", step=schedule[-1])
+
+
+def _damaged_steps(folder: MemberDir, log: storage.MetricsLog, config) -> set[int]:
+    """Recorded steps whose spectra or eigenvector file is lost or unreadable: they lost part of
+    their measurement and are measured again."""
+    keep = config.measure.save_eigenvectors
+    return {r["step"] for r in log.records if _lost_files(folder, r, keep)}
+
+
+def _steps_to_measure(schedule, log: storage.MetricsLog, damaged: set[int], status: dict):
+    """The steps to measure, in order: scheduled steps without a record, and damaged ones. A
+    failed member is final (its reason stands): only its records lost before the step it
+    reached are repaired."""
     missing = sorted({s for s in schedule if s not in log.steps} | damaged)
     if status.get("state") == "failed":
-        # Final: its reason stands. Records lost before the step it reached are repaired.
         missing = [s for s in missing if s <= status.get("step", -1)]
-        if not missing:
-            return status
-    elif status.get("state") == "done" and not missing:
-        return status
+    return missing
+
+
+def _write_info(folder: MemberDir, spec: MemberSpec, setup_: Setup, member_fingerprint: str):
     storage.write_json(
         folder.info,
         {
@@ -298,100 +275,109 @@ def _run_member(
             "seed": spec.seed,
             "overrides": spec.overrides,
             "fingerprint": member_fingerprint,
-            "config": json.loads(config.to_json_best_effort()),
+            "config": json.loads(spec.config.to_json_best_effort()),
         },
     )
-    if status.get("state") != "failed":
-        _set_status(folder, state="running")
 
-    optimizer = train.make_optimizer(config.train)
-    s = setup_
-    init = {"params": s.init_params, "opt_state": optimizer.init(s.init_params)}
-    index = jnp.asarray(setup_.index, jnp.int32)
-    run_train = train.trainer(s.loss, config.train, len(s.y_train), s.model)
-    dtype = s.x_train.dtype
-    names = list(train.new_log(config.train, dtype, init["opt_state"]))
-    steps_log = training_log.TrainingLog.load(
-        folder.training, names, config.train.steps, member_fingerprint
-    )
-    num_outputs = _num_outputs(s) if train.OPTIMIZERS.get(config.train.optimizer).cost else 0
-    data_key = jax.random.fold_in(jax.random.key(spec.seed), 1)
-    train_data = models.with_activation({"x": s.x_train, "y": s.y_train}, s.index)
-    initial_loss = float(train.evaluator(s.loss, s.model)(s.init_params, train_data)[0])
-    factor = config.train.divergence_factor
-    limit = factor * max(initial_loss, 1e-8) if factor else np.inf
-    state, at = init, 0  # in memory: the trees at step `at`
 
-    for target in missing:
-        if stop is not None and stop.is_set():
-            raise Interrupted(f"{spec.name}: stopped with the run")
-        kept = [c for c in folder.checkpoint_steps() if c <= target]
-        if kept and kept[-1] > at or at > target:
-            start = kept[-1] if kept else 0
-            state, at = (
-                storage.load_checkpoint(folder.checkpoint(start), init, member_fingerprint)
-                if kept
-                else (init, 0)
-            )
-        if target > at:
-            progress.update(f"{label}: training to step {target} of {schedule[-1]}")
-            data = (s.x_train, s.y_train, data_key, index, jnp.asarray(limit, dtype))
-            params, opt_state, reached, reason, loss = steps_log.train(
-                run_train, state, at, target, data, dtype
-            )
-            cost = train.gradient_equivalents(config.train, steps_log.arrays, num_outputs)
-            steps_log.save(folder.training, cost, member_fingerprint)
-            state, at = {"params": params, "opt_state": opt_state}, int(reached)
-            if int(reason) != train.OK:
-                if int(reason) == train.NON_FINITE:
-                    why = f"non-finite training loss or gradient at step {at} (loss {float(loss)})"
-                else:
-                    why = (
-                        f"diverged: training loss {float(loss):.4g} at step {at} exceeds "
-                        f"{factor:g} x the initial {initial_loss:.4g} (train.divergence_factor)"
-                    )
-                message = f"{why}; kept {len(log.records)} measurements"
-                progress.line(f"{label}: stopped: {message}")
-                return _set_status(folder, state="failed", message=message, step=at)
-        if not folder.checkpoint(target).exists():
-            storage.save_checkpoint(folder.checkpoint(target), state, target, member_fingerprint)
-        if target in damaged:
-            log.drop(target)
-        progress.update(f"{label}: measuring step {target} ({len(log.steps) + 1}/{len(schedule)})")
-        ctx = measure_lib.Context(
-            model=s.model,
-            loss=s.loss,
-            params=s.replicated(state["params"]),
-            opt_state=s.replicated(state["opt_state"]),
-            data=s.measure_data,
-            config=config,
-            seed=spec.seed,
-            step=target,
-            plan=config_lib.plan_at(config, target),
+class _Training:
+    """A member's parameters and optimizer state at step ``at``, trained forward to the steps it
+    measures (from the last kept checkpoint at or before them), and its training log."""
+
+    def __init__(self, spec: MemberSpec, folder: MemberDir, s: Setup, member_fingerprint: str):
+        config = spec.config
+        self.folder, self.fingerprint, self.train_cfg = folder, member_fingerprint, config.train
+        optimizer = train.make_optimizer(config.train)
+        self.init = {"params": s.init_params, "opt_state": optimizer.init(s.init_params)}
+        self.run_train = train.trainer(s.loss, config.train, len(s.y_train), s.model)
+        self.dtype = s.x_train.dtype
+        names = list(train.new_log(config.train, self.dtype, self.init["opt_state"]))
+        self.log = training_log.TrainingLog.load(
+            folder.training, names, config.train.steps, member_fingerprint
         )
-        try:
-            record, spectra = measure_lib.measure(
-                ctx, test_data=s.test_data, member=spec.name, fingerprint=member_fingerprint
-            )
-        except measure_lib.MeasurementFailed as err:
-            message = f"measurement at step {target} failed: {err}"
-            progress.line(f"{label}: stopped: {message}")
-            return _set_status(folder, state="failed", message=message, step=at)
-        cost = train.gradient_equivalents(config.train, steps_log.arrays, num_outputs)
-        record = dataclasses.replace(record, training=Training(*steps_log.totals(target, cost)))
-        vectors = spectra.pop("eigenvectors", None)
-        if vectors is not None:
-            storage.write_npz(folder.eigenvectors(target), eigenvectors=vectors)
-        if spectra:
-            storage.write_npz(folder.spectra(target), **spectra)
-        log.append(record.to_json())
-        if not config.measure.keep_params:
-            last = max(folder.checkpoint_steps())
-            for step in folder.checkpoint_steps():
-                if step != last:
-                    folder.checkpoint(step).unlink()
-        if on_measurement is not None:
-            on_measurement(spec.name, target)
-    if status.get("state") == "failed":
-        return status
-    return _set_status(folder, state="done", step=schedule[-1])
+        self.num_outputs = _num_outputs(s) if OPTIMIZERS.get(config.train.optimizer).cost else 0
+        train_data = models.with_activation({"x": s.x_train, "y": s.y_train}, s.index)
+        self.initial_loss = float(train.evaluator(s.loss, s.model)(s.init_params, train_data)[0])
+        self.factor = config.train.divergence_factor
+        limit = self.factor * max(self.initial_loss, 1e-8) if self.factor else np.inf
+        data_key = jax.random.fold_in(jax.random.key(spec.seed), 1)
+        index = jnp.asarray(s.index, jnp.int32)
+        self.data = (s.x_train, s.y_train, data_key, index, jnp.asarray(limit, self.dtype))
+        self.state, self.at = self.init, 0  # in memory: the trees at step `at`
+
+    def restore(self, target: int) -> None:
+        """Go back to the last checkpoint at or before ``target`` (or to the start) when it is
+        later than the state in memory, or when that state is past ``target``."""
+        kept = [c for c in self.folder.checkpoint_steps() if c <= target]
+        if kept and kept[-1] > self.at or self.at > target:
+            if kept:
+                path = self.folder.checkpoint(kept[-1])
+                self.state, self.at = storage.load_checkpoint(path, self.init, self.fingerprint)
+            else:
+                self.state, self.at = self.init, 0
+
+    def to(self, target: int) -> str | None:
+        """Train to ``target`` (logged and saved); ``None``, or why training stopped early."""
+        params, opt_state, reached, reason, loss = self.log.train(
+            self.run_train, self.state, self.at, target, self.data, self.dtype
+        )
+        self.log.save(self.folder.training, self.cost(), self.fingerprint)
+        self.state, self.at = {"params": params, "opt_state": opt_state}, int(reached)
+        if int(reason) == train.OK:
+            return None
+        if int(reason) == train.NON_FINITE:
+            return f"non-finite training loss or gradient at step {self.at} (loss {float(loss)})"
+        return (
+            f"diverged: training loss {float(loss):.4g} at step {self.at} exceeds "
+            f"{self.factor:g} x the initial {self.initial_loss:.4g} (train.divergence_factor)"
+        )
+
+    def cost(self) -> np.ndarray:
+        """Each logged step's cost in gradient-equivalents."""
+        return train.gradient_equivalents(self.train_cfg, self.log.arrays, self.num_outputs)
+
+    def keep(self, step: int) -> None:
+        """The checkpoint of the state at ``step``, unless one is kept already."""
+        path = self.folder.checkpoint(step)
+        if not path.exists():
+            storage.save_checkpoint(path, self.state, step, self.fingerprint)
+
+
+def _measure(spec: MemberSpec, s: Setup, training: _Training, step: int, member_fingerprint: str):
+    """The planned measurements at ``step`` from the trained state: ``(record, spectra)``, the
+    record with the cost of training to the step."""
+    ctx = measure_lib.Context(
+        model=s.model,
+        loss=s.loss,
+        params=s.replicated(training.state["params"]),
+        opt_state=s.replicated(training.state["opt_state"]),
+        data=s.measure_data,
+        config=spec.config,
+        seed=spec.seed,
+        step=step,
+        plan=measure_lib.plan_at(spec.config, step),
+    )
+    record, spectra = measure_lib.measure(
+        ctx, test_data=s.test_data, member=spec.name, fingerprint=member_fingerprint
+    )
+    cost = Training(*training.log.totals(step, training.cost()))
+    return dataclasses.replace(record, training=cost), spectra
+
+
+def _write_measurement(folder: MemberDir, log: storage.MetricsLog, record, spectra: dict) -> None:
+    """The step's eigenvectors and spectra files, then its record (the record last: a record on
+    disk means its files are)."""
+    vectors = spectra.pop("eigenvectors", None)
+    if vectors is not None:
+        storage.write_npz(folder.eigenvectors(record.step), eigenvectors=vectors)
+    if spectra:
+        storage.write_npz(folder.spectra(record.step), **spectra)
+    log.append(record.to_json())
+
+
+def _keep_last_checkpoint(folder: MemberDir) -> None:
+    """``measure.keep_params=False``: only the last checkpoint stays."""
+    last = max(folder.checkpoint_steps())
+    for step in folder.checkpoint_steps():
+        if step != last:
+            folder.checkpoint(step).unlink()

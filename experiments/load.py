@@ -5,9 +5,9 @@
     member.records[-1].top_eigenvalues          # typed records, read by name
     H = curvature.hessian(member.loss, member.params(600), member.measure_data)
 
-Records, statuses and spectra are read from disk alone (no flax, no data); the model, the loss,
-the data and the parameters are rebuilt on first use from the stored config, and the data are
-checked against the run's fingerprint.
+Records, statuses and spectra are read from disk alone (no model built, no data loaded); the
+model, the loss, the data and the parameters are rebuilt on first use from the stored config, and
+the data are checked against the run's fingerprint.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments import storage
+from experiments import config as config_lib
+from experiments import data as data_lib
+from experiments import lifecycle, models, storage, sweep, train, training_log
 from experiments.errors import RunDirError
-from experiments.lifecycle import MemberDir
-from experiments.record import Record
+from experiments.measurements import Record
+from experiments.rundir import MemberDir
 
 
 @dataclasses.dataclass
@@ -69,8 +71,6 @@ class Member:
 
     @functools.cached_property
     def _setup(self):
-        from experiments import lifecycle, sweep
-
         spec = sweep.MemberSpec(
             self.name,
             self.group,
@@ -86,8 +86,6 @@ class Member:
         return lifecycle.setup(spec, self.model_activations, dataset, arrays)
 
     def _bind(self, fn):
-        from experiments import models
-
         index = self.model_activations.index(self.activation)
 
         def bound(params, batch):
@@ -128,13 +126,9 @@ class Member:
         """The per-step training log (:class:`experiments.training_log.Curves`): loss against
         steps, gradient-equivalents and seconds, and the optimizer's diagnostics; ``None`` for
         a run from before the log existed."""
-        from experiments import training_log
-
         return training_log.read(MemberDir(self.dir).training)
 
     def _checkpoint(self, step: int) -> dict:
-        from experiments import train
-
         folder = MemberDir(self.dir)
         if step not in folder.checkpoint_steps():
             raise KeyError(
@@ -183,8 +177,6 @@ class Run:
     @functools.cached_property
     def data(self):
         """The data set, loaded from the stored config and checked against the fingerprint."""
-        from experiments import data as data_lib
-
         dataset = data_lib.load(self.config.data)
         want = self.info.get("data_fingerprint")
         if want is not None and data_lib.fingerprint(dataset) != want:
@@ -197,9 +189,6 @@ class Run:
     def data_of(self, member: Member):
         """The data set of ``member`` (a sweep may change the data), checked against its
         fingerprint: loading must give what the member was measured on."""
-        from experiments import data as data_lib
-        from experiments import lifecycle
-
         key = member.config.data.to_json_best_effort(sort_keys=True)
         if key not in self._datasets:
             self._datasets[key] = data_lib.load(member.config.data)
@@ -233,7 +222,7 @@ def load_run(workdir) -> Run:
     stored = storage.read_json(workdir / "config.json")
     if stored is None:
         raise FileNotFoundError(f"{workdir} has no config.json: not a run directory")
-    config = ml_collections.ConfigDict(stored)
+    config = ml_collections.ConfigDict(config_lib.upgrade(stored))
     run = Run(
         workdir,
         config,
@@ -266,7 +255,7 @@ def load_run(workdir) -> Run:
             model_activations=tuple(info.get("model_activations", [info["activation"]])),
             seed=info["seed"],
             overrides=info.get("overrides", {}),
-            config=ml_collections.ConfigDict(info["config"]),
+            config=ml_collections.ConfigDict(config_lib.upgrade(info["config"])),
             status=storage.read_json(folder.status, {}),
             records=folder.records(),
             dir=folder.path,

@@ -1,10 +1,12 @@
-"""Measurements: a registry of named curvature quantities, each with its own accuracy settings,
-and the function that takes one measurement of a member at one step.
+"""Taking measurements: the config section ``measure`` (what to measure, when, on which
+examples), the schedule, and the function that takes every planned measurement of a member at
+one step (and compiles them ahead of the members).
 
 A config's ``measure.quantities`` is the plan: the names to measure at every scheduled step, e.g.
 ``("lambda_max",)`` for an edge-of-stability run (its cost is its Lanczos steps), or the full set
 of the default comparison. Each measurement's settings are the config section of its name
-(``measure.top_eigenvalues.k``), with defaults declared once, at registration.
+(``measure.top_eigenvalues.k``), with the defaults its declaration gives
+(:mod:`experiments.measurements`).
 
 A user registers a measurement from their config file::
 
@@ -20,148 +22,199 @@ and adds its name to ``measure.quantities``; its value lands in ``record.extra[n
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
-import curvature as cv
 from experiments import train
-from experiments.errors import ConfigError
-from experiments.record import (
+from experiments.errors import ConfigError, require
+from experiments.measurements import (
+    MEASUREMENTS,
+    Context,
+    Measurement,
     Record,
+    measurement_key,
+    register_measurement,
 )
-from experiments.registry import Registry
 
 
 class MeasurementFailed(RuntimeError):
     """A measurement could not be taken (a non-finite loss or matvec); the member stops."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Measurement:
-    """``fn(ctx)`` returns the value of record field ``field`` (``None``: a user measurement,
-    kept in ``record.extra``); ``defaults`` are its settings; ``check(settings, ctx_info)``
-    returns an error message for settings that cannot run, or ``None``."""
+# --------------------------------------------------------------------------------------------
+# The config section ``measure``: what to measure, when and on which examples.
 
-    fn: Callable[[Context], Any]
-    defaults: dict
-    check: Callable[[Any, dict], str | None] | None = None
-    field: str | None = None
-    doc: str = ""
+# The plan of the default comparison: everything but the optional diagnostics.
+DEFAULT_QUANTITIES = (
+    "top_eigenvalues",
+    "bottom_eigenvalues",
+    "trace",
+    "gauss_newton",
+    "frobenius",
+    "density",
+)
+
+# A measurement's own schedule, added to its section: `every` k steps or at explicit `steps`
+# (plus step 0 and the last); neither: at every measurement step of the run.
+SCHEDULE_KEYS = {"every": 0, "steps": ()}
+
+# Keys of release 0.1 and where they went, for the "does not exist" error.
+MOVED_KEYS = {
+    "measure.top_k": "measure.top_eigenvalues.k",
+    "measure.bottom_k": "measure.bottom_eigenvalues.k",
+    "measure.lanczos_steps": "measure.top_eigenvalues.num_steps (and each measurement's own)",
+    "measure.trace_matvecs": "measure.trace.num_matvecs",
+    "measure.frobenius_probes": "measure.frobenius.num_matvecs",
+    "measure.slq_probes": "measure.density.num_probes",
+    "measure.slq_steps": "measure.density.num_steps",
+}
 
 
-MEASUREMENTS: Registry[Measurement] = Registry("measurement", "measure.quantities")
+def section() -> ml_collections.ConfigDict:
+    """The config section ``measure``, with each registered measurement's own section at its
+    defaults (register a measurement before making a config that plans it)."""
+    s = ml_collections.ConfigDict()
+    s.every = 100  # measure every k steps; step 0 and the last step always
+    s.steps = ()  # or an explicit list of steps (then `every` is ignored)
+    s.split = "train"  # the measurement set: "train" or "test" examples
+    s.num_examples = 0  # the first N examples of that split; 0: all of it
+    s.batch_size = 0  # chunk size inside the curvature matvec; 0: all at once
+    # Data-parallel measurement: the measurement set is sharded along its example axis over a
+    # one-axis mesh of this many devices (the first of jax.devices()) and the parameters are
+    # replicated, so every estimator runs through XLA's partitioning. An integer >= 1, which
+    # must divide the measurement examples, or "all": the most devices, up to
+    # jax.device_count(), that divide them. 1: unsharded, as before the key existed.
+    s.devices = ml_collections.FieldReference(1, field_type=object)  # int or "all"
+    s.quantities = DEFAULT_QUANTITIES  # the plan (MEASUREMENTS)
+    s.keep_params = True  # parameters at every measured step (False: the last only)
+    s.save_eigenvectors = 0  # keep this many top Hessian eigenvectors per step
+    # Each measurement's accuracy settings, with the defaults it declares, and its own schedule.
+    for name, entry in MEASUREMENTS.items():
+        s[name] = ml_collections.ConfigDict({**SCHEDULE_KEYS, **entry.defaults})
+    return s
 
 
-def register_measurement(
-    name: str,
-    fn: Callable | None = None,
-    *,
-    defaults: dict | None = None,
-    check: Callable | None = None,
-    replace: bool = True,
-):
-    """Register ``fn(ctx)`` as measurement ``name`` (usable as a decorator).
-
-    ``defaults`` become the config section ``measure.<name>`` of configs made afterwards by
-    :func:`experiments.config.base_config` (register before calling it). A user measurement may be
-    registered again (a config file loaded twice), replacing the first."""
-
-    def add(fn):
-        field = name if name in _RECORD_FIELDS else None
-        MEASUREMENTS.register(
-            name,
-            Measurement(fn, dict(defaults or {}), check, field, (fn.__doc__ or "").strip()),
-            replace=replace,
+def check(config, num_params: int | None = None) -> None:
+    """Raise :class:`ConfigError` for the first bad key of ``measure``: the schedule, the
+    measurement set, the plan and each planned measurement's settings."""
+    m, last = config.measure, config.train.steps
+    require(m.every >= 1, "measure.every", "must be >= 1")
+    require(
+        all(isinstance(s, int) and not isinstance(s, bool) for s in m.steps),
+        "measure.steps",
+        f"steps must be integers, got {tuple(m.steps)}",
+    )
+    require(
+        all(0 <= s <= last for s in m.steps),
+        "measure.steps",
+        f"steps must lie in [0, train.steps={last}]",
+    )
+    require(m.split in ("train", "test"), "measure.split", f"{m.split!r} is not 'train' or 'test'")
+    require(m.num_examples >= 0, "measure.num_examples", "must be >= 0 (0: the whole split)")
+    require(m.batch_size >= 0, "measure.batch_size", "must be >= 0 (0: all examples at once)")
+    devices = m.devices
+    require(
+        devices == "all"
+        or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1),
+        "measure.devices",
+        f"{devices!r} is not an integer >= 1 or 'all'",
+    )
+    require(
+        devices == "all" or devices <= jax.device_count(),
+        "measure.devices",
+        f"{devices} devices asked for, but jax.device_count() is {jax.device_count()}",
+    )
+    require(m.save_eigenvectors >= 0, "measure.save_eigenvectors", "must be >= 0")
+    known = set(section().keys())
+    for key in m.keys():
+        moved = MOVED_KEYS.get(f"measure.{key}")
+        require(
+            key in known,
+            f"measure.{key}",
+            f"does not exist{f'; it moved to {moved}' if moved else ''}",
         )
-        return fn
-
-    return add if fn is None else add(fn)
-
-
-_RECORD_FIELDS = {f.name for f in dataclasses.fields(Record)}
-
-
-def measurement_key(seed: int, step: int, name: str) -> jax.Array:
-    """The PRNG key of measurement ``name`` at ``step``: a function of the seed, the step and the
-    name alone, so members that share a seed share their probes, a resumed run draws the same
-    ones, and ``trace`` and ``gauss_newton`` (which asks for the ``"trace"`` key) share probes."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 2), step)
-    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-
-
-@dataclasses.dataclass
-class Context:
-    """What a measurement sees: the member's pure ``model(params, batch)`` and
-    ``loss(params, batch)``, its ``params`` and ``opt_state`` at this step, the measurement set
-    ``data`` (with its ``activation`` column), the member's resolved ``config``, this measurement's
-    ``settings``, the plan, and ``key_for(name)``. ``spectra`` collects arrays saved in the step's
-    spectra file; ``hessian()`` / ``gauss_newton()`` build the operators once per measurement.
-    With ``measure.devices`` > 1, ``data`` is sharded along its examples over a one-axis mesh
-    and ``params`` and ``opt_state`` are replicated on it: jitted code runs data-parallel."""
-
-    model: Callable
-    loss: Callable
-    params: Any
-    opt_state: Any
-    data: dict
-    config: Any
-    seed: int
-    step: int
-    plan: tuple[str, ...]
-    settings: Any = None
-    spectra: dict = dataclasses.field(default_factory=dict)
-    _cache: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def key(self) -> jax.Array:
-        return self.key_for(self._name)
-
-    _name: str = ""
-
-    def key_for(self, name: str) -> jax.Array:
-        return measurement_key(self.seed, self.step, name)
-
-    @property
-    def batch_size(self) -> int | None:
-        return self.config.measure.batch_size or None
-
-    def cached(self, name: str, make: Callable):
-        if name not in self._cache:
-            self._cache[name] = make()
-        return self._cache[name]
-
-    def hessian(self) -> cv.LinearOperator:
-        return self.cached(
-            "H",
-            lambda: cv.hessian(
-                self.loss, self.params, self.data, batch_size=self.batch_size, check=False
+    for name, entry in MEASUREMENTS.items():
+        own = m.get(name)
+        known = [*SCHEDULE_KEYS, *entry.defaults]
+        for key in own.keys() if isinstance(own, ml_collections.ConfigDict) else ():
+            require(
+                key in known, f"measure.{name}.{key}", f"does not exist; known: {', '.join(known)}"
+            )
+    require(len(m.quantities) > 0, "measure.quantities", "empty: name at least one measurement")
+    if m.save_eigenvectors:
+        source = next((q for q in ("top_eigenvalues", "lambda_max") if q in m.quantities), None)
+        require(
+            source is not None,
+            "measure.save_eigenvectors",
+            "needs top_eigenvalues or lambda_max in measure.quantities",
+        )
+        k = m.top_eigenvalues.k if source == "top_eigenvalues" else 1
+        require(
+            m.save_eigenvectors <= k,
+            "measure.save_eigenvectors",
+            f"{m.save_eigenvectors} exceeds the {k} eigenvalues that {source} computes",
+        )
+    for name in m.quantities:
+        own = m.get(name)
+        if own is None or "every" not in own:
+            continue
+        require(
+            isinstance(own.every, int) and own.every >= 0,
+            f"measure.{name}.every",
+            "must be an integer >= 0 (0: the run's schedule)",
+        )
+        require(
+            all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= last for x in own.steps
             ),
+            f"measure.{name}.steps",
+            f"steps must be integers in [0, train.steps={last}]",
         )
+    info = {"optimizer": config.train.optimizer, "plan": tuple(m.quantities), "measure": m}
+    if num_params is not None:
+        info["num_params"] = num_params
+    check_plan(config, info)
 
-    def gauss_newton(self) -> cv.LinearOperator:
-        from experiments import models
 
-        output_loss = models.LOSSES.get(self.config.train.loss).gauss_newton
-        return self.cached(
-            "G",
-            lambda: cv.gauss_newton(
-                self.model,
-                self.params,
-                self.data,
-                loss=output_loss,
-                batch_size=self.batch_size,
-                check=False,
-            ),
-        )
+def _own_steps(own, last: int) -> set[int] | None:
+    """A measurement's own schedule, or ``None`` when it follows the run's."""
+    if own is None or not (own.get("every") or own.get("steps")):
+        return None
+    found = set(own.steps) if own.steps else set(range(0, last + 1, own.every))
+    return found | {0, last}
 
-    def section(self, name: str):
-        return getattr(self.config.measure, name)
+
+def schedule(config) -> list[int]:
+    """The measurement steps: explicit or every k, always with step 0 and the last step, and
+    every step of a measurement with its own schedule."""
+    last = config.train.steps
+    m = config.measure
+    steps = set(m.steps) if m.steps else set(range(0, last + 1, m.every))
+    for name in m.quantities:
+        steps |= _own_steps(m.get(name), last) or set()
+    return sorted(steps | {0, last})
+
+
+def plan_at(config, step: int) -> tuple[str, ...]:
+    """The measurements taken at ``step``: those on the run's schedule and those whose own
+    schedule holds it."""
+    last = config.train.steps
+    m = config.measure
+    run_steps = set(m.steps) if m.steps else set(range(0, last + 1, m.every))
+    run_steps |= {0, last}
+    out = []
+    for name in m.quantities:
+        own = _own_steps(m.get(name), last)
+        if (own is None and step in run_steps) or (own is not None and step in own):
+            out.append(name)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +223,8 @@ class Context:
 
 def check_plan(config, info: dict) -> None:
     """Raise :class:`ConfigError` for an unknown name in the plan or settings that cannot run.
-    ``info`` may hold ``num_params`` and ``optimizer``."""
+    ``info`` (what each measurement's check reads) may hold ``num_params``, ``optimizer``,
+    ``plan`` and the ``measure`` section."""
     plan = tuple(config.measure.quantities)
     for name in plan:
         entry = MEASUREMENTS.get(name)
@@ -200,11 +254,9 @@ def measure(ctx: Context, *, test_data: dict, member: str, fingerprint: str) -> 
     fields, extra = {}, {}
     for name in ctx.plan:
         entry = MEASUREMENTS.get(name)
-        ctx.settings = getattr(ctx.config.measure, name, None)
-        ctx._name = name
         t0 = time.perf_counter()
         try:
-            value = jax.block_until_ready(entry.fn(ctx))
+            value = jax.block_until_ready(entry.fn(ctx.taking(name, ctx.config.measure.get(name))))
         except FloatingPointError as err:
             raise MeasurementFailed(f"{name}: {err}") from None
         except Exception as err:  # noqa: BLE001
@@ -249,13 +301,13 @@ def warm_up(
     ``make_context()`` and discarding the result. XLA compiles distinct programs in parallel
     (it releases the GIL), where the members' first measurements would compile them one after
     another; the members then find every program compiled."""
-    import concurrent.futures
 
     def one(name):
         ctx = make_context()
-        ctx.plan, ctx._name = plan, name
-        ctx.settings = getattr(ctx.config.measure, name, None)
-        jax.block_until_ready(MEASUREMENTS.get(name).fn(ctx))
+        ctx.plan = plan
+        jax.block_until_ready(
+            MEASUREMENTS.get(name).fn(ctx.taking(name, ctx.config.measure.get(name)))
+        )
 
     def guarded(fn, *args):
         # x64 is per thread; an error here is the members' to report, with their step and name.
@@ -265,8 +317,8 @@ def warm_up(
             except Exception:  # noqa: BLE001
                 pass
 
-    # The costliest first, so that the threads finish together.
-    order = sorted(plan, key=lambda n: n not in ("gauss_newton", "density", "frobenius"))
+    # The costliest to compile first (their declared cost), so that the threads finish together.
+    order = sorted(plan, key=lambda n: -MEASUREMENTS.get(n).cost)
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         futures = [pool.submit(guarded, one, name) for name in order]
         futures += [pool.submit(guarded, f) for f in extra]
@@ -288,5 +340,17 @@ def _plain(value):
     return value
 
 
-# The built-in measurements register themselves on import (after everything above exists).
-from experiments import measurements as _builtins  # noqa: E402, F401
+__all__ = [
+    "MEASUREMENTS",
+    "Context",
+    "Measurement",
+    "MeasurementFailed",
+    "check",
+    "measure",
+    "measurement_key",
+    "plan_at",
+    "register_measurement",
+    "schedule",
+    "section",
+    "warm_up",
+]

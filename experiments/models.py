@@ -20,9 +20,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
-from experiments.errors import ConfigError
+from experiments.errors import ConfigError, require
 from experiments.registry import Registry
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +169,32 @@ def _cnn(cfg, activations, input_shape, num_classes, rngs):
 MODELS: Registry[Callable] = Registry("model", "model.kind")
 MODELS.register("mlp", _mlp)
 MODELS.register("cnn", _cnn)
+
+
+def section() -> ml_collections.ConfigDict:
+    """The config section ``model``, at its defaults."""
+    s = ml_collections.ConfigDict()
+    s.kind = "mlp"  # mlp | cnn (MODELS)
+    s.width = 32
+    s.depth = 2
+    s.channels = (8, 16)  # cnn
+    return s
+
+
+def check(config) -> None:
+    """Raise :class:`ConfigError` for the first bad activation name (``activations``) or key of
+    ``model``."""
+    require(len(config.activations) > 0, "activations", "empty")
+    for name in config.activations:
+        try:
+            parse_activation(name)
+        except ValueError as err:
+            raise ConfigError(f"config key activations: {err}") from None
+    require(len(set(config.activations)) == len(config.activations), "activations", "duplicates")
+    MODELS.get(config.model.kind)
+    require(
+        config.model.width >= 1 and config.model.depth >= 1, "model.width/depth", "must be >= 1"
+    )
 
 
 def build(model_cfg, activations, input_shape, num_classes, seed: int):

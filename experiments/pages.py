@@ -1,5 +1,11 @@
-"""Pages from a run directory: ``report.md`` / ``report.html`` (the setup, the table, the
-figures with their captions) and ``compare`` (several run directories overlaid)."""
+"""Pages from a run directory: every figure (:func:`draw_all`), ``report.md`` / ``report.html``
+(the setup, the table, the figures with their captions) and ``compare`` (several run directories
+overlaid). Drawn from what is on disk, never by re-measuring.
+
+The figures are the general ones (:data:`GENERAL_FIGURES`) and those each measurement declares
+(:mod:`experiments.measurements`), in the order of their ranks; each is drawn when the records
+hold its quantity.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +13,52 @@ import html
 import pathlib
 
 from curvature import plotting
-from experiments import figures_optim, report, storage
-from experiments.figures import (
-    PAPER_RC,
-    WIDTH,
-    _edge,
-    _groups,
-    _pyplot,
-    _save,
-    series,
-    sharpness_ratio_panel,
-)
-from experiments.figures_spectra import default_sigma, pooled_density
+from experiments import report, storage
+from experiments.errors import RunDirError
+from experiments.figures import common, optim, parameter, sharpness, spectra, training
+from experiments.figures.common import Figure
 from experiments.load import load_run
+from experiments.measurements import MEASUREMENTS
+from experiments.table import common_steps, text
 
-CAPTIONS = {
-    "density": "Hessian spectral density at initialisation and at the last step; Gaussian kernel "
-    "of standard deviation σ = {sigma:.3g} on one grid for all groups; ticks: Ritz nodes.",
-    "eigenvalues": "Top-k and bottom-k (hollow markers) Hessian eigenvalues (Lanczos) against "
-    "training step, mean over seeds; thin lines: each seed's largest eigenvalue{edge}.",
-    "trace": "Hessian trace and its Gauss-Newton part (Hutch++), and the relative size of the "
-    "residual R = H − G.",
-    "training": "Training loss and test accuracy; thin lines: seeds, thick: mean.",
-    "edge_of_stability": "λmax over the edge of stability (η·λmax/2 for gradient descent) against "
-    "step; dashed: 1, the edge; ×: eigenvalues whose Lanczos residual did not converge.",
-    "spectrum": "Top Hessian (filled) and Gauss-Newton (hollow, dotted) eigenvalues against their "
-    "index at initialisation and at the last step, mean over seeds.",
-    "blocks": "Where the residual R = H − G lives (blocks measurement): (a) the share of ‖R‖F² in "
-    "same-layer blocks, at initialisation and at the last step measured, the rest coupling "
-    "different layers; (b) the same share of ‖H‖F², ‖G‖F² and ‖R‖F² at that step. Bars: mean "
-    "over seeds; error bars: ± the standard error of that mean, from the estimators' own "
-    "standard errors; dots: seeds. A piecewise-linear activation (ReLU) has no same-layer R: "
-    "0 up to float round-off (e.g. 1e-09).",
-    "optimizers": figures_optim.CAPTION,
-    "activation_parameter": "Curvature at the last step against the activation's parameter, "
-    "mean ± sd over seeds (one seed: ± the standard error); horizontal lines: the activations "
-    "without a parameter (ReLU), with their ± sd band.",
-}
+# Figures of every run, whatever it measured.
+GENERAL_FIGURES = (
+    sharpness.EIGENVALUES,
+    training.TRAINING,
+    sharpness.EDGE_OF_STABILITY,
+    parameter.ACTIVATION_PARAMETER,
+    optim.OPTIMIZERS,
+)
+
+
+def figures() -> list[Figure]:
+    """Every figure a report may hold, in its order: the general ones and every registered
+    measurement's."""
+    found = [*GENERAL_FIGURES, *(f for m in MEASUREMENTS.values() for f in m.figures)]
+    return sorted(found, key=lambda f: f.rank)
+
+
+def draw_all(workdir, *, sigma: float | None = None) -> list[pathlib.Path]:
+    """Every figure and the report of ``workdir``; returns the written paths. ``sigma``: the
+    density's kernel width (default: 1% of the spectrum's range)."""
+    workdir = pathlib.Path(workdir).expanduser()
+    run = load_run(workdir)
+    groups = common.groups(run)
+    if not groups:
+        return []
+    folder = workdir / "figures"
+    facts = {"sigma": sigma}
+    paths, drawn = [], []
+    for figure in figures():
+        if not common.has(groups, figure.when):
+            continue
+        fig = figure.draw(run, facts)
+        if fig is None:
+            continue
+        paths += common.save(fig, folder, figure.name)
+        drawn.append(figure)
+    paths += write_report(workdir, run, facts, drawn)
+    return paths
 
 
 def _setup_line(run) -> str:
@@ -68,27 +83,30 @@ def _setup_line(run) -> str:
     )
 
 
-def write_report(workdir, run, sigma, drawn) -> list[pathlib.Path]:
+def write_report(workdir, run, facts: dict, drawn: list[Figure]) -> list[pathlib.Path]:
+    """``report.md`` and ``report.html``: the setup, the summary table with its legend and notes,
+    and the ``drawn`` figures with their captions (formatted with ``facts``)."""
     workdir = pathlib.Path(workdir)
     rows = report.summary_rows(run)
-    edge, edge_label = _edge(_groups(run))
+    edge, edge_label = common.edge(common.groups(run))
     captions = [
         (
-            name,
-            CAPTIONS[name].format(
-                sigma=sigma or 0,
+            figure.name,
+            figure.caption.format(
+                sigma=facts.get("sigma") or 0,
                 edge=f"; dashed line or note: the edge of stability {edge_label}" if edge else "",
             ),
         )
-        for name in drawn
+        for figure in drawn
     ]
     title = f"curvature report: {workdir.name}"
     setup = _setup_line(run)
     titles = ["group", "seeds", "failed", "final step"] + report.present_columns(rows)
+    legend = report.legend()
     md = [f"# {title}", "", setup, "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in rows:
-        md.append("| " + " | ".join(report._fmt(row.get(t)) for t in titles) + " |")
-    md += ["", report.LEGEND, ""] + report.notes(rows) + [""]
+        md.append("| " + " | ".join(text(row.get(t)) for t in titles) + " |")
+    md += ["", legend, ""] + report.notes(rows) + [""]
     for name, caption in captions:
         md += [f"![{name}](figures/{name}.png)", "", f"*{caption}*", ""]
     md_path = workdir / "report.md"
@@ -104,12 +122,10 @@ def write_report(workdir, run, sigma, drawn) -> list[pathlib.Path]:
     ]
     for row in rows:
         h.append(
-            "<tr>"
-            + "".join(f"<td>{html.escape(report._fmt(row.get(t)))}</td>" for t in titles)
-            + "</tr>"
+            "<tr>" + "".join(f"<td>{html.escape(text(row.get(t)))}</td>" for t in titles) + "</tr>"
         )
     h.append("</table>")
-    h += [f"<p>{html.escape(n)}</p>" for n in [report.LEGEND] + report.notes(rows)]
+    h += [f"<p>{html.escape(n)}</p>" for n in [legend] + report.notes(rows)]
     for name, caption in captions:
         h.append(
             f"<figure><img src='figures/{name}.png' alt='{name}'><figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -122,34 +138,32 @@ def write_report(workdir, run, sigma, drawn) -> list[pathlib.Path]:
 def compare(workdirs, out, *, sigma: float | None = None) -> list[pathlib.Path]:
     """Overlay several run directories: last-step densities, λmax trajectories and, where the
     runs have an edge of stability, λmax / edge (η·λmax/2 for gradient descent)."""
-    plt = _pyplot()
+    plt = common.pyplot()
     out = pathlib.Path(out).expanduser()
     runs = [load_run(w) for w in workdirs]
     curves = []
     for run in runs:
-        for group, members in _groups(run):
+        for group, members in common.groups(run):
             curves.append((f"{run.workdir.name}: {group}", members))
     if not curves:
-        from experiments.errors import RunDirError
-
         raise RunDirError("none of the run directories holds a measurement yet")
     densities = {}
     for label, members in curves:
-        step = max(report.common_steps(members) or [0])
-        densities[label] = pooled_density(members, step)
+        step = max(common_steps(members) or [0])
+        densities[label] = spectra.pooled_density(members, step)
     found = [d for d in densities.values() if d is not None]
     has_ratio = any(
         r.sharpness_ratio is not None for _, ms in curves for m in ms for r in m.records
     )
     panels = int(bool(found)) + 1 + int(has_ratio)
-    with plt.rc_context(PAPER_RC):
+    with plt.rc_context(common.PAPER_RC):
         fig, axes = plt.subplots(
-            1, panels, figsize=(WIDTH, 2.8), layout="constrained", squeeze=False
+            1, panels, figsize=(common.WIDTH, 2.8), layout="constrained", squeeze=False
         )
         axes = list(axes[0])
         if found:
             ax = axes.pop(0)
-            sigma = sigma or default_sigma(found)
+            sigma = sigma or spectra.default_sigma(found)
             grid = plotting.density_grid(found, sigma=sigma)
             for i, (label, _) in enumerate(curves):
                 if densities[label] is not None:
@@ -160,7 +174,7 @@ def compare(workdirs, out, *, sigma: float | None = None) -> list[pathlib.Path]:
             ax.set_title(f"last step; σ = {sigma:.3g}")
         ax = axes.pop(0)
         for i, (label, members) in enumerate(curves):
-            steps, top, _ = series(
+            steps, top, _ = common.series(
                 members, lambda r: r.sharpness.values[0] if r.sharpness else None
             )
             (line,) = plotting.plot_trajectories(
@@ -171,8 +185,8 @@ def compare(workdirs, out, *, sigma: float | None = None) -> list[pathlib.Path]:
         ax.set_ylabel("λmax(H)")
         ax.legend(frameon=False, fontsize=5)
         if has_ratio:
-            sharpness_ratio_panel(axes.pop(0), curves)
-    paths = _save(fig, out, "compare")
+            sharpness.sharpness_ratio_panel(axes.pop(0), curves)
+    paths = common.save(fig, out, "compare")
     lines = ["# comparison", ""]
     for run in runs:
         lines += [f"## {run.workdir}", "", report.summary_markdown(report.summary_rows(run))]

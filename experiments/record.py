@@ -1,20 +1,24 @@
-"""The measurement record: one typed value per measurement, written as one JSON line.
+"""The measurement record: one JSON line per measurement of a member at a step.
+
+A record holds what every measured step has (the step, the losses and accuracies on the
+measurement and test sets, the gradient norm, the learning rate and its edge of stability), one
+typed field per built-in measurement (named and typed by its declaration: the
+:data:`experiments.measurements.Record` class is assembled from them by :func:`record_class`),
+what training to the step cost (:class:`Training`), and a user measurement's value as JSON in
+``extra``. Fields of measurements a plan did not ask for are ``None``.
 
 Reports, figures, ``load_run`` and tests read fields by name (``record.trace.value``,
-``record.top_eigenvalues.converged``); a field's name is written once, here. Every number carries
-its error bar: an :class:`Estimate` its standard error, an :class:`Eigenvalues` its residual
-norms and converged flags. Fields of measurements a plan did not ask for are ``None``; a user's
-registered measurement lands in ``extra`` under its name.
+``record.top_eigenvalues.converged``). Every number carries its error bar: an :class:`Estimate`
+its standard error, an :class:`Eigenvalues` its residual norms and converged flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from typing import Any
-
-import numpy as np
 
 FORMAT = 2  # the record layout; bumped when a field changes meaning
 
@@ -56,170 +60,6 @@ class Eigenvalues:
 
 
 @dataclasses.dataclass(frozen=True)
-class GaussNewton:
-    """The Gauss-Newton part G of the Hessian and the residual R = H - G."""
-
-    top: Eigenvalues
-    trace: Estimate
-    residual_trace: Estimate
-
-
-@dataclasses.dataclass(frozen=True)
-class Frobenius:
-    """Squared Frobenius norms of H, G and R = H - G from shared Rademacher probes."""
-
-    hessian: Estimate
-    gauss_newton: Estimate
-    residual: Estimate
-
-    @property
-    def relative_residual(self) -> float:
-        """``||R||_F / ||H||_F``; NaN when an estimate is not positive (too few probes)."""
-        h, r = self.hessian.value, self.residual.value
-        return math.sqrt(r / h) if h > 0 and r >= 0 else math.nan
-
-
-@dataclasses.dataclass(frozen=True)
-class Density:
-    """A summary of an SLQ spectral density; nodes and weights are in the step's spectra file."""
-
-    negative_mass: Estimate
-    num_probes: int
-    num_steps: int
-
-    def coarse(self) -> bool:
-        """Fewer than 20 Lanczos nodes per probe: the negative mass is a smoothing artefact."""
-        return self.num_steps < 20
-
-
-@dataclasses.dataclass(frozen=True)
-class Diagonal:
-    """A Hessian diagonal estimate (Bekas et al.), summarised; the vector is in the spectra file."""
-
-    mean: Estimate  # tr H / n
-    negative_fraction: float  # of entries significantly below zero (more than 2 SE)
-    exact: bool  # computed from n matvecs rather than estimated
-
-
-@dataclasses.dataclass(frozen=True)
-class Correlation:
-    pearson: float
-    spearman: float
-    num_parameters: int
-    num_zeros: int  # exact zeros of the curvature diagonal, excluded from both correlations
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerState:
-    """Adam / RMSProp's bias-corrected second moment against the Hessian diagonal estimate."""
-
-    second_moment: Correlation  # nu against diag(H)
-    sqrt_second_moment: Correlation  # sqrt(nu), what the update divides by, against |diag(H)|
-    per_layer: dict[str, Correlation]
-
-
-@dataclasses.dataclass(frozen=True)
-class DiagonalMatch:
-    """A second moment against an exact curvature diagonal (``curvature.compare_diagonals``):
-    entries where the exact diagonal is exactly 0 are excluded from every correlation and
-    counted (``num_zeros``; ``num_both_zero`` of them have a zero moment too)."""
-
-    pearson: float
-    spearman: float
-    log_pearson: float  # of the logs, over the num_log entries where both are > 0
-    num_compared: int
-    num_zeros: int
-    num_both_zero: int
-    num_log: int
-
-
-@dataclasses.dataclass(frozen=True)
-class DiagonalMatches:
-    overall: DiagonalMatch
-    per_layer: dict[str, DiagonalMatch]  # by curvature.layer_groups
-
-
-@dataclasses.dataclass(frozen=True)
-class Conditioning:
-    """Both ends of a spectrum (one Lanczos run) and ``condition = λmax / mean``, the mean
-    eigenvalue over the nonzero diagonal entries (exact, from the diagonal)."""
-
-    top: Eigenvalues  # descending
-    bottom: Eigenvalues  # ascending
-    mean: float
-    condition: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Preconditioner:
-    """Adam / RMSProp's second moment ν (bias-corrected where the optimizer corrects it) against
-    the exact diagonals of ``hessian``, ``gauss_newton`` and ``fisher`` (empirical), and the
-    spectrum of ``P^-1/2 H P^-1/2`` with ``P`` what the update divides by."""
-
-    second_moment: dict[str, DiagonalMatches]  # ν against each diagonal
-    sqrt_second_moment: dict[str, DiagonalMatches]  # √ν (only Pearson differs from ν's)
-    hessian: Conditioning
-    preconditioned: Conditioning
-    # The same with exact diagonals for P: "sqrt_fisher" √diag F + ε (what √ν estimates, without
-    # minibatch noise or lag), "gauss_newton" diag G + δ (the Gauss-Newton diagonal, Jacobi).
-    references: dict[str, Conditioning] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class GradientNoise:
-    """Per-example gradient noise: ``tr Σ`` (covariance of per-example gradients) against the
-    squared mean gradient; ``simple_noise_scale = tr Σ / |g|^2`` is McCandlish et al.'s B_simple."""
-
-    trace_covariance: float
-    gradient_norm_sq: float
-    simple_noise_scale: float
-    num_examples: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Fisher:
-    """The empirical Fisher (mean of per-example gradient outer products): top eigenvalues and
-    Hutch++ trace."""
-
-    top: Eigenvalues
-    trace: Estimate
-
-
-@dataclasses.dataclass(frozen=True)
-class Blocks:
-    """The curvature by layer: per operator (``hessian``, ``gauss_newton``, ``residual``) the
-    per-layer traces and the table of squared block Frobenius norms ``[i][j]`` (layer i's rows,
-    layer j's columns), each with standard errors."""
-
-    names: tuple[str, ...]
-    sizes: tuple[int, ...]
-    trace: dict[str, tuple[float, ...]]
-    trace_se: dict[str, tuple[float, ...]]
-    frobenius_sq: dict[str, tuple[tuple[float, ...], ...]]
-    frobenius_sq_se: dict[str, tuple[tuple[float, ...], ...]]
-
-    def same_layer_share(self, operator: str = "residual") -> Estimate:
-        """The share of ``||A||_F^2`` in same-layer blocks (the diagonal of the table), with a
-        delta-method standard error (blocks estimated independently)."""
-        table = np.asarray(self.frobenius_sq[operator])
-        se = np.asarray(self.frobenius_sq_se[operator])
-        same, total = float(np.trace(table)), float(table.sum())
-        if total <= 0:
-            return Estimate(math.nan, math.nan)
-        share = same / total
-        # d share / d block: (1 - share) / total on the diagonal, -share / total elsewhere.
-        grad = np.where(np.eye(len(table), dtype=bool), 1.0 - share, -share) / total
-        error = float(np.sqrt(np.sum((grad * se) ** 2)))
-        # R's products are differences of H's and G's, each exact to round-off only: a share
-        # below ROUND_OFF_SHARE cannot be told from zero (ReLU's same-layer R, measured at
-        # ~1e-9 in float32), so the error bar is never smaller.
-        return Estimate(share, max(error, ROUND_OFF_SHARE))
-
-
-ROUND_OFF_SHARE = 1e-6
-
-
-@dataclasses.dataclass(frozen=True)
 class Training:
     """What training up to this step cost: ``gradient_equivalents`` (in gradients of the
     training batch, see :func:`experiments.train.gradient_equivalents`) and ``seconds`` of the
@@ -229,37 +69,8 @@ class Training:
     seconds: float
 
 
-@dataclasses.dataclass(frozen=True)
-class Record:
-    """One measurement of one sweep member at one training step."""
-
-    step: int
-    member: str
-    fingerprint: str  # of the member's config and data: a resumed run checks it
-    train_loss: float
-    train_accuracy: float
-    test_loss: float
-    test_accuracy: float
-    grad_norm: float
-    learning_rate: float
-    edge_of_stability: float | None  # 2/η (gradient descent), (2 + 2β)/η (heavy ball), else None
-    lambda_max: Eigenvalues | None = None
-    top_eigenvalues: Eigenvalues | None = None
-    bottom_eigenvalues: Eigenvalues | None = None
-    trace: Estimate | None = None
-    gauss_newton: GaussNewton | None = None
-    frobenius: Frobenius | None = None
-    density: Density | None = None
-    diagonal: Diagonal | None = None
-    optimizer_state: OptimizerState | None = None
-    gradient_noise: GradientNoise | None = None
-    fisher: Fisher | None = None
-    blocks: Blocks | None = None
-    preconditioner: Preconditioner | None = None
-    training: Training | None = None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-    format: int = FORMAT
+class RecordMethods:
+    """What every :func:`record_class` record can do besides holding its fields."""
 
     @property
     def sharpness(self) -> Eigenvalues | None:
@@ -281,8 +92,44 @@ class Record:
         return _encode(self)
 
     @classmethod
-    def from_json(cls, obj: dict) -> Record:
+    def from_json(cls, obj: dict):
         return _decode(cls, obj)
+
+
+# The fields of every record, before the measurements' and after them (the JSON order).
+HEAD = (
+    ("step", int),
+    ("member", str),
+    ("fingerprint", str),  # of the member's config and data: a resumed run checks it
+    ("train_loss", float),
+    ("train_accuracy", float),
+    ("test_loss", float),
+    ("test_accuracy", float),
+    ("grad_norm", float),
+    ("learning_rate", float),
+    # 2/η (gradient descent), (2 + 2β)/η (heavy ball), else None
+    ("edge_of_stability", float | None),
+)
+TAIL = (
+    ("training", Training | None, None),
+    ("extra", dict[str, Any], dataclasses.field(default_factory=dict)),
+    ("timings", dict[str, float], dataclasses.field(default_factory=dict)),
+    ("format", int, FORMAT),
+)
+
+
+def record_class(measurements) -> type:
+    """The frozen dataclass ``Record``: :data:`HEAD`, then for each of ``measurements`` with a
+    record type its field (``None`` when not measured), then :data:`TAIL`."""
+    fields = [
+        *HEAD,
+        *((m.field, m.record_type | None, None) for m in measurements if m.field),
+        *TAIL,
+    ]
+    cls = dataclasses.make_dataclass("Record", fields, bases=(RecordMethods,), frozen=True)
+    cls.__module__ = "experiments.measurements"
+    cls.__doc__ = "One measurement of one sweep member at one training step."
+    return cls
 
 
 def _encode(x):
@@ -301,7 +148,7 @@ def _decode(tp, obj):
     if obj is None:
         return None
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, _union_type()):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _decode(args[0], obj)
     if dataclasses.is_dataclass(tp):
@@ -317,9 +164,3 @@ def _decode(tp, obj):
     if tp is float:
         return float(obj)  # "nan" and "inf" back to floats
     return obj
-
-
-def _union_type():
-    import types
-
-    return types.UnionType

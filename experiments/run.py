@@ -1,17 +1,8 @@
 """A run: every member of a sweep (activations x swept values x seeds), trained with optax and
 measured on a schedule, each finished measurement written at once. This module wires the
 pieces: ``config`` (validation), ``sweep`` (members), ``lifecycle`` (one member), ``train``,
-``measure``, ``storage`` and ``report``.
-
-Run directory::
-
-    workdir/
-      config.json          the resolved config (a resumed run must match it)
-      run.json             record format, data fingerprint, member names
-      provenance.json      versions, git revision, seeds, dtype, matmul precision, devices, command,
-                           per invocation; the measurement's device mesh (measure.devices)
-      summary.md, .csv     per group (activation and swept values): the last measurement
-      members/<name>/      see experiments.lifecycle
+``measure``, ``storage`` and ``report``. The run directory is laid out in
+:mod:`experiments.rundir`.
 
 Resuming: invoke again with the same config and workdir. Finished members are skipped; an
 unfinished one reloads its last checkpoint, skips the measurements on disk and continues; a lost
@@ -36,10 +27,11 @@ import numpy as np
 
 from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import devices, lifecycle, storage, sweep, train
+from experiments import devices, lifecycle, report, storage, sweep, train
 from experiments import measure as measure_lib
 from experiments.errors import RunDirError
 from experiments.record import FORMAT
+from experiments.rundir import MemberDir
 
 
 class Progress:
@@ -66,7 +58,8 @@ def resolved(config) -> dict:
 
 
 def _comparable(obj: dict) -> dict:
-    return config_lib.drop_resumable(obj)
+    """A config as JSON, as runs compare: today's key names, less what a resume may change."""
+    return config_lib.drop_resumable(config_lib.upgrade(obj))
 
 
 class DataCache:
@@ -141,7 +134,7 @@ def check_workdir(plan: Plan) -> None:
     hint = "resume with the same config and data or choose a new --workdir"
     on_disk = storage.read_json(workdir / "config.json")
     if on_disk is not None and _comparable(on_disk) != _comparable(resolved(plan.config)):
-        diff = lifecycle._diff(_comparable(on_disk), _comparable(resolved(plan.config)))
+        diff = config_lib.differences(_comparable(on_disk), _comparable(resolved(plan.config)))
         raise RunDirError(
             f"{workdir} holds a run of another config ({'; '.join(diff[:5])}); {hint}"
         )
@@ -164,7 +157,7 @@ def check_workdir(plan: Plan) -> None:
                 f"{workdir} holds members of another config ({', '.join(strangers[:3])}); {hint}"
             )
     for spec in plan.specs:
-        folder = lifecycle.MemberDir(members_dir / spec.name)
+        folder = MemberDir(members_dir / spec.name)
         lifecycle.verify(spec, folder, plan.fingerprints[spec.name])
 
 
@@ -179,8 +172,6 @@ def run(
         with storage.WorkdirLock(plan.workdir):
             check_workdir(plan)
             statuses = _run_members(plan, on_measurement, progress)
-    from experiments import report
-
     report.write_summary(plan.workdir)
     return statuses
 
@@ -210,7 +201,7 @@ def _run_members(plan: Plan, on_measurement, progress) -> dict:
         label = f"[{i + 1}/{total}] {spec.name}"
         status = lifecycle.run_member(
             spec,
-            lifecycle.MemberDir(workdir / "members" / spec.name),
+            MemberDir(workdir / "members" / spec.name),
             plan.setups[spec.name],
             plan.fingerprints[spec.name],
             progress=progress,

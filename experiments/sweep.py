@@ -18,6 +18,7 @@ import re
 
 import ml_collections
 
+from experiments import config as config_lib
 from experiments.errors import ConfigError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
@@ -75,6 +76,7 @@ def _split_values(text: str) -> list[str]:
 
 
 def _field(config, path: str):
+    path = config_lib.current_key(path)  # a deprecated key: its new name (with a warning)
     node = config
     parts = path.split(".")
     for part in parts[:-1]:

@@ -1,13 +1,14 @@
-"""Training: the optimizer registry, the edge of stability, the compiled trainer and what a
-step costs.
+"""Training: the config section ``train``, the edge of stability, the compiled trainer and what
+a step costs.
 
 Hyperparameters (learning rate, momentum) live in the optimizer state (``optax.inject_hyperparams``),
 so members of a learning-rate sweep share one compiled trainer.
 
-Optimizers (``train.optimizer``): ``sgd``, ``momentum`` (heavy ball, ``train.momentum``), ``adam``,
-``rmsprop`` and ``hessian_free`` (:func:`curvature.optim.hessian_free`, Martens 2010: truncated CG
-on the damped Gauss-Newton system, with the settings of the config section ``train.hessian_free``;
-``train.learning_rate`` scales its step, and Martens' step is 1).
+Optimizers (``train.optimizer``, :mod:`experiments.optimizers`): ``sgd``, ``momentum`` (heavy
+ball, ``train.momentum``), ``adam``, ``rmsprop`` and ``hessian_free``
+(:func:`curvature.optim.hessian_free`, Martens 2010: truncated CG on the damped Gauss-Newton
+system, with the settings of the config section ``train.hessian_free``; ``train.learning_rate``
+scales its step, and Martens' step is 1).
 
 Every step is logged (:func:`trainer`): the training-batch loss, and for Hessian-free the damping,
 the CG steps, the reduction ratio and the line search's step. :func:`gradient_equivalents` turns
@@ -19,80 +20,61 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 import curvature as cv
-from experiments.registry import Registry
+from experiments import models
+from experiments.errors import require
+from experiments.optimizers import OPTIMIZERS
 
 
-@dataclasses.dataclass(frozen=True)
-class Optimizer:
-    """``make(train_cfg)``: the optax transformation; ``edge(train_cfg)``: the sharpness above
-    which its quadratic model diverges (``None`` where no such line holds); ``second_moment(state)``:
-    the bias-corrected second-moment pytree of an adaptive method (``None`` for others).
-
-    A method that evaluates the model itself (``needs_model``, e.g. Hessian-free) is made as
-    ``make(train_cfg, model, output_loss)`` and updated with ``batch=``; its settings are the
-    config section ``train.<section>``, and ``static(train_cfg)`` those compiled into the trainer
-    (``(key, value)`` pairs; hyperparameters in its state hold placeholders there);
-    ``diagnostics(state)``: scalars logged after every step; ``cost(train_cfg, log,
-    num_outputs)``: each step's cost in gradient-equivalents from the log (default: 1 a step)."""
-
-    make: Callable[..., optax.GradientTransformation]
-    edge: Callable = lambda train_cfg: None
-    second_moment: Callable | None = None
-    needs_model: bool = False
-    section: str | None = None
-    static: Callable = lambda train_cfg: ()
-    diagnostics: Callable = lambda state: {}
-    cost: Callable | None = None
+def section() -> ml_collections.ConfigDict:
+    """The config section ``train``, with each optimizer's own section at its defaults."""
+    s = ml_collections.ConfigDict()
+    s.loss = "cross_entropy"  # cross_entropy | mse on one-hot labels (models.LOSSES)
+    s.optimizer = "sgd"  # sgd | momentum | adam | rmsprop | hessian_free (OPTIMIZERS)
+    s.learning_rate = 0.1  # Hessian-free: scales its step (Martens: 1.0)
+    s.momentum = 0.9
+    for entry in OPTIMIZERS.values():
+        if entry.section:  # e.g. train.hessian_free (experiments.optimizers.hessian_free)
+            s[entry.section] = ml_collections.ConfigDict(entry.defaults)
+    s.steps = 1000
+    s.batch_size = 0  # 0: full batch
+    # Stop a member whose training loss exceeds this multiple of its initial loss (0: never).
+    s.divergence_factor = 10.0
+    return s
 
 
-def _nu(state, bias_corrected: bool, b2: float):
-    nu = optax.tree_utils.tree_get(state, "nu")
-    if not bias_corrected:
-        return nu
-    count = optax.tree_utils.tree_get(state.inner_state, "count")
-    return jax.tree_util.tree_map(lambda v: v / (1.0 - b2 ** count.astype(v.dtype)), nu)
-
-
-OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", "train.optimizer")
-OPTIMIZERS.register(
-    "sgd",  # plain gradient descent
-    Optimizer(
-        lambda t: optax.inject_hyperparams(optax.sgd)(learning_rate=t.learning_rate),
-        edge=lambda t: 2.0 / t.learning_rate,
-    ),
-)
-OPTIMIZERS.register(
-    "momentum",  # heavy ball
-    Optimizer(
-        lambda t: optax.inject_hyperparams(optax.sgd)(
-            learning_rate=t.learning_rate, momentum=t.momentum
-        ),
-        edge=lambda t: (2.0 + 2.0 * t.momentum) / t.learning_rate,
-    ),
-)
-OPTIMIZERS.register(
-    "adam",
-    Optimizer(
-        lambda t: optax.inject_hyperparams(optax.adam)(learning_rate=t.learning_rate),
-        second_moment=lambda state: _nu(state, True, 0.999),
-    ),
-)
-OPTIMIZERS.register(
-    "rmsprop",  # optax's RMSProp: decay 0.9, no bias correction
-    Optimizer(
-        lambda t: optax.inject_hyperparams(optax.rmsprop)(learning_rate=t.learning_rate),
-        second_moment=lambda state: _nu(state, False, 0.9),
-    ),
-)
+def check(config) -> None:
+    """Raise :class:`~experiments.errors.ConfigError` for the first bad key of ``train``."""
+    t = config.train
+    models.LOSSES.get(t.loss)
+    OPTIMIZERS.get(t.optimizer)
+    lr = t.learning_rate
+    require(
+        math.isfinite(lr) and lr > 0, "train.learning_rate", f"{lr} is not a finite positive number"
+    )
+    require(t.steps >= 0, "train.steps", "must be >= 0")
+    require(t.batch_size >= 0, "train.batch_size", "must be >= 0 (0: full batch)")
+    factor = t.divergence_factor
+    require(
+        factor == 0 or (math.isfinite(factor) and factor > 1),
+        "train.divergence_factor",
+        f"{factor} must be > 1 (or 0: never stop)",
+    )
+    require(0.0 <= t.momentum < 1.0, "train.momentum", f"{t.momentum} is not in [0, 1)")
+    # Every optimizer's own section is checked, whichever optimizer runs: it is in the config.
+    for entry in OPTIMIZERS.values():
+        if entry.section:
+            for key, message in entry.check(t[entry.section]):
+                require(False, f"train.{entry.section}.{key}", message)
 
 
 def make_optimizer(train_cfg, model=None, output_loss=None) -> optax.GradientTransformation:
@@ -103,8 +85,6 @@ def make_optimizer(train_cfg, model=None, output_loss=None) -> optax.GradientTra
     if not entry.needs_model:
         return entry.make(train_cfg)
     if output_loss is None:
-        from experiments import models
-
         output_loss = models.LOSSES.get(train_cfg.loss).gauss_newton
     return entry.make(train_cfg, model, output_loss)
 
@@ -215,8 +195,6 @@ def _train(
     name, loss_name, static = optimizer
     entry = OPTIMIZERS.get(name)
     if entry.needs_model:
-        from experiments import models
-
         placeholder = types.SimpleNamespace(
             **dataclasses.asdict(_PLACEHOLDER),
             **{entry.section: types.SimpleNamespace(**dict(static))},
@@ -282,7 +260,3 @@ def _evaluate(loss: cv.Closure, model: cv.Closure, params, batch):
     accuracy = jnp.mean(jnp.argmax(model_fn(params, batch), axis=-1) == batch["y"])
     grad_norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grad)))
     return value, accuracy, grad_norm
-
-
-# Hessian-free registers itself (after everything above exists).
-from experiments import hessian_free as _hessian_free  # noqa: E402, F401

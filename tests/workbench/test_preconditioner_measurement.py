@@ -8,13 +8,21 @@ import pytest
 import curvature as cv
 
 pytest.importorskip("flax")
-from test_experiments import load_config, quiet  # noqa: E402
+from workbench_helpers import (  # noqa: E402
+    load_config,
+    quiet,
+)
 
 import experiments  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
-from experiments import figures_preconditioner, models, report, train  # noqa: E402
+from experiments import (  # noqa: E402
+    models,
+    report,
+    train,
+)
 from experiments import run as run_lib  # noqa: E402
 from experiments.errors import ConfigError  # noqa: E402
+from experiments.figures import preconditioner as preconditioner_figures  # noqa: E402
 
 
 def _per_example_gradients(loss, params, data, ravel):
@@ -32,7 +40,7 @@ def test_preconditioner_measurement_against_dense_algebra(tmp_path):
         config.train.optimizer, config.train.learning_rate = "adam", 0.01
         config.train.steps, config.measure.every = 10, 10
         config.measure.quantities = ("preconditioner",)
-        config.measure.preconditioner.lanczos_steps = 30
+        config.measure.preconditioner.num_steps = 30
     run_lib.run(config, tmp_path, progress=quiet())
     run = experiments.load_run(tmp_path)
     for optimizer in ("adam", "rmsprop"):
@@ -89,7 +97,7 @@ def test_preconditioner_measurement_against_dense_algebra(tmp_path):
     # The summary's columns and the figure.
     rows = report.summary_rows(run)
     assert {"r(ν,H)", "ρ(ν,F)", "κ(H)", "κ(P⁻½HP⁻½)", "κ, P=G"} <= set(report.present_columns(rows))
-    fig = figures_preconditioner.preconditioner_figure(run)
+    fig = preconditioner_figures.preconditioner_figure(run)
     gids = {line.get_gid() for ax in fig.axes for line in ax.lines if line.get_gid()}
     assert "corr/hessian/second_moment/tanh-optimizer=adam" in gids
     assert "condition/P/tanh-optimizer=rmsprop" in gids
@@ -105,6 +113,6 @@ def test_preconditioner_needs_an_adaptive_optimizer():
         config_lib.validate(config)
     with config.unlocked():
         config.train.optimizer = "rmsprop"
-        config.measure.preconditioner.k, config.measure.preconditioner.lanczos_steps = 5, 8
-    with pytest.raises(ConfigError, match="lanczos_steps=8 is smaller than 2 k = 10"):
+        config.measure.preconditioner.k, config.measure.preconditioner.num_steps = 5, 8
+    with pytest.raises(ConfigError, match="num_steps=8 is smaller than 2 k = 10"):
         config_lib.validate(config)

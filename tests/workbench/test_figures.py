@@ -1,20 +1,31 @@
 """Figures drawn from a small saved run: the drawn data equals the stored numbers."""
 
-import subprocess
-import sys
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
+import curvature as cv
+
 pytest.importorskip("matplotlib")
 pytest.importorskip("flax")
-from test_experiments import cli, load_config, quiet  # noqa: E402
+from workbench_helpers import (  # noqa: E402
+    cli,
+    load_config,
+    quiet,
+)
 
-import curvature as cv  # noqa: E402
 import experiments  # noqa: E402
 from curvature import plotting  # noqa: E402
-from experiments import figures, figures_structure, report, storage  # noqa: E402
+from experiments import (  # noqa: E402
+    pages,
+    report,
+    storage,
+)
 from experiments import run as run_lib  # noqa: E402
+from experiments.figures import parameter, sharpness, spectra, structure  # noqa: E402
+from experiments.figures import training as training_curves  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +38,7 @@ def saved_run(tmp_path_factory):
         # The curvature by layer at the first and last steps only (the main job's plan).
         config.measure.quantities = (*config.measure.quantities, "blocks")
         config.measure.blocks.steps = (0, 20)
-        config.measure.blocks.probes = 8
+        config.measure.blocks.num_matvecs = 8
     run_lib.run(config, workdir, progress=quiet())
     return workdir, experiments.load_run(workdir)
 
@@ -38,7 +49,7 @@ def lines_by_gid(fig):
 
 def test_eigenvalue_lines_equal_the_metrics(saved_run):
     _, run = saved_run
-    fig = figures.eigenvalue_figure(run)
+    fig = sharpness.eigenvalue_figure(run)
     lines = lines_by_gid(fig)
     for activation, members in run.groups().items():
         records = [m.records for m in members]
@@ -65,9 +76,9 @@ def test_eigenvalue_lines_equal_the_metrics(saved_run):
 
 def test_trace_and_training_lines_equal_the_metrics(saved_run):
     _, run = saved_run
-    trace = lines_by_gid(figures.trace_figure(run))
-    training = lines_by_gid(figures.training_figure(run))
-    ratio = lines_by_gid(figures.sharpness_figure(run))
+    trace = lines_by_gid(structure.trace_figure(run))
+    training = lines_by_gid(training_curves.training_figure(run))
+    ratio = lines_by_gid(sharpness.sharpness_figure(run))
     for activation, members in run.groups().items():
         recs = [m.records for m in members]
         assert np.allclose(
@@ -95,7 +106,7 @@ def test_trace_and_training_lines_equal_the_metrics(saved_run):
 
 def test_density_integrates_to_one_on_the_shared_grid(saved_run):
     workdir, run = saved_run
-    fig, sigma = figures.density_figure(run)
+    fig, sigma = spectra.density_figure(run)
     drawn = fig._curvature_density
     grid = drawn["grid"]
     assert sigma == pytest.approx(drawn["sigma"]) and sigma > 0
@@ -122,13 +133,13 @@ def test_density_integrates_to_one_on_the_shared_grid(saved_run):
 def test_figures_are_legible_at_paper_size(saved_run):
     _, run = saved_run
     for make in (
-        figures.eigenvalue_figure,
-        figures.trace_figure,
-        figures.training_figure,
-        figures.sharpness_figure,
-        figures.spectrum_figure,
-        figures.blocks_figure,
-        lambda r: figures.density_figure(r)[0],
+        sharpness.eigenvalue_figure,
+        structure.trace_figure,
+        training_curves.training_figure,
+        sharpness.sharpness_figure,
+        spectra.spectrum_figure,
+        structure.blocks_figure,
+        lambda r: spectra.density_figure(r)[0],
     ):
         fig = make(run)
         width, _ = fig.get_size_inches()
@@ -181,7 +192,7 @@ def test_figures_are_legible_at_paper_size(saved_run):
 
 def test_draw_all_writes_png_pdf_and_report(saved_run):
     workdir, _ = saved_run
-    paths = figures.draw_all(workdir)
+    paths = pages.draw_all(workdir)
     names = {p.name for p in paths}
     for stem in ("density", "eigenvalues", "trace", "training", "edge_of_stability", "blocks"):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
@@ -193,7 +204,7 @@ def test_draw_all_writes_png_pdf_and_report(saved_run):
 
 def test_block_figure_draws_the_recorded_same_layer_shares(saved_run):
     _, run = saved_run
-    fig = figures.blocks_figure(run)
+    fig = structure.blocks_figure(run)
     bars = {p.get_gid(): p for ax in fig.axes for p in ax.patches if p.get_gid()}
     for group, members in run.groups().items():
         assert [r.step for r in members[0].records if r.blocks] == [0, 20]  # its own schedule
@@ -229,7 +240,7 @@ def test_block_figure_draws_the_recorded_same_layer_shares(saved_run):
 
 
 def test_parameter_figure_draws_each_value_against_the_reference():
-    from experiments.report import Cell
+    from experiments.table import Cell
 
     def row(group, activation, **cells):
         return {"group": group, "activation": activation, "overrides": {}, **cells}
@@ -246,10 +257,10 @@ def test_parameter_figure_draws_each_value_against_the_reference():
         ),
         row("tanh", "tanh", **{"λmax(H)": Cell(0.4, 0.01, None)}),
     ]
-    base, series, references = figures_structure.parameter_series(rows)
+    base, series, references = parameter.parameter_series(rows)
     assert base == "softplus" and [p for p, _ in series] == [2.0, 5.0, 20.0]
     assert [r["group"] for r in references] == ["relu", "tanh"]
-    fig = figures_structure.parameter_panels(base, series, references)
+    fig = parameter.parameter_panels(base, series, references)
     assert len([ax for ax in fig.axes if ax.get_visible()]) == 2  # λmax and trace: present
     lines = lines_by_gid(fig)
     assert np.allclose(lines["param/λmax(H)/λmax(H)"].get_xdata(), [2, 5, 20])
@@ -262,10 +273,8 @@ def test_parameter_figure_draws_each_value_against_the_reference():
         assert len(styles) == len(set(styles))
     assert fig.axes[0].get_xscale() == "log" and "β" in fig.axes[-1].get_xlabel()
     # One parameter value, or only swept groups: nothing to draw.
-    assert figures_structure.parameter_series(rows[:2]) is None
-    assert (
-        figures_structure.parameter_series([{**r, "overrides": {"seed": 1}} for r in rows]) is None
-    )
+    assert parameter.parameter_series(rows[:2]) is None
+    assert parameter.parameter_series([{**r, "overrides": {"seed": 1}} for r in rows]) is None
 
 
 def test_plot_and_compare_commands_redraw_without_recomputing(saved_run, tmp_path):
@@ -281,34 +290,7 @@ def test_plot_and_compare_commands_redraw_without_recomputing(saved_run, tmp_pat
     assert (tmp_path / "compare.png").exists() and "relu" in (tmp_path / "compare.md").read_text()
 
 
-def test_library_density_helper_draws_onto_a_given_axis():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    op = cv.from_matrix(np.diag(np.linspace(-1.0, 3.0, 40)))
-    import jax
-
-    d = cv.spectral_density(op, num_probes=3, num_steps=10, key=jax.random.key(0))
-    fig, ax = plt.subplots()
-    grid, values = plotting.plot_density(ax, d, sigma=0.1, rug=True, label="diag")
-    assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=1e-3)
-    assert np.allclose(ax.lines[0].get_ydata(), np.maximum(values, 1e-5))
-    assert ax.get_yscale() == "log" and "σ = 0.1" in ax.get_ylabel()
-    plt.close(fig)
-
-
-def test_importing_the_library_needs_neither_matplotlib_nor_flax():
-    code = "import sys, curvature; assert not {'matplotlib', 'flax', 'optax'} & set(sys.modules), sorted(sys.modules)"
-    assert (
-        subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode
-        == 0
-    )
-
-
 def test_partial_run_with_a_failed_seed_is_summarised_honestly(saved_run, tmp_path):
-    import shutil
 
     workdir, _ = saved_run
     partial = tmp_path / "partial"
@@ -331,8 +313,51 @@ def test_partial_run_with_a_failed_seed_is_summarised_honestly(saved_run, tmp_pa
     assert "relu: seeds reached steps [0, 20]" in text
     assert "Rows are at different steps (final step column): relu at 0, softplus_4 at 20" in text
     # The surviving seed's later eigenvalues are still drawn (thin per-seed line).
-    fig = figures.eigenvalue_figure(run)
+    fig = sharpness.eigenvalue_figure(run)
     xs = [list(line.get_xdata()) for ax in fig.axes for line in ax.lines if not line.get_gid()]
     assert [0, 10, 20] in xs
-    figures.draw_all(partial)
+    pages.draw_all(partial)
     assert (partial / "report.md").exists()
+
+
+def test_figures_follow_each_measurements_own_schedule(tmp_path):
+    config = load_config()
+    with config.unlocked():
+        config.activations = ("relu",)
+        config.measure.every = 5
+        config.measure.quantities = ("lambda_max", "top_eigenvalues", "bottom_eigenvalues")
+        config.measure.top_eigenvalues.every = 10
+        config.measure.bottom_eigenvalues.steps = (0, 15)
+        config.measure.top_eigenvalues.num_steps = 20
+    run_lib.run(config, tmp_path, progress=quiet())
+    member = experiments.load_run(tmp_path).members["relu-seed0"]
+    have_top = [r.step for r in member.records if r.top_eigenvalues is not None]
+    have_bottom = [r.step for r in member.records if r.bottom_eigenvalues is not None]
+    assert member.steps == [0, 5, 10, 15, 20] and have_top == [0, 10, 20]
+    assert have_bottom == [0, 15, 20]
+    lines = {
+        line.get_gid(): line
+        for ax in sharpness.eigenvalue_figure(experiments.load_run(tmp_path)).axes
+        for line in ax.lines
+        if line.get_gid()
+    }
+    assert list(lines["eig/relu/top0"].get_xdata()) == have_top
+    assert list(lines["eig/relu/bottom0"].get_xdata()) == have_bottom
+    assert pages.draw_all(tmp_path)
+
+
+def test_library_density_helper_draws_onto_a_given_axis():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    op = cv.from_matrix(np.diag(np.linspace(-1.0, 3.0, 40)))
+
+    d = cv.spectral_density(op, num_probes=3, num_steps=10, key=jax.random.key(0))
+    fig, ax = plt.subplots()
+    grid, values = plotting.plot_density(ax, d, sigma=0.1, rug=True, label="diag")
+    assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=1e-3)
+    assert np.allclose(ax.lines[0].get_ydata(), np.maximum(values, 1e-5))
+    assert ax.get_yscale() == "log" and "σ = 0.1" in ax.get_ylabel()
+    plt.close(fig)

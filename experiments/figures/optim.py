@@ -9,8 +9,8 @@ two or more optimizers (``configs/optimizers.py``), from their per-step training
 * :func:`cost_table`: per group, the steps, gradient-equivalents and seconds to reach each target
   training loss, the final loss, and the trace of H at the end; appended to ``summary.md``.
 
-Importing this module registers the figure with :mod:`experiments.figures` (which imports it);
-:mod:`experiments.pages` takes its caption from :data:`CAPTION`.
+The figure is declared here (:data:`OPTIMIZERS`) and drawn by :mod:`experiments.pages`; the
+summary (:mod:`experiments.report`) appends the cost table.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from curvature import plotting
-from experiments import figures
+from experiments.figures import common
 
 TARGETS = (1e-2, 1e-4, 1e-6)  # training losses the cost table reports the cost of reaching
 CAPTION = (
@@ -44,7 +44,7 @@ def _label(member) -> str:
 
 def _optimizer_groups(run) -> list[tuple[str, list]] | None:
     """The run's groups with training logs, when they hold two or more optimizers."""
-    groups = [(g, ms) for g, ms in figures._groups(run) if all(m.training() for m in ms)]
+    groups = [(g, ms) for g, ms in common.groups(run) if all(m.training() for m in ms)]
     if len({ms[0].config.train.optimizer for _, ms in groups}) < 2:
         return None
     return groups
@@ -60,7 +60,7 @@ def optimizer_figure(run):
     groups = _optimizer_groups(run)
     if groups is None:
         return None
-    plt = figures._pyplot()
+    plt = common.pyplot()
     activations = list(dict.fromkeys(ms[0].activation for _, ms in groups))
     optimizers = list(dict.fromkeys(_label(ms[0]) for _, ms in groups))
     panels = (
@@ -68,11 +68,11 @@ def optimizer_figure(run):
         ("gradient_equivalents", "gradient-equivalents", False),
         ("seconds", "wall seconds (compile excluded)", False),
     )
-    with plt.rc_context(figures.PAPER_RC):
+    with plt.rc_context(common.PAPER_RC):
         fig, axes = plt.subplots(
             len(activations),
             4,
-            figsize=(figures.WIDTH, 1.9 * len(activations) + 0.5),
+            figsize=(common.WIDTH, 1.9 * len(activations) + 0.5),
             layout="constrained",
             squeeze=False,
         )
@@ -165,4 +165,10 @@ def cost_table(run) -> str | None:
     return "\n".join(["## Optimizers", "", *lines, "", legend]) + "\n"
 
 
-figures.FIGURES["optimizers"] = (optimizer_figure, lambda r: r.training is not None)
+OPTIMIZERS = common.Figure(
+    "optimizers",
+    lambda run, facts: optimizer_figure(run),
+    lambda r: r.training is not None,
+    CAPTION,
+    rank=80,
+)

@@ -17,20 +17,66 @@ parameters and 1,348 digits of ``configs/preconditioner.py`` on one CPU core.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import numpy as np
 
 import curvature as cv
-from experiments import train
-from experiments.diagnostics import _hessian_diagonal
-from experiments.measure import Context, register_measurement
-from experiments.measurements import _steps_check
-from experiments.record import (
-    Conditioning,
-    DiagonalMatch,
-    DiagonalMatches,
-    Eigenvalues,
-    Preconditioner,
-)
+from experiments.figures import preconditioner as figure
+from experiments.measurements.base import Context, Measurement, steps_check
+from experiments.measurements.diagonal import hessian_diagonal
+from experiments.optimizers import OPTIMIZERS
+from experiments.record import Eigenvalues
+from experiments.table import Column
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagonalMatch:
+    """A second moment against an exact curvature diagonal (``curvature.compare_diagonals``):
+    entries where the exact diagonal is exactly 0 are excluded from every correlation and
+    counted (``num_zeros``; ``num_both_zero`` of them have a zero moment too)."""
+
+    pearson: float
+    spearman: float
+    log_pearson: float  # of the logs, over the num_log entries where both are > 0
+    num_compared: int
+    num_zeros: int
+    num_both_zero: int
+    num_log: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagonalMatches:
+    overall: DiagonalMatch
+    per_layer: dict[str, DiagonalMatch]  # by curvature.layer_groups
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+    """Both ends of a spectrum (one Lanczos run) and ``condition = λmax / mean``, the mean
+    eigenvalue over the nonzero diagonal entries (exact, from the diagonal)."""
+
+    top: Eigenvalues  # descending
+    bottom: Eigenvalues  # ascending
+    mean: float
+    condition: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Preconditioner:
+    """Adam / RMSProp's second moment ν (bias-corrected where the optimizer corrects it) against
+    the exact diagonals of ``hessian``, ``gauss_newton`` and ``fisher`` (empirical), and the
+    spectrum of ``P^-1/2 H P^-1/2`` with ``P`` what the update divides by."""
+
+    second_moment: dict[str, DiagonalMatches]  # ν against each diagonal
+    sqrt_second_moment: dict[str, DiagonalMatches]  # √ν (only Pearson differs from ν's)
+    hessian: Conditioning
+    preconditioned: Conditioning
+    # The same with exact diagonals for P: "sqrt_fisher" √diag F + ε (what √ν estimates, without
+    # minibatch noise or lag), "gauss_newton" diag G + δ (the Gauss-Newton diagonal, Jacobi).
+    references: dict[str, Conditioning] = dataclasses.field(default_factory=dict)
+
 
 # What each optimizer's update divides by, from its second moment ν: optax's defaults (ε = 1e-8).
 DIVISORS = {
@@ -44,10 +90,10 @@ def _check(settings, info):
     optimizer = info.get("optimizer")
     if optimizer is not None and optimizer not in DIVISORS:
         return f"needs an optimizer with a second moment ({', '.join(DIVISORS)}), not {optimizer!r}"
-    message = _steps_check()(settings, info)
-    if message is None and settings.lanczos_steps < 2 * settings.k:
+    message = steps_check()(settings, info)
+    if message is None and settings.num_steps < 2 * settings.k:
         # Both ends from one Lanczos run: k eigenvalues from each.
-        return f"lanczos_steps={settings.lanczos_steps} is smaller than 2 k = {2 * settings.k}"
+        return f"num_steps={settings.num_steps} is smaller than 2 k = {2 * settings.k}"
     return message
 
 
@@ -79,13 +125,8 @@ def curvature_diagonals(ctx: Context) -> dict[str, np.ndarray]:
     empirical Fisher F (shared with ``fisher``'s operator), flat, once per measurement."""
 
     def run():
-        diag_h, _, _ = _hessian_diagonal(ctx, ctx.section("diagonal").matvecs, True)
-        F = ctx.cached(
-            "F",
-            lambda: cv.empirical_fisher(
-                ctx.loss, ctx.params, ctx.data, batch_size=ctx.batch_size, check=False
-            ),
-        )
+        diag_h, _, _ = hessian_diagonal(ctx, ctx.section("diagonal").num_matvecs, True)
+        F = ctx.empirical_fisher()
         out = {"hessian": np.asarray(diag_h)}
         for name, op in (("gauss_newton", ctx.gauss_newton()), ("fisher", F)):
             out[name] = np.asarray(cv.diagonal(op, method="exact").diagonal)
@@ -97,20 +138,19 @@ def curvature_diagonals(ctx: Context) -> dict[str, np.ndarray]:
     return ctx.cached("curvature_diagonals", run)
 
 
-@register_measurement("preconditioner", defaults={"k": 3, "lanczos_steps": 40}, check=_check)
-def _preconditioner(ctx: Context) -> Preconditioner | None:
+def preconditioner(ctx: Context) -> Preconditioner | None:
     """Adam / RMSProp's second moment ν and √ν against the exact diagonals of H, G and the
     empirical Fisher (Pearson, Spearman, log-log; per layer and overall; exact zeros excluded and
     counted), and the k largest and smallest eigenvalues and the condition number λmax / mean
     eigenvalue of H and of P^-1/2 H P^-1/2, P = what the update divides by (Adam: √ν̂ + ε), and
     for reference with P from the exact diagonals (√diag F + ε; diag G + δ).
-    Cost: n + 4 (lanczos_steps + 2 k) matvecs of H, and G's and F's per-example Jacobians."""
+    Cost: n + 4 (num_steps + 2 k) matvecs of H, and G's and F's per-example Jacobians."""
     s = ctx.settings
     if ctx.step == 0:
         return None  # no gradient seen yet: Adam's bias-corrected moment is 0/0
     optimizer = ctx.config.train.optimizer
     H = ctx.hessian()
-    nu = np.asarray(H.ravel(train.OPTIMIZERS.get(optimizer).second_moment(ctx.opt_state)))
+    nu = np.asarray(H.ravel(OPTIMIZERS.get(optimizer).second_moment(ctx.opt_state)))
     nu = nu.astype(np.float64)
     if not np.all(np.isfinite(nu)):
         raise FloatingPointError("preconditioner: the second moment is not finite")
@@ -126,7 +166,7 @@ def _preconditioner(ctx: Context) -> Preconditioner | None:
         H,
         divisor,
         k=s.k,
-        num_steps=s.lanczos_steps,
+        num_steps=s.num_steps,
         key=ctx.key_for("preconditioner"),
         diagonal=diagonals["hessian"],
     )
@@ -144,7 +184,7 @@ def _preconditioner(ctx: Context) -> Preconditioner | None:
         c = cv.conditioning(
             cv.preconditioned(H, p),
             k=s.k,
-            num_steps=s.lanczos_steps,
+            num_steps=s.num_steps,
             key=ctx.key_for("preconditioner"),
             diagonal=diagonals["hessian"] / p,
         )
@@ -163,3 +203,59 @@ def _references(diagonals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "sqrt_fisher": np.sqrt(diagonals["fisher"]) + 1e-8,
         "gauss_newton": g + 1e-6 * max(float(g.max()), 1e-30),
     }
+
+
+def _moment(which: str, curvature: str, stat: str) -> Callable:
+    """A correlation of the measurement, over all parameters."""
+    return lambda r: (
+        getattr(getattr(r.preconditioner, which)[curvature].overall, stat)
+        if r.preconditioner
+        else None
+    )
+
+
+def _condition(which: str) -> Callable:
+    def get(r):
+        p = r.preconditioner
+        if p is None:
+            return None
+        c = {"H": p.hessian, "P": p.preconditioned}.get(which) or p.references.get(which)
+        return c.condition if c else None
+
+    return get
+
+
+_COLUMNS = []
+for _short, _name in (("H", "hessian"), ("G", "gauss_newton"), ("F", "fisher")):
+    _COLUMNS += [
+        (f"r(ν,{_short})", _moment("second_moment", _name, "pearson")),
+        (f"r(√ν,{_short})", _moment("sqrt_second_moment", _name, "pearson")),
+        (f"ρ(ν,{_short})", _moment("second_moment", _name, "spearman")),
+    ]
+_COLUMNS += [
+    ("κ(H)", _condition("H")),
+    ("κ(P⁻½HP⁻½)", _condition("P")),
+    ("κ, P=√F", _condition("sqrt_fisher")),
+    ("κ, P=G", _condition("gauss_newton")),
+]
+_LEGEND = (
+    "r(ν,H), ρ(ν,H): Pearson and Spearman correlation over the parameters of the second moment "
+    "ν (√ν: its root, what the update divides by) with the exact diagonal of H (G; F: the "
+    "empirical Fisher), entries where that diagonal is exactly 0 excluded; κ: λmax / mean "
+    "eigenvalue of H and of P⁻½HP⁻½, P what the update divides by, or √diag F + ε, or diag G + δ"
+)
+
+PRECONDITIONER = Measurement(
+    "preconditioner",
+    preconditioner,
+    defaults={"k": 3, "num_steps": 40},
+    check=_check,
+    record_type=Preconditioner,
+    columns=tuple(
+        Column(title, get, rank=190 + i, legend=_LEGEND if i == 0 else "")
+        for i, (title, get) in enumerate(_COLUMNS)
+    ),
+    figures=(figure.PRECONDITIONER,),
+    spectra=True,
+    renamed={"lanczos_steps": "num_steps"},
+)

@@ -1,7 +1,6 @@
 """Hessian-free optimisation as ``train.optimizer="hessian_free"``: :func:`curvature.optim.hessian_free`
 (Martens 2010) with the settings of the config section ``train.hessian_free``, its per-step
-diagnostics and what a step costs in gradient-equivalents. Registered in
-:data:`experiments.train.OPTIMIZERS` on import (``experiments.train`` imports this module).
+diagnostics and what a step costs in gradient-equivalents.
 
 ``train.learning_rate`` scales the step (Martens' step is 1), from the optimizer state: members
 of a learning-rate sweep share the compiled trainer, as the first-order methods' do; so does the
@@ -15,12 +14,12 @@ import math
 import numpy as np
 import optax
 
-from experiments.train import OPTIMIZERS, Optimizer
+import curvature.optim
+from experiments.optimizers.base import Optimizer
 
-# The config section train.hessian_free (experiments.config declares it from here): the
-# arguments of curvature.optim.hessian_free, with its defaults. "none" is no preconditioner;
-# cg_tol 0 is the library's default (ten machine epsilons).
-HESSIAN_FREE_DEFAULTS = {
+# The config section train.hessian_free: the arguments of curvature.optim.hessian_free, with its
+# defaults. "none" is no preconditioner; cg_tol 0 is the library's default (ten machine epsilons).
+DEFAULTS = {
     "damping": 1e-3,  # the initial λ; Levenberg-Marquardt adapts it every step
     "max_cg_steps": 50,
     "curvature": "gauss_newton",  # or "hessian"
@@ -36,36 +35,35 @@ HESSIAN_FREE_DEFAULTS = {
     "preconditioner_exponent": 0.75,
     "second_moment_decay": 0.999,
 }
-HESSIAN_FREE_CHOICES = {
+CHOICES = {
     "curvature": ("gauss_newton", "hessian"),
     "preconditioner": ("none", "gauss_newton_diagonal", "second_moment"),
 }
-# Gradient-equivalents of one curvature product (see gradient_equivalents).
+# Gradient-equivalents of one curvature product (see experiments.train.gradient_equivalents).
 PRODUCT_COST = {"gauss_newton": 1.5, "hessian": 2.0}
 LOSS_COST = 0.5  # one loss evaluation: a forward pass
 ARMIJO_SHRINK, ARMIJO_TRIES = 0.8, 20  # curvature.optim's line search
 
 
-def check_settings(train_cfg) -> list[tuple[str, str]]:
-    """``(config key, message)`` for every bad value of ``train.hessian_free``."""
-    s, bad = train_cfg.hessian_free, []
-    key = "train.hessian_free."
+def check(s) -> list[tuple[str, str]]:
+    """``(key, message)`` for every bad value of the section ``train.hessian_free``."""
+    bad = []
 
     def number(name, ok, text):
         value = s[name]
         if isinstance(value, bool) or not isinstance(value, int | float):
-            bad.append((key + name, f"{value!r} is not a number"))
+            bad.append((name, f"{value!r} is not a number"))
         elif not (math.isfinite(value) and ok(value)):
-            bad.append((key + name, f"{value!r} {text}"))
+            bad.append((name, f"{value!r} {text}"))
 
-    for name in set(s) - set(HESSIAN_FREE_DEFAULTS):
-        bad.append((key + name, f"does not exist; known: {', '.join(HESSIAN_FREE_DEFAULTS)}"))
-    for name, choices in HESSIAN_FREE_CHOICES.items():
+    for name in set(s) - set(DEFAULTS):
+        bad.append((name, f"does not exist; known: {', '.join(DEFAULTS)}"))
+    for name, choices in CHOICES.items():
         if s[name] not in choices:
-            bad.append((key + name, f"{s[name]!r} is not one of {', '.join(choices)}"))
+            bad.append((name, f"{s[name]!r} is not one of {', '.join(choices)}"))
     steps = s.max_cg_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        bad.append((key + "max_cg_steps", f"{steps!r} is not an integer >= 1"))
+        bad.append(("max_cg_steps", f"{steps!r} is not an integer >= 1"))
     for name in ("damping", "cg_tol", "progress_tol", "l2", "preconditioner_exponent"):
         number(name, lambda v: v >= 0, "must be >= 0")
     number("warm_start", lambda v: 0 <= v <= 1, "must lie in [0, 1] (0: CG starts at zero)")
@@ -74,7 +72,7 @@ def check_settings(train_cfg) -> list[tuple[str, str]]:
     number("second_moment_decay", lambda v: 0 <= v < 1, "must lie in [0, 1)")
     for name in ("backtracking", "line_search"):
         if not isinstance(s[name], bool):
-            bad.append((key + name, f"{s[name]!r} is not True or False"))
+            bad.append((name, f"{s[name]!r} is not True or False"))
     return bad
 
 
@@ -82,9 +80,7 @@ def _no_model(params, batch):
     raise RuntimeError("this Hessian-free transformation was made without a model: init only")
 
 
-def _make_hessian_free(t, model=None, output_loss="cross_entropy"):
-    import curvature.optim
-
+def make(t, model=None, output_loss="cross_entropy"):
     s = t.hessian_free
     hf = curvature.optim.hessian_free(
         model if model is not None else _no_model,
@@ -109,13 +105,13 @@ def _make_hessian_free(t, model=None, output_loss="cross_entropy"):
     return optax.chain(hf, optax.inject_hyperparams(optax.scale)(step_size=t.learning_rate))
 
 
-def _hessian_free_static(t) -> tuple:
+def static(t) -> tuple:
     # The initial damping lives in the state (a placeholder here); the rest is compiled in.
-    settings = {**t.hessian_free, "damping": HESSIAN_FREE_DEFAULTS["damping"]}
+    settings = {**t.hessian_free, "damping": DEFAULTS["damping"]}
     return tuple(sorted(settings.items()))
 
 
-def _hessian_free_diagnostics(state) -> dict:
+def diagnostics(state) -> dict:
     hf = state[0]
     return {
         "damping": hf.damping,  # λ after this step's adaptation
@@ -125,7 +121,7 @@ def _hessian_free_diagnostics(state) -> dict:
     }
 
 
-def _hessian_free_cost(t, log: dict, num_outputs: int) -> np.ndarray:
+def cost(t, log: dict, num_outputs: int) -> np.ndarray:
     s = t.hessian_free
     cg = np.asarray(log["cg_steps"], float)
     products = cg + 2  # CG's, the warm start's residual, and ρ's
@@ -135,20 +131,20 @@ def _hessian_free_cost(t, log: dict, num_outputs: int) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             tries = np.where(a > 0, np.rint(np.log(a) / math.log(ARMIJO_SHRINK)), ARMIJO_TRIES)
         losses = losses + tries
-    cost = 1 + PRODUCT_COST[s.curvature] * products + LOSS_COST * losses
+    total = 1 + PRODUCT_COST[s.curvature] * products + LOSS_COST * losses
     if s.preconditioner == "gauss_newton_diagonal":
-        cost = cost + num_outputs
-    return cost
+        total = total + num_outputs
+    return total
 
 
-OPTIMIZERS.register(
+HESSIAN_FREE = Optimizer(
     "hessian_free",  # Martens (2010), curvature.optim.hessian_free
-    Optimizer(
-        _make_hessian_free,
-        needs_model=True,
-        section="hessian_free",
-        static=_hessian_free_static,
-        diagnostics=_hessian_free_diagnostics,
-        cost=_hessian_free_cost,
-    ),
+    make,
+    needs_model=True,
+    section="hessian_free",
+    defaults=DEFAULTS,
+    check=check,
+    static=static,
+    diagnostics=diagnostics,
+    cost=cost,
 )

@@ -7,15 +7,23 @@ import pytest
 
 pytest.importorskip("flax")
 pytest.importorskip("optax")
-from test_experiments import load_config, quiet  # noqa: E402
+from workbench_helpers import (  # noqa: E402
+    load_config,
+    quiet,
+)
 
 import experiments  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
-from experiments import figures_optim, sweep, train  # noqa: E402
 from experiments import run as run_lib  # noqa: E402
+from experiments import (  # noqa: E402
+    train,
+)
 from experiments.errors import ConfigError  # noqa: E402
+from experiments.figures import optim  # noqa: E402
 
 HF = "relu-optimizer=hessian_free-learning_rate=1.0-seed0"
+
+
 SGD = "relu-optimizer=sgd-learning_rate=0.2-seed0"
 
 
@@ -54,7 +62,7 @@ def test_hessian_free_trains_beside_sgd_and_logs_what_each_step_cost(tmp_path):
     assert np.all(sgd.training().cost == 1) and sgd.records[-1].training.gradient_equivalents == 6
     assert sgd.records[-1].learning_rate == 0.2 and hf.records[-1].learning_rate == 1.0
     # The comparison: a figure (loss against steps, cost and seconds) and a table in the summary.
-    fig = figures_optim.optimizer_figure(run)
+    fig = optim.optimizer_figure(run)
     gids = {line.get_gid() for ax in fig.axes for line in ax.lines}
     assert {f"{x}/{g}/0" for x in ("step", "gradient_equivalents", "seconds") for g in (
         "relu-optimizer=hessian_free-learning_rate=1.0", "relu-optimizer=sgd-learning_rate=0.2"
@@ -81,18 +89,6 @@ def test_bad_hessian_free_settings_name_their_key(key, value, match):
         config.train.hessian_free[key] = value
     with pytest.raises(ConfigError, match=f"config key {match}"):
         config_lib.validate(config)
-
-
-def test_fields_swept_together_need_one_value_each():
-    config = load_config()
-    with config.unlocked():
-        config.sweep = ("train.optimizer+train.learning_rate=(adam,0.01),(sgd)",)
-    with pytest.raises(ConfigError, match=r"'\(sgd\)' is not a tuple of 2 values"):
-        sweep.members(config)
-    with config.unlocked():
-        config.sweep = ("train.optimizer+train.learning_rate=(adam,0.01)", "train.optimizer=sgd")
-    with pytest.raises(ConfigError, match="a field is swept twice"):
-        sweep.members(config)
 
 
 def test_gradient_equivalents_count_preconditioner_curvature_and_line_search():

@@ -1,6 +1,6 @@
 """The ``preconditioner`` figure: how well Adam's or RMSProp's second moment ν tracks the
 curvature diagonal, and what dividing by it does to the Hessian's conditioning (the
-``preconditioner`` measurement, :mod:`experiments.second_moment`; ``configs/preconditioner.py``).
+``preconditioner`` measurement, :mod:`experiments.measurements.preconditioner`; ``configs/preconditioner.py``).
 
 * (a–c) along training, the Spearman correlation of ν (solid) and the Pearson correlation of √ν
   (dashed) with the exact diagonals of H, G and the empirical Fisher F, over all parameters;
@@ -10,8 +10,8 @@ curvature diagonal, and what dividing by it does to the Hessian's conditioning (
 * (f) at the last step, that condition number with P = I (H itself), the optimizer's P, and
   P from the exact diagonals: √diag F + ε and diag G + δ.
 
-Importing this module registers the figure with :mod:`experiments.figures` (which imports it);
-its caption is registered with :mod:`experiments.pages` when it is drawn.
+The ``preconditioner`` measurement (:mod:`experiments.measurements.preconditioner`) lists this
+figure (:data:`PRECONDITIONER`, with its caption) in its declaration.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from curvature import plotting
-from experiments import figures
+from experiments.figures import common
 
 CURVATURES = (("hessian", "diag H"), ("gauss_newton", "diag G"), ("fisher", "diag F"))
 CONDITIONS = (("H", "P = I (H)"), ("P", "optimizer's P"), ("sqrt_fisher", "√diag F"))
@@ -53,18 +53,17 @@ def _condition(r, which: str):
 def _last(members):
     """Each seed's last record with the measurement, at the last step every seed has it."""
     steps = [{r.step for r in m.records if r.preconditioner is not None} for m in members]
-    common = sorted(set.intersection(*steps))
-    return [m.record(common[-1]) for m in members] if common else []
+    shared = sorted(set.intersection(*steps))
+    return [m.record(shared[-1]) for m in members] if shared else []
 
 
 def preconditioner_figure(run):
-    _register_caption()
-    groups = [(g, ms) for g, ms in figures._groups(run) if _last(ms)]
+    groups = [(g, ms) for g, ms in common.groups(run) if _last(ms)]
     if not groups:
         return None
-    plt = figures._pyplot()
-    with plt.rc_context(figures.PAPER_RC):
-        fig, axes = plt.subplots(2, 3, figsize=(figures.WIDTH, 4.6), layout="constrained")
+    plt = common.pyplot()
+    with plt.rc_context(common.PAPER_RC):
+        fig, axes = plt.subplots(2, 3, figsize=(common.WIDTH, 4.6), layout="constrained")
         for ax, (name, title) in zip(axes[0], CURVATURES, strict=True):
             for i, (group, members) in enumerate(groups):
                 style = plotting.series_style(i)
@@ -131,7 +130,7 @@ def _layers_panel(ax, groups) -> None:
 
 def _line(ax, members, get, style, linestyle, gid: str) -> None:
     """The seeds' mean of ``get(record)`` against step, in a group's style, tagged ``gid``."""
-    steps, mean, _ = figures.series(members, get)
+    steps, mean, _ = common.series(members, get)
     line = ax.plot(
         steps, mean, color=style["color"], marker=style["marker"], markersize=2.5,
         linestyle=linestyle,
@@ -191,12 +190,10 @@ def _references_panel(ax, groups) -> None:
     ax.legend(frameon=False, fontsize=5.5)
 
 
-def _register_caption() -> None:
-    # Here rather than on import: experiments.pages imports experiments.figures, which imports
-    # this module, so pages may not be initialised yet when this module is.
-    from experiments import pages
-
-    pages.CAPTIONS.setdefault("preconditioner", CAPTION)
-
-
-figures.FIGURES["preconditioner"] = (preconditioner_figure, lambda r: r.preconditioner)
+PRECONDITIONER = common.Figure(
+    "preconditioner",
+    lambda run, facts: preconditioner_figure(run),
+    lambda r: r.preconditioner,
+    CAPTION,
+    rank=90,
+)

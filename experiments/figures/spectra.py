@@ -1,8 +1,5 @@
-"""The spectra figures of a run directory: the SLQ spectral ``density`` (and the densities the
-report pools) and the top eigenvalues against their index (``spectrum``), listed in
-:data:`experiments.figures.FIGURES`. Helpers (``figures._pyplot``, ...) are read when a figure is
-drawn, so the two modules may import each other.
-"""
+"""Spectra: the SLQ spectral ``density`` (and the densities a report pools over seeds) and the
+top eigenvalues against their index (``spectrum``)."""
 
 from __future__ import annotations
 
@@ -10,7 +7,8 @@ import numpy as np
 
 import curvature as cv
 from curvature import plotting
-from experiments import figures, report, storage
+from experiments import storage, table
+from experiments.figures import common
 
 
 def density_at(member, step) -> cv.SpectralDensity | None:
@@ -40,14 +38,10 @@ def default_sigma(densities) -> float:
     return float(max(np.ptp(nodes), 1e-12) / 100.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Figures.
-
-
 def density_figure(run, *, sigma: float | None = None, floor: float = 1e-5):
-    plt = figures._pyplot()
-    groups = figures._groups(run)
-    finals = {a: max(report.common_steps(ms) or [0]) for a, ms in groups}
+    plt = common.pyplot()
+    groups = common.groups(run)
+    finals = {a: max(table.common_steps(ms) or [0]) for a, ms in groups}
     panels = [("initialisation (step 0)", {a: pooled_density(ms, 0) for a, ms in groups})]
     panels.append(("last step", {a: pooled_density(ms, finals[a]) for a, ms in groups}))
     everything = [d for _, ds in panels for d in ds.values() if d is not None]
@@ -55,9 +49,9 @@ def density_figure(run, *, sigma: float | None = None, floor: float = 1e-5):
         return None, None
     sigma = sigma or default_sigma(everything)
     grid = plotting.density_grid(everything, sigma=sigma)
-    with plt.rc_context(figures.PAPER_RC):
+    with plt.rc_context(common.PAPER_RC):
         fig, axes = plt.subplots(
-            1, 2, figsize=(figures.WIDTH, 2.8), sharey=True, layout="constrained"
+            1, 2, figsize=(common.WIDTH, 2.8), sharey=True, layout="constrained"
         )
         drawn = {}
         for ax, (title, densities) in zip(axes, panels, strict=True):
@@ -96,7 +90,7 @@ def density_figure(run, *, sigma: float | None = None, floor: float = 1e-5):
 def _num_classes(run) -> int | None:
     """C, from a member's model: the width of its read-out in a kept checkpoint (no data
     needed); ``None`` when no checkpoint tells."""
-    for _, members in figures._groups(run):
+    for _, members in common.groups(run):
         for member in members:
             for step in member.checkpoint_steps()[-1:]:
                 path = member.dir / "checkpoints" / f"step_{step:06d}.npz"
@@ -110,15 +104,15 @@ def spectrum_figure(run):
     """The top eigenvalues of H (filled) and G (hollow) against their index, at initialisation
     and at the last step, a panel per group, log axis: outliers stand apart from the bulk. The
     dotted lines mark C − 1 and C (the read-out's width)."""
-    plt = figures._pyplot()
+    plt = common.pyplot()
     groups = [
         (g, ms)
-        for g, ms in figures._groups(run)
-        if figures._has([(g, ms)], lambda r: r.top_eigenvalues is not None)
+        for g, ms in common.groups(run)
+        if common.has([(g, ms)], lambda r: r.top_eigenvalues is not None)
     ]
     classes = None
-    with plt.rc_context(figures.PAPER_RC):
-        fig, axes, _ = figures._panels(plt, len(groups), 2.3, sharex=False)
+    with plt.rc_context(common.PAPER_RC):
+        fig, axes, _ = common.panels(plt, len(groups), 2.3, sharex=False)
         for (group, members), ax in zip(groups, axes.ravel(), strict=False):
             with_top = [
                 {r.step for r in m.records if r.top_eigenvalues is not None} for m in members
@@ -163,3 +157,28 @@ def spectrum_figure(run):
                 ax.set_ylabel("eigenvalue")
         axes[0, 0].legend(frameon=False, fontsize=6)
     return fig
+
+
+def _draw_density(run, facts):
+    fig, sigma = density_figure(run, sigma=facts.get("sigma"))
+    if fig is not None:
+        facts["sigma"] = sigma  # the caption states the width drawn
+    return fig
+
+
+DENSITY = common.Figure(
+    "density",
+    _draw_density,
+    lambda r: True,  # whenever a spectra file holds SLQ nodes (density_figure looks)
+    "Hessian spectral density at initialisation and at the last step; Gaussian kernel "
+    "of standard deviation σ = {sigma:.3g} on one grid for all groups; ticks: Ritz nodes.",
+    rank=0,
+)
+SPECTRUM = common.Figure(
+    "spectrum",
+    lambda run, facts: spectrum_figure(run),
+    lambda r: r.top_eigenvalues is not None and len(r.top_eigenvalues.values) >= 10,
+    "Top Hessian (filled) and Gauss-Newton (hollow, dotted) eigenvalues against their "
+    "index at initialisation and at the last step, mean over seeds.",
+    rank=50,
+)

@@ -1,0 +1,107 @@
+"""The measurements: one declaration each (:class:`~experiments.measurements.base.Measurement`),
+holding its function, its settings (the config section ``measure.<name>``) and their checks, its
+record type, its summary columns, its figures with captions and its compile cost.
+
+A built-in measurement is one module here, listed in :data:`BUILTINS`:
+
+* :mod:`~experiments.measurements.eigenvalues`: ``lambda_max``, ``top_eigenvalues``,
+  ``bottom_eigenvalues`` (Lanczos);
+* :mod:`~experiments.measurements.traces`: ``trace`` and ``gauss_newton`` (Hutch++ on one shared
+  sketch, tr R = tr H − tr G);
+* :mod:`~experiments.measurements.frobenius`, :mod:`~experiments.measurements.density` (SLQ),
+  :mod:`~experiments.measurements.diagonal`, :mod:`~experiments.measurements.optimizer_state`,
+  :mod:`~experiments.measurements.gradient_noise`, :mod:`~experiments.measurements.fisher`,
+  :mod:`~experiments.measurements.blocks` (by layer),
+  :mod:`~experiments.measurements.preconditioner` (the second moment against the curvature);
+* :mod:`~experiments.measurements.base`: the declaration, the :class:`Context` a measurement
+  sees, and shared helpers. The estimators are the library's public ones (shared probes:
+  ``curvature.trace((H, G, H - G), ...)``, ``frobenius_norm_squared``, ``hutchinson``,
+  ``block_summary``).
+
+The record of a measurement step (:data:`Record`) has one typed field per built-in, in the order
+of :data:`BUILTINS` (which is the order of a record's JSON). A user's measurement
+(:func:`register_measurement`) lands in ``record.extra[name]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from experiments.measurements import (
+    blocks,
+    density,
+    diagonal,
+    eigenvalues,
+    fisher,
+    frobenius,
+    gradient_noise,
+    optimizer_state,
+    preconditioner,
+    traces,
+)
+from experiments.measurements.base import Context, Measurement, measurement_key
+from experiments.record import record_class
+from experiments.registry import Registry
+
+BUILTINS: tuple[Measurement, ...] = (
+    eigenvalues.LAMBDA_MAX,
+    eigenvalues.TOP_EIGENVALUES,
+    eigenvalues.BOTTOM_EIGENVALUES,
+    traces.TRACE,
+    traces.GAUSS_NEWTON,
+    frobenius.FROBENIUS,
+    density.DENSITY,
+    diagonal.DIAGONAL,
+    optimizer_state.OPTIMIZER_STATE,
+    gradient_noise.GRADIENT_NOISE,
+    fisher.FISHER,
+    blocks.BLOCKS,
+    preconditioner.PRECONDITIONER,
+)
+
+Record = record_class(BUILTINS)
+
+MEASUREMENTS: Registry[Measurement] = Registry("measurement", "measure.quantities")
+for _entry in BUILTINS:
+    MEASUREMENTS.register(_entry.name, _entry)
+
+
+def register_measurement(
+    name: str,
+    fn: Callable | None = None,
+    *,
+    defaults: dict | None = None,
+    check: Callable | None = None,
+    replace: bool = True,
+):
+    """Register ``fn(ctx)`` as measurement ``name`` (usable as a decorator).
+
+    ``defaults`` become the config section ``measure.<name>`` of configs made afterwards by
+    :func:`experiments.config.base_config` (register before calling it); ``check(settings,
+    info)`` returns an error message for settings that cannot run, or ``None``. The value lands
+    in ``record.extra[name]``. A user measurement may be registered again (a config file loaded
+    twice), replacing the first; registering a built-in's name replaces its function, settings
+    and check and keeps its record field, columns and figures."""
+
+    def add(fn):
+        builtin = next((m for m in BUILTINS if m.name == name), None)
+        if builtin is not None:
+            entry = dataclasses.replace(builtin, fn=fn, defaults=dict(defaults or {}), check=check)
+        else:
+            entry = Measurement(name, fn, dict(defaults or {}), check)
+        MEASUREMENTS.register(name, entry, replace=replace)
+        return fn
+
+    return add if fn is None else add(fn)
+
+
+__all__ = [
+    "BUILTINS",
+    "MEASUREMENTS",
+    "Context",
+    "Measurement",
+    "Record",
+    "measurement_key",
+    "register_measurement",
+]
