@@ -119,6 +119,7 @@ def test_members_share_one_compiled_program(tmp_path):
         config.activations = ("relu", "tanh", "silu")
         config.data.num_train = 150  # shapes no other test uses
         config.workers = 1
+
     # Each member's functions are fresh closures (no module-level cache): the programs are
     # shared because functions compare by structure.
     def compiled():  # eigsh's and Hutch++'s programs, and the trainer
