@@ -124,7 +124,6 @@ def test_streamed_estimators_compile_each_step_once_and_never_switch_jit_off(x64
         cv.eigsh(op, k=2, num_steps=6, key=key)
         cv.trace((op, 2.0 * op), num_matvecs=6, key=key)
         cv.power_iteration(op, k=1, key=key, max_steps=4)
-        cv.spectral_density(op, num_probes=2, num_steps=4, key=key)
 
     run()
     steps = list(_driver._COMPILED.values())

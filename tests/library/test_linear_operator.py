@@ -40,6 +40,8 @@ def test_from_function_through_every_estimator(x64, key, activation):
     # Eigenvalues: Lanczos (both ends), its exactness, and power iteration.
     ends = cv.eigsh(op, k=4, which="BE", num_steps=40, key=key)
     np.testing.assert_allclose(ends.eigenvalues, [*eigs[::-1][:2], eigs[1], eigs[0]], rtol=1e-7)
+    if activation == "relu":  # the operator is the dense Hessian; the rest once (tanh)
+        return
     run = cv.lanczos(op, num_steps=12, key=key)
     basis = np.asarray(run.basis)
     np.testing.assert_allclose(basis @ h @ basis.T, cv.tridiagonal(run), atol=1e-10)
