@@ -203,3 +203,31 @@ def test_from_matrix_rejects_what_lanczos_cannot_use():
         cv.from_matrix(jnp.array([[1.0, 2.0], [0.0, 1.0]]))
     with pytest.raises(TypeError, match="complex"):
         cv.from_matrix(jnp.eye(2) * (1 + 1j))
+
+
+def test_a_users_own_operator_type_with_a_fast_diagonal(x64, key):
+    # A type of one's own: array fields are leaves, static() fields static; it overrides what
+    # it does better (its exact diagonal) and inherits the rest.
+    @cv.operator_type
+    class Diagonal(cv.LinearOperator):
+        d: jax.Array
+        layout: cv.Layout = cv.static()
+        has_fast_diagonal = True
+
+        def apply(self, v):
+            return self.d * v
+
+        def exact_diagonal(self):
+            return self.d
+
+    d = jnp.array([4.0, -1.0, 2.5, 0.5, 3.0])
+    op = Diagonal(d, cv.Layout.of(d))
+    np.testing.assert_allclose(cv.dense(op), np.diag(d))
+    np.testing.assert_allclose(cv.eigsh(op, k=2, key=key).eigenvalues, [4.0, 3.0], rtol=1e-10)
+    exact = cv.diagonal(op, method="exact")
+    np.testing.assert_array_equal(exact.diagonal, d)
+    assert int(exact.num_matvecs) == 0  # its own diagonal, no products
+    both = cv.diagonal(cv.restrict(2.0 * op - op, lambda path, leaf: True), method="exact")
+    np.testing.assert_allclose(both.diagonal, d)  # combinations and blocks compose it
+    t = cv.trace(op, num_matvecs=15, key=key)  # a sketch of n = 5 vectors: exact
+    assert float(t.value) == pytest.approx(float(jnp.sum(d)), rel=1e-10)
