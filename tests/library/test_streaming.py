@@ -221,3 +221,30 @@ def test_prepared_outside_jit_never_holds_a_closure(x64, key):
     assert residual.prepared() is residual  # no pullback for a combination: itself, not constants
     fisher = cv.empirical_fisher(loss, params, data)
     assert fisher.prepared() is fisher
+
+
+def test_wrappers_of_streamed_operators_compose_their_capabilities(x64, key):
+    # A block, a preconditioned form and a combination of streamed operators: products and exact
+    # diagonals from passes over the data, equal to the in-memory ones (the wrappers compose the
+    # streamed operator's host methods; nothing asks what the wrapped operator can do).
+    params, data, model, loss, _ = make_problem("tanh", "cross_entropy", num_examples=NUM)
+    g_mem = cv.gauss_newton(model, params, data, loss="cross_entropy")
+    g_st = cv.gauss_newton(model, params, loader_of(data), loss="cross_entropy")
+    h_mem, h_st = cv.hessian(loss, params, data), cv.hessian(loss, params, loader_of(data))
+    layer = lambda path, leaf: path[0].idx == 1  # noqa: E731
+    p = jnp.linspace(0.5, 2.0, g_mem.size)
+    pairs = [
+        (cv.restrict(g_st, layer), cv.restrict(g_mem, layer)),
+        (cv.preconditioned(g_st, p), cv.preconditioned(g_mem, p)),
+        (2.0 * g_st - g_st, 2.0 * g_mem - g_mem),
+    ]
+    for streamed, in_memory in pairs:
+        assert streamed.streamed and streamed.has_fast_diagonal
+        exact = [cv.diagonal(op, method="exact").diagonal for op in (streamed, in_memory)]
+        assert rel(exact[0], exact[1]) < 1e-12
+        x = jax.random.normal(key, (in_memory.size, 2))
+        assert rel(streamed @ x, in_memory @ x) < 1e-12
+    # A combination of a streamed and an in-memory operator: the residual H - G.
+    mixed = cv.eigsh(h_st - g_mem, k=1, num_steps=10, key=key)
+    alone = cv.eigsh(h_mem - g_mem, k=1, num_steps=10, key=key)
+    assert rel(mixed.eigenvalues, alone.eigenvalues) < 1e-10
