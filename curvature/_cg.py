@@ -126,7 +126,7 @@ def _program(max_steps: int, save_at: tuple[int, ...], restart: bool, has_x0: bo
             "damping": jnp.asarray(damping, dtype),
             "threshold": jnp.asarray(tol, dtype) * jnp.linalg.norm(b),
             "progress_tol": jnp.asarray(progress_tol, dtype),
-            "preconditioner": preconditioner,
+            "preconditioner": None if preconditioner is None else preconditioner.astype(dtype),
         }
         if has_x0:
             state["x"] = x0.astype(dtype)

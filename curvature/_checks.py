@@ -75,11 +75,11 @@ def _name(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def check_float_params(params: PyTree) -> None:
+def check_float_params(params: PyTree, what: str = "params") -> None:
     """Every parameter leaf must be a floating-point array: only those can be differentiated."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     if not leaves:
-        raise ValueError("params has no array leaves")
+        raise ValueError(f"{what} has no array leaves")
     for path, x in leaves:
         dtype = getattr(x, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
@@ -90,7 +90,7 @@ def check_float_params(params: PyTree) -> None:
                 else ""
             )
             raise TypeError(
-                f"params leaf {_name(path)} has dtype {dtype or type(x).__name__}; curvature "
+                f"{what} leaf {_name(path)} has dtype {dtype or type(x).__name__}; curvature "
                 f"differentiates floating-point leaves only{hint}"
             )
 

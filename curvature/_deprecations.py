@@ -28,12 +28,14 @@ def warn_once(message: str, *, stacklevel: int = 3) -> None:
     warnings.warn(message, FutureWarning, stacklevel=stacklevel + 1)
 
 
-def renamed(where: str, old: str, new: str, old_value, value, default=UNSET):
-    """The value of keyword ``new`` of ``where``, given either as ``new`` (``value``) or as its
-    deprecated name ``old`` (``old_value``, which warns once). Both given is an error."""
+def renamed(where: str, old: str, new: str, old_value, value, default):
+    """The value of keyword ``new`` of ``where``: ``value`` if given, else its deprecated name
+    ``old``'s ``old_value`` (which warns once), else ``default``. Both given is an error. A keyword
+    with a deprecated name defaults to :data:`UNSET` in the signature, so that passing its
+    default value explicitly still counts as given."""
     if old_value is UNSET:
-        return value
-    if value is not default and value is not UNSET:
+        return default if value is UNSET else value
+    if value is not UNSET:
         raise TypeError(f"{where}: pass {new}= only ({old}= is its deprecated name)")
     warn_once(f"{where}: {old}= is deprecated; it is now called {new}=", stacklevel=4)
     return old_value

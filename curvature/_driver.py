@@ -51,6 +51,7 @@ __all__ = [
     "Vmap",
     "While",
     "inline",
+    "map_rows",
     "run",
 ]
 
@@ -149,6 +150,13 @@ class Program:
 def run(program: Program, operators: tuple, *args):
     """``program`` on ``operators`` (a tuple) and ``args`` (a pytree of arrays, or ``None``): one
     compiled program for in-memory operators, host-driven when one of them is streamed."""
+    for op in operators:
+        if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(op)):
+            raise TypeError(
+                f"{type(op).__name__} is not a pytree: declare an operator type with "
+                "@curvature.operator_type (its array fields leaves, curvature.static() fields "
+                "static), or use curvature.from_function"
+            )
     if any(op.streamed for op in operators):
         return _run_on_host(program, operators, args)
     return _run_compiled(program, operators, args)
@@ -200,14 +208,21 @@ def _indices(which) -> tuple[int, ...]:
     return (which,) if isinstance(which, int) else tuple(which)
 
 
+def map_rows(op, rows: jax.Array, batch_size: int | None = None) -> jax.Array:
+    """``A`` applied to each row of ``rows`` (``(k, n)``) inside compiled code, ``lax.map``-ed
+    in groups of ``batch_size`` (vmapped within a group): memory of one group's activations,
+    where :meth:`~curvature.LinearOperator.apply_rows` vmaps them all."""
+    if batch_size is None or batch_size <= 1:
+        return jax.lax.map(op.apply, rows)
+    return jax.lax.map(op.apply, rows, batch_size=batch_size)
+
+
 def _traced_products(op, rows: jax.Array, step: Apply) -> jax.Array:
     if step.mode == "vector":
         return op.apply(rows)
     if step.mode == "rows":
         return op.apply_rows(rows)
-    if step.batch_size is None or step.batch_size <= 1:
-        return jax.lax.map(op.apply, rows)
-    return jax.lax.map(op.apply, rows, batch_size=step.batch_size)
+    return map_rows(op, rows, step.batch_size)
 
 
 def _traced(node, operators: tuple, state, i):

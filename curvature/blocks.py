@@ -31,6 +31,8 @@ import numpy as np
 from curvature import _driver
 from curvature._checks import check_key, is_traced, positive_int, require_square
 from curvature._deprecations import UNSET, renamed, warn_once
+from curvature.density import spectral_density
+from curvature.krylov import eigsh
 from curvature.linear_operator import (
     Layout,
     LinearOperator,
@@ -138,17 +140,24 @@ class Restricted(LinearOperator):
         full = self._embed_rows(rows.astype(self.dtype))
         return self._extract_rows(self.inner.apply_rows(full))
 
+    @property
+    def dtype(self):
+        # The products' dtype, the wrapped operator's: with parameters of mixed dtypes a block's
+        # own leaves may promote to less (float32 weights in a float64 operator, say).
+        return self.inner.dtype
+
     def _embed_rows(self, rows):
-        return jax.vmap(lambda v: _embed(v, self.cols, self.inner.size))(rows)
+        return _embed_rows(rows, self.cols, self.inner.size)
 
     def _extract_rows(self, products):
-        return jax.vmap(lambda w: _extract(w, self.rows))(products)
+        return _extract_rows(products, self.rows)
 
     def host_apply_rows(self, rows):
         if not self.streamed:
             return super().host_apply_rows(rows)
-        full = _embed_rows_jit(self, jnp.asarray(rows, self.dtype))
-        return _extract_rows_jit(self, self.inner.host_apply_rows(full))
+        # Compiled on the ranges alone: a streamed operator (its loader) is never a jit key.
+        full = _embed_rows_jit(jnp.asarray(rows, self.dtype), self.cols, self.inner.size)
+        return _extract_rows_jit(self.inner.host_apply_rows(full), self.rows)
 
     def prepared(self):
         if not is_traced(self):  # outside compiled code: products through the whole operator
@@ -161,17 +170,19 @@ class Restricted(LinearOperator):
     def host_exact_diagonal(self):
         if not self.streamed:
             return super().host_exact_diagonal()
-        return _extract_rows_jit(self, self.inner.host_exact_diagonal()[None])[0]
+        return _extract_rows_jit(self.inner.host_exact_diagonal()[None], self.rows)[0]
 
 
-@jax.jit
-def _embed_rows_jit(op: Restricted, rows):
-    return op._embed_rows(rows)
+def _embed_rows(rows, ranges, size: int):
+    return jax.vmap(lambda v: _embed(v, ranges, size))(rows)
 
 
-@jax.jit
-def _extract_rows_jit(op: Restricted, products):
-    return op._extract_rows(products)
+def _extract_rows(products, ranges):
+    return jax.vmap(lambda w: _extract(w, ranges))(products)
+
+
+_embed_rows_jit = jax.jit(_embed_rows, static_argnums=(1, 2))
+_extract_rows_jit = jax.jit(_extract_rows, static_argnums=(1,))
 
 
 @operator_type
@@ -296,8 +307,6 @@ def block_densities(
     a block smaller than ``num_steps`` gets as many steps as its size (then exact per probe).
 
     Cost: ``groups × num_probes × num_steps`` full matvecs."""
-    from curvature.density import spectral_density
-
     masks = _partition(op, groups, params)
     keys = jax.random.split(key, len(masks))
     out = {}
@@ -371,8 +380,8 @@ def block_summary(
     groups: dict[str, Any] | Sequence | None = None,
     *,
     key: jax.Array,
-    num_matvecs: int = 16,
-    num_steps: int = 20,
+    num_matvecs: int = UNSET,
+    num_steps: int = UNSET,
     probe_batch_size: int | None = None,
     params: PyTree = None,
     probes: int = UNSET,
@@ -389,18 +398,16 @@ def block_summary(
         belong to exactly one group for the Frobenius table to add up.
       key: PRNG key; group ``j``'s probes are ``rademacher(fold_in(key, j), (num_matvecs, n))``
         restricted to its entries.
-      num_matvecs: probes per group (deprecated name: ``probes``). Each probe's product gives a
-        column of block norms and the group's Hutchinson trace.
+      num_matvecs: probes per group, default 16 (deprecated name: ``probes``). Each probe's
+        product gives a column of block norms and the group's Hutchinson trace.
       num_steps: Lanczos steps for each diagonal block's top eigenvalue (at most the block's
-        size); ``0`` skips them (NaN). Deprecated name: ``lanczos_steps``. ``trace_matvecs`` is
+        size), default 20; ``0`` skips them (NaN). Deprecated name: ``lanczos_steps``. ``trace_matvecs`` is
         deprecated and ignored: the traces come from the same probes.
       probe_batch_size: probes multiplied together (vmapped); default one at a time.
 
     The probe statistics of all groups are one compiled program, compiled once per number of
     groups and probes whatever the partition; they are reduced on the host in float64.
     Cost: ``groups × (num_matvecs + num_steps + 1)`` products with each distinct operator."""
-    from curvature.krylov import eigsh
-
     num_matvecs = renamed("block_summary", "probes", "num_matvecs", probes, num_matvecs, 16)
     num_steps = renamed("block_summary", "lanczos_steps", "num_steps", lanczos_steps, num_steps, 20)
     if trace_matvecs is not UNSET:

@@ -39,6 +39,7 @@ import numpy as np
 from curvature import _driver
 from curvature._checks import check_float_params, is_traced
 from curvature._closures import Closure, closure
+from curvature._driver import map_rows
 
 __all__ = [
     "Combination",
@@ -80,9 +81,9 @@ class Layout:
     dtypes: tuple[np.dtype, ...]
 
     @classmethod
-    def of(cls, tree: PyTree) -> Layout:
+    def of(cls, tree: PyTree, what: str = "params") -> Layout:
         """The layout of a pytree of floating-point arrays (or ``jax.ShapeDtypeStruct``)."""
-        check_float_params(tree)
+        check_float_params(tree, what)
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         shapes, dtypes = zip(*(_shape_dtype(x) for x in leaves), strict=True)
         return cls(treedef, tuple(shapes), tuple(dtypes))
@@ -255,7 +256,13 @@ class LinearOperator:
         pullback): ``Hp = H.prepared()`` once, then ``Hp @ v`` for many ``v`` costs about 1.5
         gradients instead of 1.8 (``benchmarks/bench_core.py``), at the memory of a backward
         pass's residuals, held until ``Hp`` is dropped. Take it again after the parameters change.
-        Wrappers (combinations, blocks, preconditioned operators) prepare what they wrap.
+        Inside compiled code every wrapper (combination, block, preconditioned operator) prepares
+        what it wraps; outside it, a preconditioned operator holds its operator's prepared form,
+        combinations and blocks return themselves.
+
+        Call it where the operator is used: an operator prepared inside a transformation
+        (``jax.jit``, ``jax.grad``) holds the trace's values in its static part and is valid only
+        in that trace, where estimators treat it as a constant (no eigenvalue derivatives).
         """
         return self
 
@@ -428,7 +435,10 @@ class Family:
 
 def family(operators: tuple) -> Family:
     """The atoms of ``operators``: combinations are expanded into their terms, and an operator
-    that appears several times (``H``, ``G`` and ``H - G``) is one atom, multiplied once."""
+    that appears several times (``H``, ``G`` and ``H - G``) is one atom, multiplied once. Atoms
+    are matched by identity, so the same objects must be passed: a copy (a pytree round trip,
+    ``jax.tree_util.tree_map``, or operators passed into ``jax.jit`` separately) is another atom,
+    multiplied again, with the same results."""
     atoms: list = []
     coefficients: list = []
 
@@ -578,7 +588,9 @@ def from_function(matvec: Callable[[PyTree], PyTree], like: PyTree) -> LinearOpe
     """
     if not callable(matvec):
         raise TypeError(f"from_function: matvec must be a function v -> A v, got {matvec!r}")
-    layout = Layout.of(like)
+    layout = Layout.of(like, "like")
+    if layout.size == 0:
+        raise ValueError("from_function: like has no entries (an operator on vectors of length 0)")
     example = layout.skeleton()
     try:
         out = jax.eval_shape(matvec, example)
@@ -607,6 +619,13 @@ class _Raw(LinearOperator):
     fn: Callable = static()
     operands: Any = None
     layout: Layout = static(default=None)
+
+    def __post_init__(self):
+        if not isinstance(self.layout, Layout):
+            raise TypeError(
+                "LinearOperator(fn, operands, layout) needs a Layout (curvature.Layout.of(params)); "
+                "or use curvature.from_function(matvec, like)"
+            )
 
     @property
     def name(self) -> str:
@@ -640,15 +659,6 @@ def _matmat_program() -> _driver.Program:
         finish=lambda products, specs, x: products.T,
         name="matmat",
     )
-
-
-def map_rows(op: LinearOperator, rows: jax.Array, batch_size: int | None = None) -> jax.Array:
-    """``A`` applied to each row of ``rows`` (``(k, n)``) inside compiled code, ``lax.map``-ed
-    in groups of ``batch_size`` (vmapped within a group): memory of one group's activations,
-    where :meth:`LinearOperator.apply_rows` vmaps them all."""
-    if batch_size is None or batch_size <= 1:
-        return jax.lax.map(op.apply, rows)
-    return jax.lax.map(op.apply, rows, batch_size=batch_size)
 
 
 def dense(op: LinearOperator, *, max_size: int = 20_000) -> jax.Array:

@@ -165,9 +165,9 @@ def hessian_free(
       max_cg_steps: CG iterations per update, at most.
       curvature: ``"gauss_newton"`` or ``"hessian"`` (may be indefinite: CG stops at negative
         curvature and the damping grows), or your own: a function ``(params, batch) ->`` a
-        :class:`~curvature.LinearOperator` on the parameters' layout (e.g. built with
-        :func:`~curvature.from_function`, or a block of a builder's operator), called inside
-        the compiled update.
+        :class:`~curvature.LinearOperator` on the parameters' whole layout (e.g. built with
+        :func:`~curvature.from_function`, or a combination of builders' operators), called
+        inside the compiled update.
       preconditioner: ``None``, ``"gauss_newton_diagonal"`` (exact, from per-example Jacobians:
         memory of a batch's Jacobians) or ``"second_moment"``; $M = (\\mathrm{diag} + l_2 +
         \\lambda)^{\\alpha}$ with $\\alpha$ = ``preconditioner_exponent``.

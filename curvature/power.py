@@ -144,7 +144,7 @@ def power_iteration(
     *,
     k: int = UNSET,
     key: jax.Array,
-    max_steps: int = 1000,
+    max_steps: int = UNSET,
     tol: float | None = None,
     max_iters: int = UNSET,
 ) -> PowerIterationResult:
@@ -155,7 +155,7 @@ def power_iteration(
       k: how many pairs, found one after another with deflation. Required (as in
         :func:`~curvature.eigsh`); for now, leaving it out warns and takes 1.
       key: PRNG key for the start vectors.
-      max_steps: matvec budget per pair (its deprecated name: ``max_iters``).
+      max_steps: matvec budget per pair, default 1000 (its deprecated name: ``max_iters``).
       tol: stop a pair when ``||A v - lambda v|| <= tol * |lambda|``; default ``sqrt(eps)``.
 
     Cost: ``sum(num_iters) + k`` matvecs, one compiled program (a loop over pairs of

@@ -264,7 +264,7 @@ def preconditioned(
     if not isinstance(op, LinearOperator) or op.shape[0] != op.shape[1]:
         raise TypeError(f"preconditioned needs a square LinearOperator, got {op!r}")
     preconditioner = renamed(
-        "preconditioned", "diagonal", "preconditioner", diagonal, preconditioner
+        "preconditioned", "diagonal", "preconditioner", diagonal, preconditioner, UNSET
     )
     if preconditioner is UNSET:
         raise TypeError("preconditioned(op, preconditioner): the diagonal P is missing")

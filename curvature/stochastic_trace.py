@@ -18,7 +18,9 @@ probes (and, for Hutch++, one sketch: that of the first operator, against which 
 exact part is taken; each estimate stays unbiased, since the sketch is drawn before the probes).
 An operator that appears in several of them is multiplied once per probe: for ``(H, G, H - G)``
 each probe costs one product with ``H`` and one with ``G``, and the residual's products are their
-difference. With the same key, one operator alone gives the same numbers as in the tuple, and an
+difference (operators are matched by identity: pass the same objects, not copies). With the same
+key, an operator alone gives the same numbers as in the tuple (for Hutch++, the first operator,
+whose sketch the others share; theirs differ, each unbiased within its error bar), and an
 estimate's linearity holds on shared probes: Hutchinson's ``tr H - tr G`` equals ``tr(H - G)``.
 
 Memory: probes are drawn, multiplied and folded into running statistics a block at a time

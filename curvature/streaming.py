@@ -215,13 +215,19 @@ _TRACED = (
 
 
 class _Examples:
-    """How many examples the first full pass saw (checked on every later pass); compared by
-    identity, so it never makes two operators differ in structure."""
+    """How many examples the first full pass saw (checked on every later pass). Every instance
+    compares equal, so this record never makes two operators differ in structure."""
 
     __slots__ = ("count",)
 
     def __init__(self):
         self.count = None
+
+    def __eq__(self, other):
+        return isinstance(other, _Examples)
+
+    def __hash__(self):
+        return hash(_Examples)
 
 
 @operator_type

@@ -147,3 +147,20 @@ def test_block_densities_are_the_dense_blocks_spectra(x64, key):
         nodes = np.asarray(d.nodes)[np.asarray(d.weights) > 1e-12]
         assert nodes.min() >= eigs[0] - 1e-8 and nodes.max() <= eigs[-1] + 1e-8
         assert np.isclose(nodes.max(), eigs[-1], rtol=1e-6)  # the extremes are found exactly
+
+
+def test_blocks_of_parameters_of_mixed_dtypes(x64, key):
+    # float32 weights beside float64 biases: the operator (and every block) computes in float64,
+    # and the Lanczos estimators run on a block that holds float32 leaves only.
+    params, data, _, loss, _ = make_problem("tanh", "mse")
+    mixed = [{"b": layer["b"], "w": layer["w"].astype(jnp.float32)} for layer in params]
+    H = cv.hessian(loss, mixed, data)
+    weights = cv.restrict(H, lambda path, leaf: leaf.dtype == jnp.float32)
+    assert weights.dtype == H.dtype == jnp.float64
+    dense = np.asarray(cv.dense(weights))
+    top = cv.eigsh(weights, k=2, num_steps=weights.size, key=key)
+    np.testing.assert_allclose(top.eigenvalues, np.linalg.eigvalsh(dense)[::-1][:2], rtol=1e-6)
+    assert (
+        cv.spectral_density(weights, num_probes=2, num_steps=10, key=key).nodes.dtype == jnp.float64
+    )
+    cv.power_iteration(weights, k=1, key=key, max_steps=20)

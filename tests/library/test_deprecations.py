@@ -67,3 +67,12 @@ def test_apply_rows_function_renamed_map_rows(x64):
     with pytest.warns(FutureWarning, match="use curvature.linear_operator.map_rows"):
         old = jax.jit(lambda r: operators.apply_rows(op, r))(rows)
     np.testing.assert_array_equal(old, jnp.diag(jnp.arange(1.0, 4.0)))
+
+
+def test_a_new_name_given_at_its_default_value_still_counts(key):
+    # Both names given is an error, also when the new one is given its default value.
+    op = cv.from_matrix(jnp.diag(jnp.arange(1.0, 7.0)))
+    with pytest.raises(TypeError, match="pass num_matvecs= only"):
+        cv.block_summary(op, key=key, num_matvecs=16, probes=8, num_steps=0)
+    with pytest.raises(TypeError, match="pass max_steps= only"):
+        cv.power_iteration(op, k=1, key=key, max_steps=1000, max_iters=2)

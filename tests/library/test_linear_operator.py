@@ -231,3 +231,20 @@ def test_a_users_own_operator_type_with_a_fast_diagonal(x64, key):
     np.testing.assert_allclose(both.diagonal, d)  # combinations and blocks compose it
     t = cv.trace(op, num_matvecs=15, key=key)  # a sketch of n = 5 vectors: exact
     assert float(t.value) == pytest.approx(float(jnp.sum(d)), rel=1e-10)
+
+
+def test_operators_that_are_not_what_they_claim_are_refused_clearly():
+    class Plain(cv.LinearOperator):  # no @operator_type: not a pytree
+        layout = cv.Layout.of(jnp.zeros(3))
+
+        def apply(self, v):
+            return v
+
+    with pytest.raises(TypeError, match="not a pytree: declare an operator type with"):
+        cv.dense(Plain())
+    with pytest.raises(TypeError, match="needs a Layout"):
+        cv.LinearOperator(lambda ops, v: v, jnp.zeros(3))
+    with pytest.raises(TypeError, match="like leaf .* has dtype int32"):
+        cv.from_function(lambda v: v, {"w": jnp.zeros(3, jnp.int32)})
+    with pytest.raises(ValueError, match="like has no entries"):
+        cv.from_function(lambda v: v, jnp.zeros(0))

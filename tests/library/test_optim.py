@@ -361,3 +361,13 @@ def test_optax_is_needed_only_by_curvature_optim():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install optax" in out.stdout
+
+
+def test_conjugate_gradient_casts_a_wider_preconditioner(x64):
+    # A float64 diagonal preconditioner for a float32 operator: CG runs in the operator's dtype.
+    a = cv.from_matrix(jnp.array([[3.0, 1.0], [1.0, 2.0]], jnp.float32))
+    b = jnp.array([1.0, 1.0], jnp.float32)
+    m = jnp.array([3.0, 2.0], jnp.float64)
+    x = co.conjugate_gradient(a, b, max_steps=2, preconditioner=m).x
+    assert x.dtype == jnp.float32
+    np.testing.assert_allclose(x, [0.2, 0.4], rtol=1e-5)

@@ -248,3 +248,19 @@ def test_wrappers_of_streamed_operators_compose_their_capabilities(x64, key):
     mixed = cv.eigsh(h_st - g_mem, k=1, num_steps=10, key=key)
     alone = cv.eigsh(h_mem - g_mem, k=1, num_steps=10, key=key)
     assert rel(mixed.eigenvalues, alone.eigenvalues) < 1e-10
+
+
+def test_blocks_of_streamed_operators_compile_once(x64, key):
+    # A block's products from the host are compiled on its ranges alone: a new streamed operator
+    # (a fresh loader each training step, say) compiles nothing new and keeps no loader alive.
+    from curvature import blocks
+
+    params, data, _, loss, _ = make_problem("tanh", "mse")
+    layer = lambda path, leaf: path[0].idx == 0  # noqa: E731
+    x = jax.random.normal(key, (cv.restrict(cv.hessian(loss, params, data), layer).size, 2))
+    sizes = []
+    for _ in range(3):
+        block = cv.restrict(cv.hessian(loss, params, lambda: [data]), layer)
+        block @ x
+        sizes.append((blocks._embed_rows_jit._cache_size(), blocks._extract_rows_jit._cache_size()))
+    assert sizes[0] == sizes[1] == sizes[2], sizes
