@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
@@ -84,7 +85,9 @@ class Apply:
     tuple of indices: a tuple of arrays). ``mode``: ``"vector"`` for one vector ``(k,)`` (a
     matvec), ``"rows"`` for a block ``(b, k)`` multiplied together (vmapped: shared forward
     passes; one pass over streamed data), ``"map"`` for a block taken a row at a time
-    (``lax.map``, ``batch_size`` rows vmapped together; streamed: one pass per group).
+    (``lax.map``, ``batch_size`` rows vmapped together; streamed: one pass per group). With
+    ``valid(state)`` (a traced count, ``"map"`` only) the rows from that count on are not
+    multiplied and their products are zero: a preallocated block of vectors, partly used.
     """
 
     rows: Callable[[State, Any], jax.Array]
@@ -92,13 +95,18 @@ class Apply:
     operators: int | tuple[int, ...] = 0
     mode: str = "vector"
     batch_size: int | None = None
+    valid: Callable[[State], jax.Array] | None = None  # "map": rows multiplied; the rest 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Repeat:
-    """``body`` ``count`` times; the steps inside get the index ``i = 0 .. count - 1``."""
+    """``body`` ``count`` times; the steps inside get the index ``i = 0 .. count - 1``.
 
-    count: int
+    ``count`` is an int, or a function ``count(state)`` giving a traced count (a loop to a
+    traced bound: one compiled program for every count, e.g. Lanczos steps in a preallocated
+    basis); from the host it is read once, before the loop."""
+
+    count: int | Callable[[State], jax.Array]
     body: Any
 
 
@@ -114,10 +122,12 @@ class While:
 class Vmap:
     """``body`` (written for one item) on every item of ``state[field]`` (a pytree whose leaves
     have a leading batch axis) at once: ``jax.vmap`` of the whole body, its products batched.
-    In compiled code only (not for streamed operators)."""
+    In compiled code only (not for streamed operators). ``shared``: a field of the state given
+    to every item unbatched, under the same name (a traced loop bound, say)."""
 
     field: str
     body: Any
+    shared: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +203,7 @@ def specs_of(operators: tuple) -> tuple[Spec, ...]:
 
 def _stopped(tree):
     return jax.tree_util.tree_map(
-        lambda x: jax.lax.stop_gradient(x) if jax.numpy.issubdtype(x.dtype, np.inexact) else x,
+        lambda x: jax.lax.stop_gradient(x) if jnp.issubdtype(x.dtype, np.inexact) else x,
         tree,
     )
 
@@ -217,12 +227,21 @@ def map_rows(op, rows: jax.Array, batch_size: int | None = None) -> jax.Array:
     return jax.lax.map(op.apply, rows, batch_size=batch_size)
 
 
-def _traced_products(op, rows: jax.Array, step: Apply) -> jax.Array:
+def _traced_products(op, rows: jax.Array, step: Apply, valid=None) -> jax.Array:
     if step.mode == "vector":
         return op.apply(rows)
     if step.mode == "rows":
         return op.apply_rows(rows)
-    return map_rows(op, rows, step.batch_size)
+    if valid is None:
+        return map_rows(op, rows, step.batch_size)
+
+    def one(item):
+        i, row = item
+        return jax.lax.cond(i < valid, op.apply, jnp.zeros_like, row)
+
+    index = jnp.arange(rows.shape[0])
+    batch = None if step.batch_size is None or step.batch_size <= 1 else step.batch_size
+    return jax.lax.map(one, (index, rows), batch_size=batch)
 
 
 def _traced(node, operators: tuple, state, i):
@@ -230,12 +249,14 @@ def _traced(node, operators: tuple, state, i):
         return node.fn(state, i)
     if isinstance(node, Apply):
         rows = node.rows(state, i)
-        products = {j: _traced_products(operators[j], rows, node) for j in _indices(node.operators)}
+        valid = None if node.valid is None else node.valid(state)
+        products = {
+            j: _traced_products(operators[j], rows, node, valid) for j in _indices(node.operators)
+        }
         return node.update(state, i, _select(products, node.operators))
     if isinstance(node, Repeat):
-        return jax.lax.fori_loop(
-            0, node.count, lambda j, s: _traced(node.body, operators, s, j), state
-        )
+        count = node.count(state) if callable(node.count) else node.count
+        return jax.lax.fori_loop(0, count, lambda j, s: _traced(node.body, operators, s, j), state)
     if isinstance(node, While):
         return jax.lax.while_loop(node.cond, lambda s: _traced(node.body, operators, s, i), state)
     if isinstance(node, Seq):
@@ -243,7 +264,15 @@ def _traced(node, operators: tuple, state, i):
             state = _traced(step, operators, state, i)
         return state
     if isinstance(node, Vmap):
-        batch = jax.vmap(lambda item: _traced(node.body, operators, item, i))(state[node.field])
+        if node.shared is None:
+            batch = jax.vmap(lambda item: _traced(node.body, operators, item, i))(state[node.field])
+            return {**state, node.field: batch}
+
+        def one(item, shared):
+            out = _traced(node.body, operators, {**item, node.shared: shared}, i)
+            return {k: v for k, v in out.items() if k != node.shared}
+
+        batch = jax.vmap(one, in_axes=(0, None))(state[node.field], state[node.shared])
         return {**state, node.field: batch}
     raise TypeError(f"internal: unknown program step {node!r}")
 
@@ -278,7 +307,21 @@ def _host_products(op, rows: jax.Array, step: Apply) -> jax.Array:
 
 
 def _concatenate(parts):
-    return jax.numpy.concatenate(parts)
+    return jnp.concatenate(parts)
+
+
+def _host_valid_products(op, rows, step: Apply, valid: int):
+    if step.mode == "vector" or valid >= rows.shape[0]:
+        return _host_products(op, rows, step)
+    products = _host_products(op, rows[:valid], step) if valid > 0 else None
+    shape = (rows.shape[0], op.shape[0])
+    return _compiled(_padded, static_argnums=(1, 2))(products, shape, np.dtype(op.dtype))
+
+
+def _padded(products, shape, dtype):
+    """``products`` (the first rows of a block) followed by zero rows, to ``shape``."""
+    zeros = jnp.zeros(shape, dtype)
+    return zeros if products is None else zeros.at[: products.shape[0]].set(products)
 
 
 def _run_on_host(program: Program, operators: tuple, args):
@@ -294,10 +337,15 @@ def _hosted(node, operators: tuple, state, i):
         return _compiled(node.fn)(state, i)
     if isinstance(node, Apply):
         rows = _compiled(node.rows)(state, i)
-        products = {j: _host_products(operators[j], rows, node) for j in _indices(node.operators)}
+        valid = rows.shape[0] if node.valid is None else int(_compiled(node.valid)(state))
+        products = {
+            j: _host_valid_products(operators[j], rows, node, valid)
+            for j in _indices(node.operators)
+        }
         return _compiled(node.update)(state, i, _select(products, node.operators))
     if isinstance(node, Repeat):
-        for j in range(node.count):
+        count = int(_compiled(node.count)(state)) if callable(node.count) else node.count
+        for j in range(count):
             state = _hosted(node.body, operators, state, j)
         return state
     if isinstance(node, While):

@@ -65,8 +65,11 @@ def basis_init(v0, num_steps: int):
     return (basis, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
 
 
-def basis_update(state, j, w, key, num_steps: int, reorthogonalize: bool):
-    """Step ``j`` of Lanczos after its matvec ``w = A q_j``."""
+def basis_update(state, j, w, key, num_steps, reorthogonalize: bool, project=None):
+    """Step ``j`` of Lanczos after its matvec ``w = A q_j``. ``num_steps`` may be traced (the
+    run's length in a larger preallocated basis); ``project(r)`` keeps a restart vector in the
+    subspace the operator acts on (a block ``P A P`` on full-length vectors, a deflated
+    operator)."""
     basis, alphas, betas, restarts, anorm = state
     n, dtype = basis.shape[1], basis.dtype
     breakdown_tol = jnp.finfo(dtype).eps ** 0.75
@@ -84,6 +87,8 @@ def basis_update(state, j, w, key, num_steps: int, reorthogonalize: bool):
 
     def restart(_):
         r = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
+        if project is not None:
+            r = project(r)
         r = _orthogonalize(basis, _orthogonalize(basis, r))
         return r / safe_norm(r), jnp.zeros((), dtype)
 
@@ -115,7 +120,7 @@ def recurrence_result(state) -> LanczosResult:
     )
 
 
-def recurrence_update(state, j, w, key, num_steps: int):
+def recurrence_update(state, j, w, key, num_steps):
     """Step ``j`` of the three-term recurrence after its product ``w = A q_j``."""
     q_prev, q, alphas, betas, restarts, anorm = state
     n, dtype = q.shape[0], q.dtype
@@ -153,29 +158,81 @@ def basis_result(state, num_steps: int) -> LanczosResult:
 
 
 # --------------------------------------------------------------------------------------------
+# Preallocated sizes: one compiled program for every run length within a bucket.
+
+_BUCKETS = (12, 16, 20, 24, 30, 40, 48, 60, 80, 100)
+
+
+def bucket(count: int, limit: int | None = None) -> int:
+    """The preallocated size for ``count`` steps (or vectors): ``count`` itself up to 10, then
+    the next of 12, 16, 20, 24, 30, 40, 48, 60, 80, 100, 120, 160, ... (a third more at most),
+    never above ``limit``. Runs of any length within a bucket share one compiled program."""
+    if count <= 10:
+        size = count
+    else:
+        scale = 1
+        while count > _BUCKETS[-1] * scale:
+            scale *= 10
+        size = next(b * scale for b in _BUCKETS if b * scale >= count)
+    return size if limit is None else max(count, min(size, limit))
+
+
+def padded_eigh(alphas: jax.Array, betas: jax.Array, num_steps) -> tuple[jax.Array, jax.Array]:
+    """Eigenpairs of the ``num_steps x num_steps`` tridiagonal ``T`` of a run whose ``alphas``
+    and ``betas`` are preallocated to a larger size (``num_steps`` may be traced), computed on
+    ``T`` at unit scale: the Ritz values ascending, then the padding's (sorted last, above every
+    Ritz value, with eigenvectors that are zero on ``T``'s rows), so that ``theta[:num_steps]``
+    and ``s[:num_steps, :num_steps]`` are ``T``'s. With ``num_steps`` the preallocated size,
+    exactly the eigendecomposition of ``T``."""
+    rows = alphas.shape[0]
+    index = jnp.arange(rows)
+    a = jnp.where(index < num_steps, alphas, 0)
+    b = jnp.where(index[:-1] < num_steps - 1, betas[: rows - 1], 0)
+    t = jnp.diag(a) + jnp.diag(b, 1) + jnp.diag(b, -1)
+    scale = jnp.max(jnp.abs(t))
+    scale = jnp.where(scale > 0, scale, 1.0)
+    # At unit scale every eigenvalue of T lies in [-3, 3] (Gershgorin): the padding at 4 is above.
+    pad = jnp.where(index < num_steps, 0.0, 4.0).astype(t.dtype)
+    theta, s = jnp.linalg.eigh(t / scale + jnp.diag(pad))
+    return theta * scale, s
+
+
+# --------------------------------------------------------------------------------------------
 # The steps of a program: Lanczos on the sub-state state["lanczos"], restart key state["key"].
 
 
-def lanczos_steps(num_steps: int, reorthogonalize: bool, store_basis: bool = True) -> Repeat:
-    """``num_steps`` Lanczos steps on ``state["lanczos"]`` (made by :func:`basis_init` or, with
-    ``store_basis=False``, :func:`recurrence_init`), restarting after a breakdown from vectors
-    drawn with ``state["key"]``."""
+def lanczos_steps(reorthogonalize: bool, store_basis: bool = True, field: str = "lanczos"):
+    """``state["num_steps"]`` Lanczos steps (traced: any count within the preallocated size) on
+    ``state[field]`` (made by :func:`basis_init` or, with ``store_basis=False``,
+    :func:`recurrence_init`), restarting after a breakdown from vectors drawn with
+    ``state["key"]``. With ``state["mask"]`` (0/1 entries) the operator is the block
+    ``P A P`` on the masked entries of full-length vectors: products and restarts are masked."""
     if store_basis:
 
         def rows(state, j):
-            return state["lanczos"][0][j]
+            return state[field][0][j]
 
         def update(state, j, w):
-            new = basis_update(state["lanczos"], j, w, state["key"], num_steps, reorthogonalize)
-            return {**state, "lanczos": new}
+            mask = state.get("mask")
+            project = None if mask is None else (lambda r: r * mask)
+            new = basis_update(
+                state[field],
+                j,
+                w if mask is None else w * mask,
+                state["key"],
+                state["num_steps"],
+                reorthogonalize,
+                project,
+            )
+            return {**state, field: new}
 
     else:
 
         def rows(state, j):
-            return state["lanczos"][1]
+            return state[field][1]
 
         def update(state, j, w):
-            new = recurrence_update(state["lanczos"], j, w, state["key"], num_steps)
-            return {**state, "lanczos": new}
+            new = recurrence_update(state[field], j, w, state["key"], state["num_steps"])
+            return {**state, field: new}
 
-    return Repeat(num_steps, Apply(rows, update))
+    return Repeat(lambda state: state["num_steps"], Apply(rows, update))

@@ -29,10 +29,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvature import _driver
-from curvature._checks import check_key, is_traced, positive_int, require_square
+from curvature._checks import (
+    check_finite_result,
+    check_key,
+    is_traced,
+    positive_int,
+    require_square,
+)
 from curvature._deprecations import UNSET, renamed, warn_once
-from curvature.density import spectral_density
-from curvature.krylov import eigsh
+from curvature._lanczos import bucket
+from curvature._memory import check_basis_memory
+from curvature.density import SpectralDensity, slq_program
+from curvature.krylov import eigsh_result, eigsh_state, eigsh_steps
 from curvature.linear_operator import (
     Layout,
     LinearOperator,
@@ -281,6 +289,7 @@ class BlockSummary(NamedTuple):
     top_residual: np.ndarray
     frobenius_sq: np.ndarray
     frobenius_sq_se: np.ndarray
+    converged: np.ndarray | None = None
 
 
 def _partition(op, groups, params) -> dict[str, list[bool]]:
@@ -303,19 +312,138 @@ def block_densities(
 ) -> dict:
     """The spectral density (SLQ, :func:`curvature.spectral_density`) of every diagonal block of
     ``groups`` (default :func:`layer_groups`): ``{name: SpectralDensity}``, the per-block view of
-    Zhang et al. (2024). Group ``g`` (in order) uses ``jax.random.split(key, len(groups))[g]``;
-    a block smaller than ``num_steps`` gets as many steps as its size (then exact per probe).
+    Zhang et al. (2024). Group ``g`` (in order) uses ``jax.random.split(key, len(groups))[g]``:
+    its probes are those of ``spectral_density(restrict(op, group), key=that key)``; a block
+    smaller than ``num_steps`` gets as many steps as its size (then exact per probe).
 
-    Cost: ``groups × num_probes × num_steps`` full matvecs."""
+    All groups run in one compiled program (each block acts on full-length vectors masked to its
+    entries), compiled once whatever the partition and for every ``num_steps`` in a size
+    bucket. Cost: ``groups × num_probes × num_steps`` full matvecs; memory: one basis of
+    ``num_steps`` full-length vectors."""
+    require_square(op, "block_densities")
+    check_key(key)
+    num_probes = positive_int(num_probes, "num_probes")
+    num_steps = positive_int(num_steps, "num_steps")
     masks = _partition(op, groups, params)
+    entry_group, rank, sizes = _group_index(op.layout, masks)
+    steps = np.minimum(num_steps, sizes)
+    rows = bucket(int(steps.max()), op.size)
+    check_basis_memory(op, rows, "block_densities")
     keys = jax.random.split(key, len(masks))
+    program = slq_program(num_probes, rows, True, None, len(masks))
+    nodes, weights = _driver.run(
+        program,
+        (op,),
+        keys,
+        jnp.asarray(steps, jnp.int32),
+        jnp.asarray(entry_group),
+        jnp.asarray(rank),
+    )
     out = {}
-    for k, (name, mask) in zip(keys, masks.items(), strict=True):
-        block = _restricted(op, mask, mask)
-        out[name] = spectral_density(
-            block, num_probes=num_probes, num_steps=min(num_steps, block.size), key=k
-        )
+    for g, name in enumerate(masks):
+        m = int(steps[g])
+        density = SpectralDensity(nodes[g, :, :m], weights[g, :, :m], jnp.asarray(sizes[g]))
+        check_finite_result(density.nodes, f"block_densities (group {name!r})")
+        out[name] = density
     return out
+
+
+def _group_index(layout: Layout, masks: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per entry of the flat vector its group and its position within the group; per group its
+    size."""
+    entry_group = np.full(layout.size, -1, np.int32)
+    rank = np.zeros(layout.size, np.int32)
+    sizes = []
+    for g, mask in enumerate(masks.values()):
+        offset = 0
+        for start, stop in _ranges(layout, mask):
+            entry_group[start:stop] = g
+            rank[start:stop] = offset + np.arange(stop - start)
+            offset += stop - start
+        sizes.append(offset)
+    return entry_group, rank, np.array(sizes)
+
+
+@functools.cache
+def _block_top_program(num_groups: int, rows: int, check_rows: int) -> _driver.Program:
+    """The top eigenvalue of every diagonal block (Lanczos with its rank check, as
+    :func:`curvature.eigsh` with ``k=1``), all in one program: block ``g`` is the operator masked
+    to the group's entries on full-length vectors; ``num_steps`` and ``check_steps`` per group
+    are traced."""
+    size = 1
+    steps = eigsh_steps(rows, size, check_rows, True, None)
+
+    def begin(base, g, n, dtype):
+        mask = (base["entry_group"] == g).astype(dtype)
+        key = jax.random.fold_in(jax.random.fold_in(base["key0"], 0x70B), g)
+        settings = {
+            "tol": base["tol"],
+            "num_steps": base["group_steps"][g],
+            "k": jnp.asarray(1, jnp.int32),
+            "which": jnp.asarray(0, jnp.int32),
+            "check_steps": base["group_checks"][g],
+        }
+        eig = eigsh_state(key, n, dtype, rows, size, check_rows, settings, mask, base["rank"])
+        return {**base, "eig": eig}
+
+    def init(specs, key, tol, group_steps, group_checks, entry_group, rank):
+        n, dtype = specs[0].size, specs[0].dtype
+        base = {
+            "key0": key,
+            "tol": tol,
+            "group_steps": group_steps,
+            "group_checks": group_checks,
+            "entry_group": entry_group,
+            "rank": rank,
+            "top": jnp.zeros((num_groups,), dtype),
+            "residual": jnp.zeros((num_groups,), dtype),
+            "converged": jnp.zeros((num_groups,), bool),
+        }
+        return begin(base, 0, n, dtype)
+
+    def start(state, g):
+        vector = state["eig"]["vectors"]
+        return begin(state, g, vector.shape[0], vector.dtype)
+
+    def store(state, g):
+        result = eigsh_result(state["eig"], size, check_rows)
+        return {
+            **state,
+            "top": state["top"].at[g].set(result.eigenvalues[0]),
+            "residual": state["residual"].at[g].set(result.residual_norms[0]),
+            "converged": state["converged"].at[g].set(result.converged[0]),
+        }
+
+    def focused(node):
+        """``node`` (steps of an eigsh state) on ``state["eig"]``."""
+        if isinstance(node, _driver.Seq):
+            return _driver.Seq(*(focused(step) for step in node.steps))
+        if isinstance(node, _driver.Repeat):
+            count = node.count
+            if callable(count):
+                count = functools.partial(lambda c, state: c(state["eig"]), count)
+            return _driver.Repeat(count, focused(node.body))
+        if isinstance(node, _driver.Map):
+            fn = node.fn
+            return _driver.Map(lambda state, i: {**state, "eig": fn(state["eig"], i)})
+        if isinstance(node, _driver.Apply):
+            rows_fn, update, valid = node.rows, node.update, node.valid
+            return dataclasses.replace(
+                node,
+                rows=lambda state, i: rows_fn(state["eig"], i),
+                update=lambda state, i, w: {**state, "eig": update(state["eig"], i, w)},
+                valid=None if valid is None else (lambda state: valid(state["eig"])),
+            )
+        raise TypeError(f"internal: cannot focus {node!r}")
+
+    body = _driver.Repeat(
+        num_groups, _driver.Seq(_driver.Map(start), focused(steps), _driver.Map(store))
+    )
+
+    def finish(state, specs, *args):
+        return state["top"], state["residual"], state["converged"]
+
+    return _driver.Program(init, body, finish, frozen=True, name="block_top")
 
 
 @functools.cache
@@ -433,12 +561,7 @@ def block_summary(
         raise ValueError("groups must partition the parameter leaves: every leaf in exactly one")
     layout = ops[0].layout
     names = tuple(masks)
-    entry_group = np.zeros(layout.size, np.int32)
-    sizes = []
-    for g, mask in enumerate(masks.values()):
-        for start, stop in _ranges(layout, mask):
-            entry_group[start:stop] = g
-        sizes.append(sum(stop - start for start, stop in _ranges(layout, mask)))
+    entry_group, rank, sizes = _group_index(layout, masks)
     fam = family(ops)
     program = _block_program(len(names), num_matvecs, probe_batch_size, fam.recipes)
     squares, quads = _driver.run(
@@ -452,16 +575,9 @@ def block_summary(
             raise FloatingPointError("block_summary: a matvec returned NaN or inf")
         root = np.sqrt(num_matvecs)
         top, residual = np.full(len(names), np.nan), np.full(len(names), np.nan)
+        converged = np.zeros(len(names), bool)
         if num_steps:
-            for j, mask in enumerate(masks.values()):
-                block = _restricted(recipe_op, mask, mask)
-                e = eigsh(
-                    block,
-                    k=1,
-                    num_steps=min(num_steps, block.size),
-                    key=jax.random.fold_in(jax.random.fold_in(key, 0x70B), j),
-                )
-                top[j], residual[j] = float(e.eigenvalues[0]), float(e.residual_norms[0])
+            top, residual, converged = _block_tops(recipe_op, key, num_steps, entry_group, rank)
         out.append(
             BlockSummary(
                 names,
@@ -472,6 +588,35 @@ def block_summary(
                 residual,
                 sq.mean(axis=1).T,
                 (sq.std(axis=1, ddof=1) / root).T,
+                converged,
             )
         )
     return out[0] if single else tuple(out)
+
+
+def _block_tops(op, key, num_steps: int, entry_group, rank):
+    """The top eigenvalue of every diagonal block (``entry_group``'s groups), with its residual
+    and whether it is certified: one compiled program for all of them."""
+    sizes = np.bincount(entry_group)
+    steps = np.minimum(num_steps, sizes)
+    # The rank check as eigsh's default: as many steps again, none for a block spanned already.
+    checks = np.where(steps == sizes, 0, np.minimum(steps, sizes - 1))
+    rows = bucket(int(steps.max()), op.size)
+    check_rows = bucket(int(checks.max()), op.size) if checks.max() > 0 else 0
+    check_basis_memory(op, rows + check_rows, "block_summary")
+    tol = float(jnp.finfo(op.dtype).eps) ** 0.5
+    program = _block_top_program(len(sizes), rows, check_rows)
+    top, residual, converged = _driver.run(
+        program,
+        (op,),
+        key,
+        jnp.asarray(tol, op.dtype),
+        jnp.asarray(steps, jnp.int32),
+        jnp.asarray(checks, jnp.int32),
+        jnp.asarray(entry_group),
+        jnp.asarray(rank),
+    )
+    top = np.asarray(top, np.float64)
+    if not np.all(np.isfinite(top)):
+        raise FloatingPointError("block_summary: a top eigenvalue is NaN or inf")
+    return top, np.asarray(residual, np.float64), np.asarray(converged)

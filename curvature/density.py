@@ -31,14 +31,13 @@ from curvature._checks import (
 )
 from curvature._lanczos import (
     basis_init,
-    basis_result,
     basis_update,
+    bucket,
+    padded_eigh,
     recurrence_init,
-    recurrence_result,
     recurrence_update,
 )
 from curvature._memory import check_basis_memory
-from curvature.krylov import eigh_tridiagonal
 from curvature.linear_operator import LinearOperator
 from curvature.stochastic_trace import probe_rows
 
@@ -120,38 +119,47 @@ def _mean_error(per_probe: np.ndarray) -> tuple[float, float]:
     return float(np.mean(per_probe)), error
 
 
-def _probe_steps(num_steps: int, reorthogonalize: bool):
-    """One probe's quadrature, as steps on its own state ``{"index", "key", "restart", "like"}``:
-    the probe (row ``index`` of the Rademacher probes of ``key``, so the probes are those of
-    ``trace(..., method="hutchinson")`` with the same key), ``num_steps`` Lanczos steps, and the
-    nodes and weights of its Gauss quadrature."""
+def _probe_steps(rows: int, reorthogonalize: bool):
+    """One probe's quadrature, as steps on its own state ``{"index", "key", "restart", "like",
+    "num_steps"}``: the probe (row ``index`` of the Rademacher probes of ``key``, so the probes
+    are those of ``trace(..., method="hutchinson")`` with the same key), ``num_steps`` (traced)
+    Lanczos steps in a basis preallocated for ``rows``, and the nodes and weights of its Gauss
+    quadrature (``rows`` of each; those from ``num_steps`` on are padding of weight 0)."""
     init = basis_init if reorthogonalize else recurrence_init
-    result = basis_result if reorthogonalize else recurrence_result
 
     def start(probe, i):
         like = probe["like"]
         z = probe_rows(probe["key"], probe["index"][None], like.shape[1], like.dtype)[0]
+        if "mask" in probe:  # a block on full-length vectors: its own probe, on its entries
+            z = z[probe["rank"]] * probe["mask"]
         restart = jax.random.fold_in(probe["restart"], probe["index"])
-        return {"lanczos": init(z, num_steps), "restart": restart}
+        kept = {k: probe[k] for k in ("num_steps", "mask") if k in probe}
+        return {"lanczos": init(z, rows), "restart": restart, **kept}
 
-    def rows(probe, j):
+    def rows_of(probe, j):
         if reorthogonalize:
             return probe["lanczos"][0][j]
         return probe["lanczos"][1]
 
     def update(probe, j, w):
+        m, mask = probe["num_steps"], probe.get("mask")
+        if mask is not None:
+            w = w * mask
         if reorthogonalize:
-            new = basis_update(probe["lanczos"], j, w, probe["restart"], num_steps, True)
+            project = None if mask is None else (lambda r: r * mask)
+            new = basis_update(probe["lanczos"], j, w, probe["restart"], m, True, project)
         else:
-            new = recurrence_update(probe["lanczos"], j, w, probe["restart"], num_steps)
+            new = recurrence_update(probe["lanczos"], j, w, probe["restart"], m)
         return {**probe, "lanczos": new}
 
     def quadrature(probe, i):
-        run = result(probe["lanczos"], num_steps) if reorthogonalize else result(probe["lanczos"])
-        theta, s = eigh_tridiagonal(run)
+        # Both states end with (..., alphas, betas, restarts, anorm).
+        alphas, betas = probe["lanczos"][-4], probe["lanczos"][-3]
+        theta, s = padded_eigh(alphas, betas, probe["num_steps"])
         return {"nodes": theta, "weights": s[0] ** 2}
 
-    return start, _driver.Repeat(num_steps, _driver.Apply(rows, update)), quadrature
+    lanczos = _driver.Repeat(lambda probe: probe["num_steps"], _driver.Apply(rows_of, update))
+    return start, lanczos, quadrature
 
 
 def _focused(steps, field: str):
@@ -161,7 +169,7 @@ def _focused(steps, field: str):
     return _driver.Seq(
         _driver.Map(lambda state, i: {**state, field: start(state[field], i)}),
         _driver.Repeat(
-            lanczos.count,
+            lambda state: lanczos.count(state[field]),
             _driver.Apply(
                 lambda state, j: inner.rows(state[field], j),
                 lambda state, j, w: {**state, field: inner.update(state[field], j, w)},
@@ -172,25 +180,35 @@ def _focused(steps, field: str):
 
 
 @functools.cache
-def _slq_program(num_probes, num_steps, reorthogonalize, probe_batch_size) -> _driver.Program:
+def slq_program(
+    num_probes, rows, reorthogonalize, probe_batch_size, num_groups=None
+) -> _driver.Program:
     """Probes one at a time, or in groups of ``probe_batch_size`` run together (vmapped: one
-    ``(P, n)`` block of products a step), the last, smaller group alone."""
-    steps = _probe_steps(num_steps, reorthogonalize)
+    ``(P, n)`` block of products a step), the last, smaller group alone; each to a traced
+    ``num_steps`` in a basis preallocated for ``rows`` (one program for every ``num_steps`` up
+    to ``rows``). With ``num_groups``, the densities of that many diagonal blocks, one after
+    another (probes one at a time): block ``g`` is the operator masked to the entries of group
+    ``g`` on full-length vectors, its probes those of the block on its own vectors."""
+    if num_groups is not None:
+        return _grouped_slq_program(num_probes, rows, num_groups)
+    steps = _probe_steps(rows, reorthogonalize)
+    shared_fields = ("key", "restart", "like")
 
-    def init(specs, key):
+    def init(specs, key, num_steps):
         n, dtype = specs[0].size, specs[0].dtype
         return {
             "key": key,
             "restart": jax.random.fold_in(key, 0x5EED),  # restart keys apart from the probes
             "like": jnp.zeros((0, n), dtype),  # n and the dtype, without memory
-            "nodes": jnp.zeros((num_probes, num_steps), dtype),
-            "weights": jnp.zeros((num_probes, num_steps), dtype),
+            "num_steps": num_steps,
+            "nodes": jnp.zeros((num_probes, rows), dtype),
+            "weights": jnp.zeros((num_probes, rows), dtype),
         }
 
     def gather(size: int, offset: int):
         def probes(state, g):
             index = offset + g * size + jnp.arange(size)
-            shared = {k: state[k] for k in ("key", "restart", "like")}
+            shared = {k: state[k] for k in shared_fields}
             batch = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (size, *x.shape)), shared)
             return {**state, "probe": {**batch, "index": index}}
 
@@ -203,12 +221,13 @@ def _slq_program(num_probes, num_steps, reorthogonalize, probe_batch_size) -> _d
 
         start, lanczos, quadrature = steps
         body = _driver.Seq(_driver.Map(start), lanczos, _driver.Map(quadrature))
-        return _driver.Seq(_driver.Map(probes), _driver.Vmap("probe", body), _driver.Map(store))
+        vmapped = _driver.Vmap("probe", body, shared="num_steps")
+        return _driver.Seq(_driver.Map(probes), vmapped, _driver.Map(store))
 
     if probe_batch_size is None:
 
         def one(state, i):
-            shared = {k: state[k] for k in ("key", "restart", "like")}
+            shared = {k: state[k] for k in (*shared_fields, "num_steps")}
             return {**state, "probe": {**shared, "index": jnp.asarray(i)}}
 
         def store_one(state, i):
@@ -227,10 +246,61 @@ def _slq_program(num_probes, num_steps, reorthogonalize, probe_batch_size) -> _d
         if remainder:
             parts.append(gather(remainder, groups * probe_batch_size))
 
-    def finish(state, specs, key):
+    def finish(state, specs, key, num_steps):
         return SpectralDensity(state["nodes"], state["weights"], jnp.asarray(specs[0].size))
 
     return _driver.Program(init, _driver.Seq(*parts), finish, name="spectral_density")
+
+
+def _grouped_slq_program(num_probes, rows, num_groups) -> _driver.Program:
+    steps = _focused(_probe_steps(rows, True), "probe")
+    fields = ("key", "restart", "like", "num_steps", "mask", "rank")
+
+    def begin(state, g):
+        key = state["keys"][g]
+        dtype = state["like"].dtype
+        return {
+            **state,
+            "key": key,
+            "restart": jax.random.fold_in(key, 0x5EED),
+            "num_steps": state["group_steps"][g],
+            "mask": (state["entry_group"] == g).astype(dtype),
+            "group": jnp.asarray(g, jnp.int32),
+        }
+
+    def init(specs, keys, group_steps, entry_group, rank):
+        n, dtype = specs[0].size, specs[0].dtype
+        base = {
+            "keys": keys,
+            "group_steps": group_steps,
+            "entry_group": entry_group,
+            "rank": rank,
+            "like": jnp.zeros((0, n), dtype),
+            "nodes": jnp.zeros((num_groups, num_probes, rows), dtype),
+            "weights": jnp.zeros((num_groups, num_probes, rows), dtype),
+        }
+        return begin(base, 0)
+
+    def one(state, i):
+        shared = {k: state[k] for k in fields}
+        return {**state, "probe": {**shared, "index": jnp.asarray(i)}}
+
+    def store_one(state, i):
+        g = state["group"]
+        out = {k: v for k, v in state.items() if k != "probe"}
+        for k in ("nodes", "weights"):
+            out[k] = state[k].at[g, i].set(state["probe"][k])
+        return out
+
+    probes = _driver.Repeat(
+        num_probes, _driver.Seq(_driver.Map(one), steps, _driver.Map(store_one))
+    )
+    body = _driver.Repeat(num_groups, _driver.Seq(_driver.Map(begin), probes))
+
+    def finish(state, specs, *args):
+        return state["nodes"], state["weights"]
+
+    return _driver.Program(init, body, finish, name="block_densities")
 
 
 def spectral_density(
@@ -256,6 +326,9 @@ def spectral_density(
     ``T`` gets spurious copies ("ghosts") of converged eigenvalues, which share those
     eigenvalues' weight: the quadrature's moments and the smoothed density stay close to the full
     mode's (tested), individual nodes do not.
+
+    Compiled once for every ``num_steps`` within a size bucket (the basis is preallocated to
+    the bucket, at most a third more than asked; see :func:`curvature.lanczos`).
     """
     check_key(key)
     require_square(op, "spectral_density")
@@ -269,9 +342,14 @@ def spectral_density(
             "spectral_density(probe_batch_size=) vmaps the probes' Lanczos runs, which a streamed "
             "operator (a loop over batches on the host) cannot do; leave it None"
         )
+    rows = bucket(num_steps, op.size)
     if reorthogonalize:
-        check_basis_memory(op, num_steps, "spectral_density", copies=probe_batch_size or 1)
-    program = _slq_program(num_probes, num_steps, reorthogonalize, probe_batch_size)
-    result = _driver.run(program, (op,), key)
+        check_basis_memory(op, rows, "spectral_density", copies=probe_batch_size or 1)
+    program = slq_program(num_probes, rows, reorthogonalize, probe_batch_size)
+    result = _driver.run(program, (op,), key, jnp.asarray(num_steps, jnp.int32))
+    # The Ritz values come ascending, then the padding's (weight 0): keep the run's.
+    result = result._replace(
+        nodes=result.nodes[:, :num_steps], weights=result.weights[:, :num_steps]
+    )
     check_finite_result(result.nodes, "spectral_density")
     return result
