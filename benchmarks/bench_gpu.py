@@ -204,7 +204,7 @@ def measure(name, params, data, loss, op, est, precision, budget, log):
             lambda o, k: cv.spectral_density(o, key=k, **kw), op, jax.random.key(3)
         )
         nodes = np.asarray(r.nodes, np.float64)
-        tr, tr_se = r.trace()
+        tr, tr_se, _ = r.trace()
         row["slq"] = {
             **kw,
             **timing,

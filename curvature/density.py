@@ -39,7 +39,7 @@ from curvature._lanczos import (
 )
 from curvature._memory import check_basis_memory
 from curvature.linear_operator import LinearOperator
-from curvature.stochastic_trace import probe_rows
+from curvature.stochastic_trace import TraceResult, probe_rows
 
 __all__ = ["SpectralDensity", "spectral_density"]
 
@@ -61,22 +61,33 @@ class SpectralDensity(NamedTuple):
     def num_probes(self) -> int:
         return int(self.nodes.shape[0])
 
-    def moment(self, power: int) -> tuple[float, float]:
-        """``(1/n) tr(A^power)`` estimated, with its standard error over probes.
+    @property
+    def num_matvecs(self) -> int:
+        """The products the estimate took: ``num_probes * num_steps``."""
+        return int(self.nodes.shape[0] * self.nodes.shape[1])
+
+    def moment(self, power: int) -> TraceResult:
+        """``(1/n) tr(A^power)`` estimated, with its standard error over probes, as a
+        :class:`~curvature.TraceResult` (``value``, ``standard_error``, ``num_matvecs``).
 
         Exact per probe (``v^T A^p v``) for ``power < 2 * num_steps``.
         """
         per_probe = np.sum(np.asarray(self.weights) * np.asarray(self.nodes) ** power, axis=1)
-        return _mean_error(per_probe)
+        return self._estimate(*_mean_error(per_probe))
 
-    def trace(self) -> tuple[float, float]:
-        """``tr(A)`` with its standard error: identical to Hutchinson with the same probes."""
-        mean, error = self.moment(1)
+    def trace(self) -> TraceResult:
+        """``tr(A)`` with its standard error, a :class:`~curvature.TraceResult` as
+        :func:`curvature.trace` returns: identical to Hutchinson with the same probes."""
+        mean, error, _ = self.moment(1)
         n = int(self.dimension)
-        return mean * n, error * n
+        return self._estimate(mean * n, error * n)
 
-    def mass_below(self, threshold: float | None = None) -> tuple[float, float]:
-        """Fraction of the spectral mass strictly below ``threshold``, with its standard error.
+    def _estimate(self, value: float, error: float) -> TraceResult:
+        return TraceResult(value, error, self.num_matvecs)
+
+    def mass_below(self, threshold: float | None = None) -> TraceResult:
+        """Fraction of the spectral mass strictly below ``threshold``, with its standard error,
+        as a :class:`~curvature.TraceResult` (``value``, ``standard_error``, ``num_matvecs``).
 
         The default, ``-sqrt(eps) * max |node|``, counts negative eigenvalues and not the
         (often large) cluster of exact zeros of network Hessians (softmax shift invariance, dead
@@ -88,7 +99,7 @@ class SpectralDensity(NamedTuple):
         if threshold is None:
             threshold = -np.sqrt(np.finfo(nodes.dtype).eps) * np.abs(nodes).max(initial=0.0)
         per_probe = np.sum(np.asarray(self.weights) * (nodes < threshold), axis=1)
-        return _mean_error(per_probe)
+        return self._estimate(*_mean_error(per_probe))
 
     def density(
         self, grid: np.ndarray | None = None, *, sigma: float, num_points: int = 1000

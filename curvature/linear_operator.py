@@ -39,6 +39,7 @@ import numpy as np
 from curvature import _driver
 from curvature._checks import check_float_params, is_traced
 from curvature._closures import Closure, closure
+from curvature._columns import unit_products
 from curvature._driver import map_rows
 
 __all__ = [
@@ -661,36 +662,24 @@ def _matmat_program() -> _driver.Program:
     )
 
 
-def dense(op: LinearOperator, *, max_size: int = 20_000) -> jax.Array:
-    """Materialise ``op`` as an ``(m, n)`` array with ``n`` products (columns ``A e_i``), 64 unit
-    vectors at a time.
+def dense(
+    op: LinearOperator,
+    *,
+    max_size: int = 20_000,
+    block_size: int | None = None,
+    progress: bool | None = None,
+) -> jax.Array:
+    """Materialise ``op`` as an ``(m, n)`` array with ``n`` products (columns ``A e_i``).
 
     Meant for small models: tests, and a user's own check against :func:`jax.hessian`.
+
+    The unit vectors go ``block_size`` at a time (default 64, fewer when a block would take a
+    quarter of the available memory) through one compiled program, the same for every block
+    (the operator prepared once a block, its products vmapped); between blocks the host shows
+    progress on stderr (``progress=None``: when the run looks longer than 5 seconds) and
+    Ctrl-C stops the run. Cost: ``n`` products, ``m n`` numbers of memory on the host.
     """
     m, k = op.shape
     if max(m, k) > max_size:
         raise ValueError(f"dense() would build a {m} x {k} matrix; raise max_size if you mean it")
-    return _driver.run(_dense_program(m, k), (op,))
-
-
-@functools.cache
-def _dense_program(m: int, n: int) -> _driver.Program:
-    # Rows A e_i in groups of 64 unit vectors: bounded memory for the model's activations.
-    block = min(64, n)
-    groups = -(-n // block)
-
-    def init(specs):
-        return jnp.zeros((groups, block, m), specs[0].dtype)
-
-    def units(out, g):  # rows past n are zero
-        return jax.nn.one_hot(g * block + jnp.arange(block), n, dtype=out.dtype)
-
-    def store(out, g, products):
-        return out.at[g].set(products)
-
-    def finish(out, specs):
-        return out.reshape(groups * block, m)[:n].T
-
-    return _driver.Program(
-        init, _driver.Repeat(groups, _driver.Apply(units, store, mode="rows")), finish, name="dense"
-    )
+    return unit_products(op, diagonal=False, block=block_size, progress=progress, what="dense")

@@ -29,6 +29,7 @@ from curvature import _driver
 from curvature._checks import check_finite_result, check_key, positive_int, require_square
 from curvature._deprecations import UNSET, renamed, warn_once
 from curvature._lanczos import safe_norm
+from curvature._memory import check_vectors
 from curvature.linear_operator import LinearOperator
 
 __all__ = ["PowerIterationResult", "power_iteration"]
@@ -170,6 +171,13 @@ def power_iteration(
     k = positive_int(k, "k")
     if k > op.size:
         raise ValueError(f"k={k} exceeds the operator's dimension n={op.size}")
+    check_vectors(
+        op,
+        k + 3,
+        "power_iteration",
+        f"its {k} eigenvectors and the iterate",
+        "fewer pairs k; restrict() to a block of the parameters; or shard the parameters",
+    )
     max_steps = positive_int(max_steps, "max_steps")
     if tol is None:
         tol = float(jnp.finfo(op.dtype).eps) ** 0.5

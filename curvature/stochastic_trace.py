@@ -47,7 +47,9 @@ from curvature._checks import (
     positive_int,
     require_square,
 )
+from curvature._columns import unit_products
 from curvature._lanczos import safe_norm
+from curvature._memory import check_vectors
 from curvature.linear_operator import LinearOperator, combine, family, recipe_atoms
 
 __all__ = [
@@ -110,25 +112,30 @@ def block_size(count: int, probe_batch_size: int | None) -> int:
     return max(1, min(positive_int(probe_batch_size, "probe_batch_size"), count))
 
 
-def orthonormal_rows(y: jax.Array) -> jax.Array:
+def orthonormal_rows(y: jax.Array, first=0, stop=None) -> jax.Array:
     """Orthonormal rows spanning the rows of ``y`` (``(k, n)``): classical Gram-Schmidt twice,
     row by row in place. Unlike a Householder QR of the ``n x k`` matrix it needs no workspace
     beyond ``y`` (XLA's QR fails for ``n k > 2^31``) and keeps float32 orthogonality at round-off;
-    a row that is (numerically) in the span of the previous ones becomes zero."""
-    k = y.shape[0]
-    tiny = jnp.finfo(y.dtype).eps ** 0.75
+    a row that is (numerically) in the span of the previous ones becomes zero. With ``first``
+    and ``stop`` (may be traced) only rows ``first .. stop - 1`` are taken, against every row
+    before them (already orthonormal); the rows after them must be zero or are ignored."""
+    stop = y.shape[0] if stop is None else stop
+    if isinstance(first, int) and isinstance(stop, int) and stop - first == 1:
+        return _orthonormal_row(first, y)  # one row: no loop (no copy of y into a loop)
+    return jax.lax.fori_loop(first, stop, _orthonormal_row, y)
 
-    def step(i, q):
-        v = q[i]
-        norm0 = safe_norm(v)
-        done = jnp.arange(k) < i
-        for _ in range(2):
-            v = v - q.T @ jnp.where(done, q @ v, 0)
-        norm = safe_norm(v)
-        keep = norm > tiny * norm0
-        return q.at[i].set(jnp.where(keep, v / jnp.where(keep, norm, 1.0), 0))
 
-    return jax.lax.fori_loop(0, k, step, y)
+def _orthonormal_row(i, q: jax.Array) -> jax.Array:
+    """Row ``i`` of ``q`` orthonormalised against the rows before it (Gram-Schmidt twice)."""
+    tiny = jnp.finfo(q.dtype).eps ** 0.75
+    v = q[i]
+    norm0 = safe_norm(v)
+    done = jnp.arange(q.shape[0]) < i
+    for _ in range(2):
+        v = v - q.T @ jnp.where(done, q @ v, 0)
+    norm = safe_norm(v)
+    keep = norm > tiny * norm0
+    return q.at[i].set(jnp.where(keep, v / jnp.where(keep, norm, 1.0), 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,13 +367,6 @@ def _statistics(kinds: tuple[str, ...]):
     return lambda z, az: tuple(SAMPLES[kind](z, az) for kind in kinds)
 
 
-def _blocks_of(rows: jax.Array, block: int) -> jax.Array:
-    """``rows`` (``(k, n)``) zero-padded to whole blocks, ``(k / block, block, n)``."""
-    k = rows.shape[0]
-    padded = -(-k // block) * block
-    return jnp.pad(rows, ((0, padded - k), (0, 0))).reshape(padded // block, block, -1)
-
-
 @functools.cache
 def _hutch_plus_plus_program(num_matvecs: int, block: int, recipes) -> _driver.Program:
     sketch = num_matvecs // 3
@@ -376,6 +376,9 @@ def _hutch_plus_plus_program(num_matvecs: int, block: int, recipes) -> _driver.P
     sketch_block = min(block, sketch)
     sketch_blocks = -(-sketch // sketch_block)
     exact_blocks = -(-sketch // block)
+    # The sketch's rows, whole blocks of both sizes (sketch_block divides block or equals
+    # sketch); the rows past the sketch stay zero.
+    rows_held = max(sketch_blocks * sketch_block, exact_blocks * block)
 
     def init(specs, key, coefficients):
         key_s, key_g = jax.random.split(key)
@@ -390,33 +393,33 @@ def _hutch_plus_plus_program(num_matvecs: int, block: int, recipes) -> _driver.P
         )
         n, dtype = specs[0].size, specs[0].dtype
         state["sketch_key"] = key_s
-        state["y"] = jnp.zeros((sketch_blocks, sketch_block, n), dtype)
+        state["q"] = jnp.zeros((rows_held, n), dtype)
+        state["forms"] = tuple(jnp.zeros((exact_blocks,), dtype) for _ in atoms)
         return state
 
     def sketch_rows(state, b):
-        n = state["y"].shape[2]
+        n = state["q"].shape[1]
         return probe_rows(
-            state["sketch_key"], b * sketch_block + jnp.arange(sketch_block), n, state["y"].dtype
+            state["sketch_key"], b * sketch_block + jnp.arange(sketch_block), n, state["q"].dtype
         )
 
     def sketched(state, b, products):
+        # Each block of the sketch is orthonormalised against the rows before it as it arrives
+        # (Gram-Schmidt twice, row by row, as orthonormal_rows): one (sketch, n) buffer in all.
         values = dict(zip(first, products, strict=True))
-        return {
-            **state,
-            "y": state["y"].at[b].set(combine(recipes[0], values, state["coefficients"])),
-        }
-
-    def orthonormalised(state, i):
-        out = {key: value for key, value in state.items() if key not in ("y", "sketch_key")}
-        y = state["y"]
-        y = y[0] if sketch_blocks == 1 else y.reshape(-1, y.shape[2])[:sketch]
-        out["q"] = orthonormal_rows(y)
-        out["forms"] = tuple(jnp.zeros((exact_blocks,), y.dtype) for _ in atoms)
-        return out
+        first_row = b * sketch_block
+        y = combine(recipes[0], values, state["coefficients"])
+        y = jnp.where((first_row + jnp.arange(sketch_block) < sketch)[:, None], y, 0)
+        q = jax.lax.dynamic_update_slice_in_dim(
+            state["q"], y.astype(state["q"].dtype), first_row, 0
+        )
+        if sketch_block == 1:
+            return {**state, "q": _orthonormal_row(first_row, q)}
+        q = orthonormal_rows(q, first_row, first_row + sketch_block)
+        return {**state, "q": q}
 
     def exact_rows(state, b):
-        q = state["q"]
-        return q if exact_blocks == 1 else _blocks_of(q, block)[b]
+        return jax.lax.dynamic_slice_in_dim(state["q"], b * block, block, 0)
 
     def exact(state, b, products):
         rows = exact_rows(state, b)
@@ -433,9 +436,10 @@ def _hutch_plus_plus_program(num_matvecs: int, block: int, recipes) -> _driver.P
     # One block is no loop (as a single block of probes below): less to compile.
     sketch_step = _driver.Apply(sketch_rows, sketched, operators=first, mode="rows")
     exact_step = _driver.Apply(exact_rows, exact, operators=atoms, mode="rows")
+    drop_key = _driver.Map(lambda state, i: {k: v for k, v in state.items() if k != "sketch_key"})
     body = _driver.Seq(
         sketch_step if sketch_blocks == 1 else _driver.Repeat(sketch_blocks, sketch_step),
-        _driver.Map(orthonormalised),
+        drop_key,
         exact_step if exact_blocks == 1 else _driver.Repeat(exact_blocks, exact_step),
         _monte_carlo(count, block, _trace_sample, recipes, "key", project=True),
     )
@@ -514,6 +518,16 @@ def trace(
         raise ValueError(f"hutch++ sketch of {num_matvecs // 3} exceeds the dimension n={n}")
     if method == "hutchinson":
         return _hutchinson(op, ("trace",), num_matvecs, key, probe_batch_size, "trace")[0]
+    sketch = num_matvecs // 3
+    check_vectors(
+        ops[0],
+        2 * sketch + 4 * block,
+        "trace",
+        f"Hutch++'s sketch ({sketch} vectors, held twice while it is built) and a block of "
+        f"{block} probes",
+        "fewer num_matvecs (the sketch is a third of them); method='hutchinson', which holds "
+        "one block of probes whatever their number; a smaller probe_batch_size",
+    )
     program = functools.partial(_hutch_plus_plus_program, num_matvecs, block)
     parts, exact = _estimate(program, ops, key)
     parts = tuple((e + p[0][0], p[0][1]) for e, p in zip(exact, parts, strict=True))
@@ -550,6 +564,7 @@ def diagonal(
     key: jax.Array | None = None,
     method: str = "bekas",
     probe_batch_size: int | None = None,
+    progress: bool | None = None,
 ) -> DiagonalResult | tuple[DiagonalResult, ...]:
     """``diag(A)`` (flat, ``(n,)``; ``op.unravel`` gives per-parameter maps).
 
@@ -562,12 +577,15 @@ def diagonal(
         ``"exact"``: the exact diagonal, standard errors zero. For a Gauss-Newton operator or an
         empirical Fisher (and combinations, blocks and preconditioned forms of them) it comes
         from per-example Jacobians (a few gradients' cost, memory of a chunk's Jacobians); for
-        any other operator from ``n`` matvecs with the unit vectors, ``probe_batch_size``
-        (default 32) at a time: for small networks and tests.
+        any other operator from ``n`` matvecs with the unit vectors, ``probe_batch_size`` at a
+        time (default 64, fewer when a block would take a quarter of the available memory):
+        one compiled program for every block, progress on stderr between blocks
+        (``progress=None``: when the run looks longer than 5 seconds; a warning first above
+        20,000 products) and Ctrl-C honoured between blocks.
     """
     ops, single = _operators(op, "diagonal")
     if method == "exact":
-        results = tuple(_exact(o, probe_batch_size) for o in ops)
+        results = tuple(_exact(o, probe_batch_size, progress) for o in ops)
         for result in results:
             check_finite_result(result.diagonal, "diagonal")
         return results[0] if single else results
@@ -639,32 +657,12 @@ def _hutchinson(op, statistics: tuple[str, ...], num_matvecs, key, probe_batch_s
     return out
 
 
-def _exact(op: LinearOperator, probe_batch_size) -> DiagonalResult:
+def _exact(op: LinearOperator, probe_batch_size, progress) -> DiagonalResult:
     if op.has_fast_diagonal:
         d = op.exact_diagonal() if is_traced(op) else op.host_exact_diagonal()
         return DiagonalResult(d, jnp.zeros_like(d), jnp.asarray(0))
-    block = positive_int(probe_batch_size or 32, "probe_batch_size")
-    d = _driver.run(_unit_vectors_program(op.size, min(block, op.size)), (op,))
+    if probe_batch_size is not None:
+        probe_batch_size = positive_int(probe_batch_size, "probe_batch_size")
+    what = "diagonal(method='exact')"
+    d = unit_products(op, diagonal=True, block=probe_batch_size, progress=progress, what=what)
     return DiagonalResult(d, jnp.zeros_like(d), jnp.asarray(op.size))
-
-
-@functools.cache
-def _unit_vectors_program(n: int, block: int) -> _driver.Program:
-    # Unit vectors in blocks: e_j^T A e_j for j in the block (past the end: a zero row, dropped).
-    starts = -(-n // block)
-
-    def init(specs):
-        return jnp.zeros((starts, block), specs[0].dtype)
-
-    def units(out, b):
-        return jax.nn.one_hot(b * block + jnp.arange(block), n, dtype=out.dtype)
-
-    def store(out, b, products):
-        return out.at[b].set(jnp.sum(units(out, b) * products, axis=1))
-
-    return _driver.Program(
-        init,
-        _driver.Repeat(starts, _driver.Apply(units, store, mode="rows")),
-        lambda out, specs: out.reshape(-1)[:n],
-        name="exact_diagonal",
-    )

@@ -43,7 +43,7 @@ def density(ctx: Context) -> Density:
         slq_weights=np.asarray(slq.weights),
         dimension=np.asarray(ctx.hessian().size),
     )
-    mass, se = slq.mass_below()
+    mass, se, _ = slq.mass_below()
     return Density(
         Estimate(float(mass), float(se), s.num_probes * s.num_steps), s.num_probes, s.num_steps
     )

@@ -7,6 +7,7 @@ import pytest
 from helpers import make_problem
 
 import curvature as cv
+from curvature import _driver
 
 
 def operators(activation):
@@ -147,6 +148,46 @@ def test_block_densities_are_the_dense_blocks_spectra(x64, key):
         nodes = np.asarray(d.nodes)[np.asarray(d.weights) > 1e-12]
         assert nodes.min() >= eigs[0] - 1e-8 and nodes.max() <= eigs[-1] + 1e-8
         assert np.isclose(nodes.max(), eigs[-1], rtol=1e-6)  # the extremes are found exactly
+
+
+def test_every_group_runs_in_one_program_compiled_once_whatever_the_partition(x64, key):
+    # Two partitions of the parameters into three groups (per layer; weights apart from biases),
+    # for the summary's top eigenvalues and the block densities: after the first, nothing
+    # compiles; every group's numbers are those of its block on its own.
+    params, ops = operators("tanh")
+    H = ops["H"]
+    full = np.asarray(cv.dense(H), np.float64)
+    by_layer = cv.layer_groups(params)
+    cv.block_summary(H, by_layer, key=key, num_matvecs=4, num_steps=12)
+    cv.block_densities(H, by_layer, key=key, num_probes=2, num_steps=12)
+    before = _driver._run_compiled._cache_size()
+    others = {
+        "weights": lambda path, leaf: leaf.ndim == 2 and leaf.shape[0] < 5,
+        "biases": lambda path, leaf: leaf.ndim == 1,
+        "rest": lambda path, leaf: leaf.ndim == 2 and leaf.shape[0] >= 5,
+    }
+    summary = cv.block_summary(H, others, key=key, num_matvecs=4, num_steps=12)
+    densities = cv.block_densities(H, others, key=key, num_probes=2, num_steps=12)
+    assert _driver._run_compiled._cache_size() == before
+    keys = jax.random.split(key, 3)
+    for g, (name, selector) in enumerate(others.items()):
+        block = cv.restrict(H, selector)
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        r = index_of(params, [bool(selector(path, leaf)) for path, leaf in flat])
+        top = np.linalg.eigvalsh(full[np.ix_(r, r)])[-1]
+        alone = cv.eigsh(block, k=1, num_steps=min(12, block.size), key=_top_key(key, g))
+        np.testing.assert_allclose(summary.top[g], alone.eigenvalues[0], rtol=1e-10)
+        assert summary.converged[g] == bool(alone.converged[0])
+        if summary.converged[g]:
+            assert summary.top[g] == pytest.approx(top, rel=1e-6)
+        steps = min(12, block.size)
+        solo = cv.spectral_density(block, num_probes=2, num_steps=steps, key=keys[g])
+        np.testing.assert_allclose(densities[name].nodes, solo.nodes, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(densities[name].weights, solo.weights, rtol=1e-9, atol=1e-12)
+
+
+def _top_key(key, g):
+    return jax.random.fold_in(jax.random.fold_in(key, 0x70B), g)
 
 
 def test_blocks_of_parameters_of_mixed_dtypes(x64, key):

@@ -22,9 +22,12 @@ def test_slq_trace_equals_hutchinson_with_same_probes(x64, problem, key):
     op, _ = problem
     slq = cv.spectral_density(op, num_probes=6, num_steps=20, key=key)
     hutch = cv.trace(op, num_matvecs=6, key=key, method="hutchinson")
-    value, error = slq.trace()
-    assert value == pytest.approx(float(hutch.value), rel=1e-10)
-    assert error == pytest.approx(float(hutch.standard_error), rel=1e-8)
+    result = slq.trace()
+    # The estimate type of cv.trace, with the products it took.
+    assert isinstance(result, cv.TraceResult) and isinstance(slq.mass_below(), cv.TraceResult)
+    assert result.num_matvecs == 6 * 20 == slq.mass_below().num_matvecs
+    assert result.value == pytest.approx(float(hutch.value), rel=1e-10)
+    assert result.standard_error == pytest.approx(float(hutch.standard_error), rel=1e-8)
     assert np.allclose(np.asarray(slq.weights).sum(1), 1.0, atol=1e-12)
 
 
@@ -36,13 +39,13 @@ def test_slq_full_steps_reproduces_moments_and_mass(x64, problem, key):
     evals, evecs = np.linalg.eigh(h)
     for power in range(8):
         exact = np.mean(np.einsum("pi,ij,pj->p", z, np.linalg.matrix_power(h, power), z)) / n
-        got, _ = slq.moment(power)
+        got = slq.moment(power).value
         assert got == pytest.approx(exact, rel=1e-8, abs=1e-12 * np.abs(evals).max() ** power)
     # With a full basis the quadrature is the probe's exact spectral measure.
     # (The threshold sits below the exact zero eigenvalues of softmax's shift invariance.)
     overlaps = (z @ evecs) ** 2 / n
     threshold = -1e-6 * np.abs(evals).max()
-    mass, _ = slq.mass_below(threshold)
+    mass = slq.mass_below(threshold).value
     assert mass == pytest.approx(np.mean(overlaps[:, evals < threshold].sum(1)), abs=1e-8)
     assert 0 < mass < 1  # a tanh network's Hessian is indefinite
 
@@ -81,5 +84,5 @@ def test_negative_mass_ignores_exact_zero_eigenvalues(key):
         num_steps=30,
         key=key,
     )
-    mass, error = slq.mass_below()
+    mass, error, _ = slq.mass_below()
     assert abs(mass - 0.25) <= 4 * error + 1e-6

@@ -3,6 +3,8 @@ XLA's memory analysis of the compiled programs), the Lanczos basis is estimated 
 allocated, and the low-memory Lanczos modes keep no basis."""
 
 import dataclasses
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -75,13 +77,14 @@ def test_the_lanczos_basis_is_checked_before_it_is_allocated(monkeypatch):
     from curvature import _memory
 
     op = diagonal_operator(1000)
-    monkeypatch.setattr(_memory, "available_bytes", lambda: 100_000)  # 100 kB free
-    message = r"the Lanczos basis needs about .* GiB \(1 x 41 vectors of n=1,000 float32\)"
+    monkeypatch.setattr(_memory, "available", lambda: (100_000, "test"))  # 100 kB free
+    # eigsh: the run's basis and its rank check's, 40 steps each.
+    message = r"the Lanczos basis \(1 x 81 vectors\) needs about .* GiB \(81 vectors of n=1,000"
     with pytest.raises(MemoryError, match=message + ".*fewer num_steps.*store_basis=False"):
         cv.eigsh(op, k=2, num_steps=40, key=jax.random.key(0))
     with pytest.raises(MemoryError, match="lanczos: the Lanczos basis"):
         cv.lanczos(op, num_steps=40, key=jax.random.key(0))
-    with pytest.raises(MemoryError, match=r"spectral_density: .* \(4 x 41 vectors"):
+    with pytest.raises(MemoryError, match=r"spectral_density: the Lanczos basis \(4 x 41 vectors"):
         cv.spectral_density(
             op, num_probes=8, num_steps=40, key=jax.random.key(0), probe_batch_size=4
         )
@@ -118,3 +121,41 @@ def test_low_memory_lanczos_has_the_same_recurrence_and_slq_keeps_its_moments(x6
     _, a = full.density(grid, sigma=0.3)
     _, b = low.density(grid, sigma=0.3)
     assert np.trapezoid(np.abs(a - b), grid) < 0.02  # L1 distance of the smoothed densities
+
+
+def test_hutch_plus_plus_and_power_iteration_check_their_vectors(monkeypatch):
+    from curvature import _memory
+
+    op = diagonal_operator(1000)
+    monkeypatch.setattr(_memory, "available", lambda: (100_000, "test"))  # 25 vectors
+    with pytest.raises(MemoryError, match=r"trace: Hutch\+\+'s sketch \(20 vectors.*hutchinson"):
+        cv.trace(op, num_matvecs=60, key=jax.random.key(0))
+    with pytest.raises(MemoryError, match=r"power_iteration: its 30 eigenvectors"):
+        cv.power_iteration(op, k=30, key=jax.random.key(0), max_steps=5)
+    # Within the memory: they run.
+    assert cv.trace(op, num_matvecs=12, key=jax.random.key(0)).value > 0
+    cv.power_iteration(op, k=2, key=jax.random.key(0), max_steps=5)
+
+
+def test_the_memory_a_process_may_use_counts_its_address_space_limit():
+    # ulimit -v: the machine has far more memory, this process may not use it.
+    script = """
+import resource
+import jax, jax.numpy as jnp
+import curvature as cv
+from curvature import _memory
+used = _memory._status_kib("VmSize") * 1024
+resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, resource.RLIM_INFINITY))
+have, why = _memory.available()
+assert have <= 2**30 and "ulimit -v" in why, (have, why)
+d = jnp.ones(4_000_000)  # 16 MB a vector: a basis of 81 is 1.3 GB
+op = cv.from_function(lambda v: d * v, d)
+try:
+    cv.lanczos(op, num_steps=80, key=jax.random.key(0))
+except MemoryError as err:
+    print("refused:", err)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused: lanczos: the Lanczos basis" in out.stdout
+    assert "the address-space limit, ulimit -v" in out.stdout
