@@ -8,7 +8,6 @@ import sys
 import textwrap
 import time
 
-import jax
 import numpy as np
 import pytest
 from helpers import hessian_problem
