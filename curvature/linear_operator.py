@@ -673,7 +673,7 @@ def dense(
 
     Meant for small models: tests, and a user's own check against :func:`jax.hessian`.
 
-    The unit vectors go ``block_size`` at a time (default 64, fewer when a block would take a
+    The unit vectors go ``block_size`` at a time (default 16, fewer when a block would take a
     quarter of the available memory) through one compiled program, the same for every block
     (the operator prepared once a block, its products vmapped); between blocks the host shows
     progress on stderr (``progress=None``: when the run looks longer than 5 seconds) and

@@ -578,7 +578,7 @@ def diagonal(
         empirical Fisher (and combinations, blocks and preconditioned forms of them) it comes
         from per-example Jacobians (a few gradients' cost, memory of a chunk's Jacobians); for
         any other operator from ``n`` matvecs with the unit vectors, ``probe_batch_size`` at a
-        time (default 64, fewer when a block would take a quarter of the available memory):
+        time (default 16, fewer when a block would take a quarter of the available memory):
         one compiled program for every block, progress on stderr between blocks
         (``progress=None``: when the run looks longer than 5 seconds; a warning first above
         20,000 products) and Ctrl-C honoured between blocks.
