@@ -102,10 +102,15 @@ def _on_host(batch: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x: np.array(x) if isinstance(x, np.memmap) else x, batch)
 
 
+_JOIN_TIMEOUT = 0.25  # seconds
+
+
 def _read_ahead(iterator: Iterator, depth: int) -> Iterator[PyTree]:
     """The items of ``iterator`` read by a background thread, ``depth`` at most waiting. The
     thread runs the loader under the caller's x64 setting, stops (and closes the loader's
-    iterator) when the consumer stops, and is joined before this generator ends."""
+    iterator) when the consumer stops, and is joined before this generator ends, for at most
+    ``_JOIN_TIMEOUT`` seconds: a loader blocked in its own code never holds up an error or a
+    KeyboardInterrupt (the daemon thread ends when the loader returns, or with the process)."""
     items: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     x64 = bool(jax.config.jax_enable_x64)  # thread-local: the loader sees the caller's
@@ -146,7 +151,10 @@ def _read_ahead(iterator: Iterator, depth: int) -> Iterator[PyTree]:
             yield item
     finally:
         stop.set()
-        thread.join()
+        # A thread between batches ends at its next put (within 0.05 s). One blocked in the
+        # loader's own code (a stuck read, a sleep, an Event.wait) cannot be stopped from here:
+        # it is a daemon, left to end on its own, so that Ctrl-C and errors propagate at once.
+        thread.join(timeout=_JOIN_TIMEOUT)
 
 
 def _iterate(source: Callable) -> Iterator:

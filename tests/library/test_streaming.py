@@ -264,3 +264,46 @@ def test_blocks_of_streamed_operators_compile_once(x64, key):
         block @ x
         sizes.append((blocks._embed_rows_jit._cache_size(), blocks._extract_rows_jit._cache_size()))
     assert sizes[0] == sizes[1] == sizes[2], sizes
+
+
+_BLOCKED_LOADER = """
+import threading
+import jax.numpy as jnp
+import curvature as cv
+
+calls = []
+
+
+def loader():  # the second call blocks in the user's own code, as a stuck reader would
+    calls.append(None)
+    if len(calls) > 1:
+        print("blocked", flush=True)
+        threading.Event().wait()
+    yield {"x": jnp.ones((4, 3))}
+
+
+op = cv.hessian(lambda w, b: jnp.mean((b["x"] @ w) ** 2), jnp.ones(3), loader, check=False)
+op @ jnp.ones(3)
+"""
+
+
+def test_ctrl_c_interrupts_a_loader_blocked_in_its_own_code():
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED_LOADER],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "blocked"
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=20)  # hung forever before (an unbounded join)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
