@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -75,8 +76,33 @@ def _name(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
+def _check_nnx_variables(params: PyTree, what: str) -> None:
+    """Flax NNX state (``nnx.state(model)``) holds every variable of the model: batch statistics,
+    RNG keys and counts, caches. Only ``nnx.Param`` variables are parameters; a float
+    ``BatchStat`` would be differentiated as one without an error. Checked only when flax NNX is
+    already imported (``curvature`` never imports it)."""
+    nnx = sys.modules.get("flax.nnx")
+    variable = getattr(nnx, "Variable", None)
+    if variable is None:
+        return
+    leaves = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, variable)
+    )[0]
+    for path, x in leaves:
+        if isinstance(x, variable) and not isinstance(x, nnx.Param):
+            raise TypeError(
+                f"{what} leaf {_name(path)} is a flax nnx.{type(x).__name__}, not an nnx.Param: "
+                "curvature would differentiate it as a parameter (BatchNorm's running statistics, "
+                "say). Pass only the parameters, nnx.state(model, nnx.Param), and merge the rest "
+                "back in the loss (graphdef, params, rest = nnx.split(model, nnx.Param, ...)); or "
+                "build the operator with curvature.flax, which does this"
+            )
+
+
 def check_float_params(params: PyTree, what: str = "params") -> None:
-    """Every parameter leaf must be a floating-point array: only those can be differentiated."""
+    """Every parameter leaf must be a floating-point array: only those can be differentiated.
+    Flax NNX variables other than ``nnx.Param`` (batch statistics, RNG state) are refused."""
+    _check_nnx_variables(params, what)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     if not leaves:
         raise ValueError(f"{what} has no array leaves")
