@@ -211,7 +211,8 @@ def _program(
         y = precondition(state, r_new)
         ry_new = r_new @ y
         p_new = y + jnp.where(ok, ry_new / jnp.where(ok, ry, 1), 0) * p
-        # A breakdown keeps the last good iterate and ends the loop without counting a step.
+        # A breakdown keeps the last good iterate and ends the loop without counting a step
+        # (a turn along p at negative curvature counts one, and ends it too).
         moved = ok | turn
         x, r, p, ry = jax.tree_util.tree_map(
             lambda new, old: jnp.where(moved, new, old),
