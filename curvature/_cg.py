@@ -15,7 +15,13 @@ It stops at the first of
   $i > k$, $\\phi(x_i) < 0$ and $(\\phi(x_i) - \\phi(x_{i-k})) / \\phi(x_i) < k\\,\\epsilon$ (``progress_tol``):
   the quadratic gained less than a fraction $\\epsilon$ per step over the last ``k`` steps;
 * a breakdown: $p^T (A + \\lambda I) p \\le 0$ (negative curvature, e.g. an indefinite Hessian with
-  too little damping) or a non-finite value; the iterate before it is kept.
+  too little damping) or a non-finite value; the iterate before it is kept. With ``descend``
+  (:func:`curvature.optim.hessian_free`'s solves), negative curvature met before any step from
+  zero gives the first search direction instead, $x = (r^T M^{-1} r / |p^T (A + \\lambda I) p|)\\,
+  p$ with $p = M^{-1} b$: a descent direction (the truncated-Newton rule, Nocedal & Wright 2006,
+  Algorithm 7.1), scaled to the minimum of the quadratic with the curvature's absolute value.
+
+Why it stopped is ``CGResult.stop_reason``, an index into :data:`STOP_REASONS`.
 
 Iterates ``x_i`` at the static steps ``save_at`` are written into a preallocated ``(len(save_at),
 n)`` array (Martens' geometric schedule for backtracking, :func:`martens_schedule`). The solve
@@ -39,9 +45,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvature import _driver
+from curvature._checks import check_real_vector, positive_int
 from curvature.linear_operator import LinearOperator
 
-__all__ = ["CGResult", "armijo", "backtrack", "conjugate_gradient", "martens_schedule", "solve"]
+__all__ = [
+    "STOP_REASONS",
+    "CGResult",
+    "armijo",
+    "backtrack",
+    "conjugate_gradient",
+    "martens_schedule",
+    "solve",
+]
+
+#: Why a solve stopped (``CGResult.stop_reason`` indexes this): ``||r|| <= tol ||b||``;
+#: ``max_steps`` iterations; Martens' relative-progress rule; negative (or zero) curvature
+#: ``p^T (A + lambda I) p <= 0``; a non-finite value.
+STOP_REASONS = ("converged", "max_steps", "progress", "negative_curvature", "non_finite")
+CONVERGED, MAX_STEPS, PROGRESS, NEGATIVE_CURVATURE, NON_FINITE = range(len(STOP_REASONS))
 
 
 class CGResult(NamedTuple):
@@ -56,6 +77,9 @@ class CGResult(NamedTuple):
       converged: whether ``||r|| <= tol ||b||``.
       saved: ``(len(save_at), n)`` the iterates at the steps ``save_at``; zero rows for steps not
         reached.
+      stop_reason: why it stopped, an index into :data:`STOP_REASONS` (``"converged"``,
+        ``"max_steps"``, ``"progress"``, ``"negative_curvature"``, ``"non_finite"``);
+        ``STOP_REASONS[int(result.stop_reason)]`` names it.
     """
 
     x: jax.Array
@@ -64,6 +88,7 @@ class CGResult(NamedTuple):
     residual_norm: jax.Array
     converged: jax.Array
     saved: jax.Array
+    stop_reason: jax.Array | None = None
 
 
 def martens_schedule(max_steps: int, gamma: float = 1.3) -> tuple[int, ...]:
@@ -90,15 +115,18 @@ def solve(
     preconditioner: jax.Array | None = None,
     save_at: tuple[int, ...] = (),
     restart: bool = False,
+    descend: bool = False,
 ) -> CGResult:
     """CG on ``(matvec + damping I) x = b`` inside compiled code (see the module docstring).
 
     ``preconditioner`` is the diagonal ``M`` (positive, ``(n,)``): each step applies
     ``M^{-1} r = r / M``. ``restart``: start from zero instead of an ``x0`` with
-    $\\phi(x_0) > 0 = \\phi(0)$ (a warm start worse than none). ``max_steps``, ``save_at`` and
-    ``restart`` are static; the rest may be traced.
+    $\\phi(x_0) > 0 = \\phi(0)$ (a warm start worse than none). ``descend``: negative curvature
+    before any step from zero gives the scaled first direction (module docstring), counted as a
+    step. ``max_steps``, ``save_at``, ``restart`` and ``descend`` are static; the rest may be
+    traced.
     """
-    program = _program(max_steps, tuple(save_at), restart, x0 is not None)
+    program = _program(max_steps, tuple(save_at), restart, x0 is not None, descend)
     args = (b, x0, damping, tol, progress_tol, preconditioner)
     return _driver.inline(program, (_Matvec(matvec, b.shape[0], b.dtype),), *args)
 
@@ -111,7 +139,9 @@ class _Matvec:
 
 
 @functools.cache
-def _program(max_steps: int, save_at: tuple[int, ...], restart: bool, has_x0: bool):
+def _program(
+    max_steps: int, save_at: tuple[int, ...], restart: bool, has_x0: bool, descend: bool = False
+):
     """The CG iteration as a program: the residual of ``x0`` (one product), then a
     ``while_loop`` of steps, each one product ``A p``."""
     num_saved = len(save_at)
@@ -152,46 +182,66 @@ def _program(max_steps: int, save_at: tuple[int, ...], restart: bool, has_x0: bo
         values = jnp.zeros(max_steps + 1, b.dtype).at[0].set(-0.5 * x @ (r + b))
         saved = jnp.zeros((num_saved, b.shape[0]), b.dtype)
         small = jnp.linalg.norm(r) <= state["threshold"]
-        loop = (jnp.int32(0), x, r, y, r @ y, values, saved, small, small)
+        reason = jnp.where(small, CONVERGED, MAX_STEPS).astype(jnp.int32)
+        loop = (jnp.int32(0), x, r, y, r @ y, values, saved, small, small, reason)
         return {**{k: v for k, v in state.items() if k not in ("x", "r")}, "loop": loop}
 
     def going(state):
-        i, *_, done, _ = state["loop"]
+        i, done = state["loop"][0], state["loop"][7]
         return (~done) & (i < max_steps)
 
     def step(state, _, product):
-        i, x, r, p, ry, values, saved, _, _ = state["loop"]
+        i, x, r, p, ry, values, saved, _, _, _ = state["loop"]
         b, progress_tol = state["b"], state["progress_tol"]
         ap = product + state["damping"] * p
         pap = p @ ap
-        ok = (pap > 0) & (ry > 0) & jnp.isfinite(pap)
+        finite = jnp.isfinite(pap)
+        ok = (pap > 0) & (ry > 0) & finite
         alpha = jnp.where(ok, ry / jnp.where(ok, pap, 1), 0)
         x_new, r_new = x + alpha * p, r - alpha * ap
+        finite &= jnp.all(jnp.isfinite(x_new))
+        ok &= finite
+        turn = jnp.bool_(False)
+        if descend:  # negative curvature before any step from zero: along p, scaled
+            turn = (pap < 0) & (ry > 0) & finite & (i == 0) & ~jnp.any(x != 0)
+            t = ry / jnp.where(turn, -pap, 1)
+            turn &= jnp.all(jnp.isfinite(t * p))
+            x_new = jnp.where(turn, t * p, x_new)
+            r_new = jnp.where(turn, r - t * ap, r_new)
         y = precondition(state, r_new)
         ry_new = r_new @ y
         p_new = y + jnp.where(ok, ry_new / jnp.where(ok, ry, 1), 0) * p
-        ok &= jnp.all(jnp.isfinite(x_new))
-        # A breakdown keeps the last good iterate and ends the loop without counting a step.
+        # A breakdown keeps the last good iterate and ends the loop without counting a step
+        # (a turn along p at negative curvature counts one, and ends it too).
+        moved = ok | turn
         x, r, p, ry = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(ok, new, old), (x_new, r_new, p_new, ry_new), (x, r, p, ry)
+            lambda new, old: jnp.where(moved, new, old),
+            (x_new, r_new, p_new, ry_new),
+            (x, r, p, ry),
         )
-        i = i + ok.astype(jnp.int32)
+        i = i + moved.astype(jnp.int32)
         phi = -0.5 * x @ (r + b)
         values = values.at[i].set(phi)
         if num_saved:
             slot = jnp.asarray(slot_of)[i]
             row = jnp.maximum(slot, 0)
-            saved = saved.at[row].set(jnp.where((slot >= 0) & ok, x, saved[row]))
+            saved = saved.at[row].set(jnp.where((slot >= 0) & moved, x, saved[row]))
         small = jnp.linalg.norm(r) <= state["threshold"]
         k = jnp.maximum(10, i // 10)
         previous = values[jnp.maximum(i - k, 0)]
         stalled = (i > k) & (phi < 0) & ((phi - previous) / phi < k * progress_tol)
-        return {**state, "loop": (i, x, r, p, ry, values, saved, small | stalled | ~ok, small)}
+        reason = jnp.select(
+            [~finite, ~ok, small, stalled],
+            [NON_FINITE, NEGATIVE_CURVATURE, CONVERGED, PROGRESS],
+            MAX_STEPS,
+        ).astype(jnp.int32)
+        done = small | stalled | ~ok
+        return {**state, "loop": (i, x, r, p, ry, values, saved, done, small, reason)}
 
     def finish(state, specs, *args):
-        i, x, r, _, _, values, saved, _, converged = state["loop"]
+        i, x, r, _, _, values, saved, _, converged, reason = state["loop"]
         values = jnp.where(jnp.arange(max_steps + 1) <= i, values, jnp.nan)
-        return CGResult(x, i, values, jnp.linalg.norm(r), converged, saved)
+        return CGResult(x, i, values, jnp.linalg.norm(r), converged, saved, reason)
 
     steps = []
     if has_x0:
@@ -231,9 +281,12 @@ def conjugate_gradient(
         progress $\\epsilon$ (0 disables it; :func:`hessian_free` uses 5e-4).
       preconditioner: the positive diagonal ``M`` ``(n,)``; each step divides the residual by it.
 
+    Checked: ``max_steps`` a positive integer, ``b`` and ``x0`` real and, for an operator, of
+    shape ``(n,)``.
+
     Returns:
       a :class:`~curvature._cg.CGResult`: the solution ``x``, ``num_steps``, the quadratic's
-      ``values`` $\\phi(x_i)$, the ``residual_norm`` and ``converged``.
+      ``values`` $\\phi(x_i)$, the ``residual_norm``, ``converged`` and ``stop_reason``.
 
     Example:
       >>> import jax.numpy as jnp, curvature, curvature.optim
@@ -242,9 +295,9 @@ def conjugate_gradient(
       >>> [round(float(v), 5) for v in result.x], int(result.num_steps)  # exact in n = 2 steps
       ([0.2, 0.6], 2)
     """
-    max_steps = int(max_steps)
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+    max_steps = positive_int(max_steps, "conjugate_gradient: max_steps")
+    for name, v in (("b", b), ("x0", x0)):
+        check_real_vector(v, f"conjugate_gradient: {name}")
     if isinstance(op, LinearOperator):
         b = jnp.asarray(b, op.dtype)
         for name, v in (("b", b), ("x0", x0)):

@@ -38,6 +38,7 @@ from curvature._checks import (
     check_finite_params,
     check_finite_value,
     check_scalar,
+    check_x64,
     is_traced,
     positive_int,
 )
@@ -50,7 +51,7 @@ from curvature.linear_operator import (
     operator_type,
     static,
 )
-from curvature.losses import output_loss
+from curvature.losses import check_labels, output_loss
 
 __all__ = ["GaussNewton", "Hessian", "LossOperator", "gauss_newton", "hessian", "loss_operator"]
 
@@ -99,12 +100,15 @@ class LossOperator(LinearOperator):
         raise NotImplementedError
 
     def apply(self, v):
+        check_x64(self.layout)
+
         def product(v):
             return data_mean(lambda batch: self.chunk_product(v, batch), self.data, self.batching)
 
         return rewritten_if(self.convs, product)(v.astype(self.dtype))
 
     def prepared(self) -> LinearOperator:
+        check_x64(self.layout)
         if self.batching is None or not self.batching.single_chunk:
             return self  # chunked (or a streamed template): nothing to hold
         if is_traced(self):
@@ -172,10 +176,24 @@ def _mean_loss(loss: Closure, params, data, batching):
     return data_mean(lambda batch: _at_least_float32(fn(params, batch)), data, batching)
 
 
+def _check_not_batches(data) -> None:
+    """A list of batches (pytrees of one structure) passed as data would be taken for one pytree
+    whose leaves are their arrays; say what to pass instead."""
+    if not isinstance(data, list) or len(data) < 2:
+        return
+    trees = [jax.tree_util.tree_structure(x) for x in data]
+    if all(not jax.tree_util.treedef_is_leaf(t) and t == trees[0] for t in trees):
+        raise TypeError(
+            f"data is a list of {len(data)} batches: pass a loader, `lambda: batches` (each "
+            "product is then a pass over them), or their arrays concatenated into one pytree"
+        )
+
+
 def _setup(params, data, batch_size, check):
     """The layout, the chunking, the data as arrays and the first chunk; the parameters checked.
     For a loader (streamed data): no chunking (``None``), and its first batch."""
     layout = Layout.of(params)
+    _check_not_batches(data)
     if check:
         check_finite_params(params)
     if streaming.is_source(data):
@@ -231,8 +249,9 @@ def hessian(
       loss: ``loss(params, batch) -> scalar``, the *mean* loss over the examples of ``batch``. A
         fresh ``lambda`` or ``functools.partial`` on every call is fine: equivalent functions
         share compiled programs, and the JAX arrays they capture are passed as operands.
-      params: a pytree of floating-point arrays; its raveled length is ``n`` and its dtype is the
-        operator's (float32 params give a float32 operator; float64 under ``jax.enable_x64``).
+      params: a pytree of floating-point arrays (for flax NNX, ``nnx.state(model, nnx.Param)``:
+        batch statistics and other non-``Param`` variables are refused); its raveled length is
+        ``n`` and its dtype is the operator's (float32 params give a float32 operator; float64 under ``jax.enable_x64``).
       data: a pytree of arrays whose leading axis indexes the same examples in every leaf; or,
         for data that do not fit in memory, a zero-argument function returning a fresh iterable
         of such batches (``lambda: loader``; see :mod:`curvature.streaming`): each matvec is then
@@ -242,7 +261,9 @@ def hessian(
         operator is the Hessian of the mean over all examples whatever ``batch_size`` is.
         ``None`` uses all data at once.
       check: verify, once on the host, that the parameters and the loss are finite and that the
-        loss is a scalar. Skipped automatically under tracing.
+        loss is a floating-point JAX scalar (a Python number is a constant: refused). Skipped
+        automatically under tracing. Always checked: ``data`` is not a list of batches (pass a
+        loader), and for a loader, that every batch is a pytree of numeric arrays.
 
     Returns a :class:`Hessian` (a :class:`~curvature.LinearOperator`), or a
     :class:`~curvature.streaming.Streamed` one for a loader.
@@ -309,6 +330,7 @@ class GaussNewton(LossOperator):
         examples, with ``H_i`` the output loss's Hessian on example ``i`` (exact when the output
         loss is a mean of per-example terms, as the named losses are). Memory: a chunk's
         Jacobians, ``batch x outputs x n``."""
+        check_x64(self.layout)
         params = self.params
         model, loss = self.model.bind(), self.loss.bind()
 
@@ -382,7 +404,8 @@ def gauss_newton(
     Args:
       model: ``model(params, batch) -> outputs`` with a leading batch axis.
       params, data, batch_size, check: as for :func:`hessian` (same normalisation: the operator
-        is the GGN of the dataset-mean loss).
+        is the GGN of the dataset-mean loss). For ``"cross_entropy"``, ``check`` also refuses a
+        label outside ``0 .. classes - 1`` (all labels in memory; a loader's first batch).
       loss: ``"mse"`` for ``0.5 * mean over examples of the squared error summed over outputs``;
         ``"cross_entropy"`` for softmax cross-entropy on logits ``(batch, classes)`` with integer
         labels ``(batch,)``. Or a function ``loss(outputs, batch) -> scalar`` (the batch mean),
@@ -404,6 +427,9 @@ def gauss_newton(
         check_scalar(
             lambda p, b: out_loss.value(model(p, b), b), (params, first), "the output loss"
         )
+        if not is_traced(params):  # all labels in memory; a loader's first batch
+            labels_of = first if batching is None else data
+            check_labels(out_loss, jax.eval_shape(model, params, first), labels_of)
     model = closure(model, params, first, what="gauss_newton()")
     out_loss = closure(out_loss)
     if check and not is_traced((first, model, out_loss)):

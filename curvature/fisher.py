@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from curvature._batching import data_mean
-from curvature._checks import is_traced
+from curvature._checks import check_scalar, check_x64, is_traced, num_examples
 from curvature._closures import Closure
 from curvature.builders import LossOperator, loss_operator
 from curvature.linear_operator import LinearOperator, operator_type
@@ -43,7 +43,18 @@ def _per_example_losses(loss: Callable, params: PyTree, batch: PyTree) -> jax.Ar
 def per_example_gradients(loss: Callable, params: PyTree, batch: PyTree) -> PyTree:
     """The gradient of each example's loss: a pytree like ``params`` with a leading axis of the
     batch size. ``loss(params, batch)`` is the batch mean, as everywhere in this library, so the
-    mean of the per-example gradients is the batch gradient."""
+    mean of the per-example gradients is the batch gradient.
+
+    Checked first (by tracing, nothing computed): every leaf of ``batch`` has a leading example
+    axis, and ``loss`` on a batch of one example returns a floating-point scalar (a vector of
+    per-example losses is refused, with its shape)."""
+    num_examples(batch)
+    one = jax.tree_util.tree_map(lambda x: x[:1], batch)
+    check_scalar(loss, (params, one), "per_example_gradients: loss(params, batch)")
+    return _per_example_gradients(loss, params, batch)
+
+
+def _per_example_gradients(loss: Callable, params: PyTree, batch: PyTree) -> PyTree:
     return jax.vmap(
         lambda ex: jax.grad(loss)(params, jax.tree_util.tree_map(lambda x: x[None], ex))
     )(batch)
@@ -85,10 +96,11 @@ class EmpiricalFisher(LossOperator):
         return super().prepared() if is_traced(self) else self
 
     def exact_diagonal(self):
+        check_x64(self.layout)
         loss = self.loss.bind()
 
         def chunk(batch):
-            grads = per_example_gradients(loss, self.params, batch)
+            grads = _per_example_gradients(loss, self.params, batch)
             flat = jax.vmap(self.layout.ravel)(grads)
             return jnp.mean(flat**2, axis=0)
 

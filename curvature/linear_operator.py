@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvature import _driver
-from curvature._checks import check_float_params, is_traced
+from curvature._checks import check_float_params, check_product_input, is_traced
 from curvature._closures import Closure, closure
 from curvature._columns import unit_products
 from curvature._driver import map_rows
@@ -282,14 +282,17 @@ class LinearOperator:
     # -- products from the host --------------------------------------------------------------
 
     def matvec(self, v: jax.Array) -> jax.Array:
-        """``A v`` for a flat vector ``v`` of shape ``(n,)`` (jit-compiled, cached)."""
+        """``A v`` for a flat real vector ``v`` of shape ``(n,)`` (jit-compiled, cached). A
+        complex ``v``, or a float64 operator used outside ``jax.enable_x64``, is refused."""
         v = jnp.asarray(v)
+        check_product_input(self, v, "op.matvec(v): v")
         if v.shape != (self.size,):
             raise ValueError(f"matvec expects a vector of shape ({self.size},), got {v.shape}")
         return _driver.run(_matvec_program(), (self,), v)
 
     def __matmul__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x)
+        check_product_input(self, x, "op @ x: x")
         if x.ndim == 1:
             return self.matvec(x)
         if x.ndim == 2 and x.shape[0] == self.size:

@@ -16,8 +16,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["NAMED", "OutputLoss", "targets_reader"]
+__all__ = ["NAMED", "OutputLoss", "check_labels", "targets_reader"]
 
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 
@@ -125,6 +126,27 @@ class OutputLoss:
             return NAMED[self.fn][1](out, u, self.targets(batch))
         grad = jax.grad(self.fn)
         return jax.jvp(lambda o: grad(o, batch), (out,), (u,))[1]
+
+
+def check_labels(out_loss: OutputLoss, outputs, batch) -> None:
+    """Cross-entropy labels must be class indices ``0 .. classes - 1``: an out-of-range label
+    (-1 for "unlabelled", say) indexes another class or none without an error inside compiled
+    code. Checked on concrete labels, once, on the host (``outputs``: the model's outputs or
+    their ``jax.ShapeDtypeStruct``); traced ones are skipped."""
+    if out_loss.fn != "cross_entropy":
+        return
+    labels = out_loss.targets(batch)
+    if isinstance(labels, jax.core.Tracer):
+        return
+    classes = outputs.shape[-1]
+    host = np.asarray(labels)
+    bad = np.flatnonzero((host < 0) | (host >= classes))
+    if bad.size:
+        raise ValueError(
+            f"cross_entropy: {bad.size} label(s) outside 0 .. {classes - 1} (the model's "
+            f"{classes} classes), the first {host[bad[0]]} at example {bad[0]}: labels are class "
+            "indices; drop unlabelled examples (or give them a class) before building the operator"
+        )
 
 
 def output_loss(loss, targets=None) -> OutputLoss:

@@ -11,7 +11,14 @@ the default, as Martens recommends) or the Hessian. Then, following Martens (201
 
 * CG starts from the previous update's last CG iterate times ``warm_start`` (0.95);
 * it stops by the relative-progress rule ($\\phi$ gained less than ``progress_tol`` = 5e-4 per step
-  over the last $\\max(10, 0.1 i)$ steps), at ``max_cg_steps``, or at ``||r|| <= cg_tol ||g||``;
+  over the last $\\max(10, 0.1 i)$ steps), at ``max_cg_steps``, at ``||r|| <= cg_tol ||g||``, or
+  at negative curvature (an indefinite Hessian), keeping the iterate before it; the state records
+  why (``state.cg_stop``, and ``state.cg_stops`` counts every reason over the updates);
+* negative curvature met at CG's first step from zero gives the preconditioned gradient
+  direction $M^{-1} (-g)$, scaled to the minimum along it of the quadratic with the absolute
+  curvature (the truncated-Newton rule, Nocedal & Wright 2006, Algorithm 7.1), instead of no step:
+  the line search then sizes it, so undamped Hessian steps (``damping=0``) make progress at a
+  saddle as well;
 * backtracking: the iterates at steps $\\lceil 1.3^j \\rceil$ are kept, and from the last iterate
   backwards the first one whose predecessor has a higher batch loss is taken (one loss evaluation
   per candidate, usually two in all);
@@ -46,6 +53,8 @@ Example:
   Array([0.3333, 1.6667], dtype=float32)
   >>> int(state.cg_steps), round(float(state.reduction_ratio), 4), float(state.damping)
   (2, 1.0, 0.0)
+  >>> state.cg_stop  # why CG stopped: converged, max_steps, progress, negative_curvature, ...
+  'converged'
 """
 
 from __future__ import annotations
@@ -65,14 +74,27 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess by 
     ) from error
 
 from curvature import _cg
-from curvature._cg import CGResult, conjugate_gradient
-from curvature._checks import check_finite_params, check_float_params, is_traced
+from curvature._cg import STOP_REASONS, CGResult, conjugate_gradient
+from curvature._checks import (
+    check_finite_params,
+    check_float_params,
+    flag,
+    is_traced,
+    positive_int,
+    real,
+)
 from curvature.builders import gauss_newton, hessian
 from curvature.linear_operator import Layout, LinearOperator
 from curvature.losses import OutputLoss, output_loss
 from curvature.stochastic_trace import diagonal
 
-__all__ = ["CGResult", "HessianFreeState", "conjugate_gradient", "hessian_free"]
+__all__ = [
+    "STOP_REASONS",
+    "CGResult",
+    "HessianFreeState",
+    "conjugate_gradient",
+    "hessian_free",
+]
 
 PyTree = Any
 _CURVATURES = ("gauss_newton", "hessian")
@@ -95,6 +117,12 @@ class HessianFreeState(NamedTuple):
         the first update and for a rejected step).
       second_moment: ``(n,)`` Adam's EMA of squared gradients (``preconditioner="second_moment"``),
         else ``None``.
+      cg_stop_reason: why the last update's CG stopped, an index into :data:`STOP_REASONS`
+        (``"converged"``, ``"max_steps"``, ``"progress"``, ``"negative_curvature"``,
+        ``"non_finite"``); -1 before the first update. :attr:`cg_stop` names it.
+      cg_stop_counts: ``(len(STOP_REASONS),)`` how many updates' CG stopped for each reason
+        (:attr:`cg_stops` as a dict): CG at ``max_cg_steps`` on every update says the budget is
+        too small for the damping.
     """
 
     count: jax.Array
@@ -105,6 +133,19 @@ class HessianFreeState(NamedTuple):
     loss: jax.Array
     step_size: jax.Array
     second_moment: jax.Array | None
+    cg_stop_reason: jax.Array
+    cg_stop_counts: jax.Array
+
+    @property
+    def cg_stop(self) -> str | None:
+        """The last update's CG stop reason by name (``None`` before the first update)."""
+        code = int(self.cg_stop_reason)
+        return None if code < 0 else STOP_REASONS[code]
+
+    @property
+    def cg_stops(self) -> dict[str, int]:
+        """``{reason: updates}`` over all updates so far, e.g. ``{"max_steps": 12, ...}``."""
+        return dict(zip(STOP_REASONS, (int(c) for c in self.cg_stop_counts), strict=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +205,8 @@ def hessian_free(
       damping: the initial $\\lambda$ (0 stays 0: undamped Newton or Gauss-Newton steps).
       max_cg_steps: CG iterations per update, at most.
       curvature: ``"gauss_newton"`` or ``"hessian"`` (may be indefinite: CG stops at negative
-        curvature and the damping grows), or your own: a function ``(params, batch) ->`` a
+        curvature, a first step along the gradient direction if it meets it at once, and the
+        damping grows when the step does worse than predicted), or your own: a function ``(params, batch) ->`` a
         :class:`~curvature.LinearOperator` on the parameters' whole layout (e.g. built with
         :func:`~curvature.from_function`, or a combination of builders' operators), called
         inside the compiled update.
@@ -182,6 +224,12 @@ def hessian_free(
       check: outside ``jax.jit``, check that params and gradients are finite (one device sync per
         update).
 
+    Every setting is checked here, with an error that names it: ``max_cg_steps`` a positive
+    integer; ``damping``, ``l2``, ``progress_tol``, ``cg_tol`` and ``preconditioner_exponent``
+    finite and >= 0; ``learning_rate`` finite and > 0; ``warm_start`` in [0, 1]; ``boost`` >= 1;
+    ``drop`` in (0, 1]; ``second_moment_decay`` in [0, 1) (1 would divide 0 by 0);
+    ``backtracking``, ``line_search`` and ``check`` booleans.
+
     Dtypes: the solve runs in the parameters' dtype, at least float32 (float64 for float64
     parameters under ``jax.enable_x64``).
     """
@@ -197,17 +245,25 @@ def hessian_free(
     out_loss = output_loss(loss, targets)
     if not callable(model):
         raise TypeError(f"model must be a function model(params, batch), got {model!r}")
-    if int(max_cg_steps) < 1:
-        raise ValueError(f"max_cg_steps must be a positive integer, got {max_cg_steps!r}")
-    if damping < 0 or l2 < 0:
-        raise ValueError(f"damping and l2 must be >= 0, got {damping!r} and {l2!r}")
-    if not (boost >= 1 and 0 < drop <= 1):
-        raise ValueError(f"need boost >= 1 and 0 < drop <= 1, got {boost!r} and {drop!r}")
+    name = "hessian_free: "
+    max_cg_steps = positive_int(max_cg_steps, name + "max_cg_steps")
+    damping = real(damping, name + "damping", low=0)
+    l2 = real(l2, name + "l2", low=0)
+    learning_rate = real(learning_rate, name + "learning_rate", low=0, low_open=True)
+    if cg_tol is not None:
+        cg_tol = real(cg_tol, name + "cg_tol", low=0)
+    progress_tol = real(progress_tol, name + "progress_tol", low=0)
+    warm_start = real(warm_start, name + "warm_start", low=0, high=1)
+    boost = real(boost, name + "boost", low=1)
+    drop = real(drop, name + "drop", low=0, high=1, low_open=True)
+    exponent = real(preconditioner_exponent, name + "preconditioner_exponent", low=0)
+    beta2 = real(second_moment_decay, name + "second_moment_decay", low=0, high=1, high_open=True)
+    backtracking = flag(backtracking, name + "backtracking")
+    line_search = flag(line_search, name + "line_search")
+    check = flag(check, name + "check")
     config = _Config(
-        model, out_loss, curvature, preconditioner, int(max_cg_steps), cg_tol,
-        float(progress_tol), float(warm_start), float(boost), float(drop), bool(backtracking),
-        bool(line_search), float(learning_rate), float(l2), float(preconditioner_exponent),
-        float(second_moment_decay),
+        model, out_loss, curvature, preconditioner, max_cg_steps, cg_tol, progress_tol,
+        warm_start, boost, drop, backtracking, line_search, learning_rate, l2, exponent, beta2,
     )  # fmt: skip
 
     def init_fn(params):
@@ -226,6 +282,8 @@ def hessian_free(
             second_moment=jnp.zeros(layout.size, dtype)
             if preconditioner == "second_moment"
             else None,
+            cg_stop_reason=jnp.int32(-1),
+            cg_stop_counts=jnp.zeros(len(STOP_REASONS), jnp.int32),
         )
 
     def update_fn(updates, state, params=None, *, batch=None, curvature_batch=None, **extra_args):
@@ -318,6 +376,7 @@ def _update(config: _Config, grads, state: HessianFreeState, params, batch, curv
         preconditioner=precond,
         save_at=schedule,
         restart=True,
+        descend=True,
     )
     step, new_loss = _cg.backtrack(loss_at, result, schedule)
     f0 = loss_at(jnp.zeros_like(theta))
@@ -337,6 +396,8 @@ def _update(config: _Config, grads, state: HessianFreeState, params, batch, curv
         loss=f0.astype(state.loss.dtype),
         step_size=alpha.astype(state.step_size.dtype),
         second_moment=second_moment,
+        cg_stop_reason=result.stop_reason,
+        cg_stop_counts=state.cg_stop_counts.at[result.stop_reason].add(1),
     )
     return layout.unravel(config.learning_rate * alpha * step), new_state
 

@@ -230,11 +230,23 @@ def _scaled(x, s):
     return x * s
 
 
-def _flat(op: LinearOperator, x) -> jax.Array:
-    """A flat vector of length ``n`` as it is, a parameter-shaped pytree raveled."""
+def _flat(op: LinearOperator, x, what: str = "the diagonal") -> jax.Array:
+    """A flat vector of length ``n`` as it is, a parameter-shaped pytree raveled; anything else
+    an error that gives the expected length."""
     if isinstance(x, jax.Array | np.ndarray) and np.ndim(x) == 1 and np.size(x) == op.size:
         return jnp.asarray(x)
-    return op.ravel(x)
+    try:
+        return op.ravel(x)
+    except (ValueError, TypeError) as error:
+        given = (
+            f"an array of shape {np.shape(x)}"
+            if isinstance(x, jax.Array | np.ndarray)
+            else f"a {type(x).__name__} that does not fit ({error})"
+        )
+        raise ValueError(
+            f"{what} must be a flat vector of length n={op.size} (shape ({op.size},)) or a pytree "
+            f"shaped like the parameters; got {given}"
+        ) from None
 
 
 def preconditioned(
@@ -255,7 +267,8 @@ def preconditioned(
     Args:
       op: a symmetric operator (e.g. :func:`~curvature.hessian`).
       preconditioner: ``P``'s diagonal, a flat vector of length ``n`` or a pytree shaped like
-        the parameters; every entry finite and > 0 (checked when it is not traced). Its
+        the parameters (anything else is refused, with the expected length ``n``); every entry
+        finite and > 0 (checked when it is not traced). Its
         deprecated keyword name is ``diagonal=`` (``diagonal`` now always means an operator's
         own diagonal, as in :func:`conditioning`).
 
@@ -268,7 +281,7 @@ def preconditioned(
     )
     if preconditioner is UNSET:
         raise TypeError("preconditioned(op, preconditioner): the diagonal P is missing")
-    p = _flat(op, preconditioner).astype(op.dtype)
+    p = _flat(op, preconditioner, "preconditioned: the diagonal P").astype(op.dtype)
     if not is_traced(p):
         host = np.asarray(p)
         bad = ~(np.isfinite(host) & (host > 0))
@@ -356,7 +369,7 @@ def _conditioning(op, diag, *, k, num_steps, key) -> Conditioning:
 
 def _exact_diagonal(op, diagonal):
     if diagonal is not None:
-        return _flat(op, diagonal)
+        return _flat(op, diagonal, "diagonal")
     from curvature.stochastic_trace import diagonal as diagonal_of
 
     return diagonal_of(op, method="exact").diagonal

@@ -1,6 +1,8 @@
 """Bad input gets a clear error that names the problem, before any work: non-finite parameters
 and losses, shapes, arguments, non-float leaves, a non-finite matvec."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,59 @@ def test_nonfinite_matvec_is_reported():
     op = cv.from_matrix(jnp.array([[1.0, jnp.nan], [jnp.nan, 1.0]]))
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         cv.eigsh(op, k=1, num_steps=2, key=jax.random.key(0))
+
+
+def test_a_loss_must_return_a_floating_jax_scalar(problem):
+    params, data, _, _, _ = problem
+    for constant in (1.0, 1):  # no derivative sees a constant: refused, not 'float has no astype'
+        with pytest.raises(TypeError, match=f"returned the constant {constant} .*jax.numpy"):
+            cv.hessian(lambda p, b, c=constant: c, params, data)
+    with pytest.raises(TypeError, match="dtype int32; a loss must be floating point"):
+        cv.hessian(lambda p, b: jnp.sum(b["x"] > 0), params, data)
+    with pytest.raises(ValueError, match=r"per_example_gradients: .*scalar.*shape \(1, 3\)"):
+        cv.per_example_gradients(lambda p, b: b["y"] * p[0]["b"][0], params, data)
+
+
+def test_keys_counts_and_vectors_are_checked(problem):
+    params, data, _, loss, _ = problem
+    op = cv.hessian(loss, params, data)
+    for key, got in [
+        (0, r"the int 0 \(for seed 0: key=jax.random.key\(0\)\)"),
+        (jnp.zeros(2), r"shape \(2,\) and dtype float32"),
+        (jnp.zeros(3, jnp.uint32), r"shape \(3,\) and dtype uint32"),
+    ]:
+        with pytest.raises(TypeError, match=f"key must be a PRNG key.*{got}"):
+            cv.trace(op, num_matvecs=10, key=key)
+    with pytest.raises(ValueError, match="a single PRNG key; got an array of 2 keys"):
+        cv.eigsh(op, k=1, key=jax.random.split(jax.random.key(0)))
+    with pytest.raises(ValueError, match=r"num_matvecs=2147483648 is too large.*32-bit"):
+        cv.trace(op, num_matvecs=2**31, key=jax.random.key(0), method="hutchinson")
+    with pytest.raises(
+        ValueError, match=r"diagonal P must be a flat vector of length n=83.*\(84,\)"
+    ):
+        cv.preconditioned(op, jnp.ones(84))
+    with pytest.raises(TypeError, match="complex .*real and imaginary parts"):
+        op @ (jnp.ones(op.size) + 1j * jnp.ones(op.size))
+
+
+def test_data_that_is_not_one_pytree_of_examples(problem):
+    params, data, _, loss, _ = problem
+    with pytest.raises(TypeError, match="list of 2 batches: pass a loader, `lambda: batches`"):
+        cv.hessian(loss, params, [data, data])
+    ce_params, ce_data, model, _, _ = make_problem("relu", "cross_entropy", dtype=jnp.float32)
+    unlabelled = dict(ce_data, y=ce_data["y"].at[4].set(-1))
+    with pytest.raises(ValueError, match="1 label.* outside 0 .. 2.*the first -1 at example 4"):
+        cv.gauss_newton(model, ce_params, unlabelled, loss="cross_entropy")
+
+
+def test_a_float64_operator_outside_x64():
+    with jax.enable_x64(True):
+        params, data, _, loss, _ = make_problem("tanh", "mse", dtype=jnp.float64)
+        op = cv.hessian(loss, params, data)
+    with pytest.raises(TypeError, match=r"float64 \(built under jax.enable_x64\(True\)\)"):
+        op @ np.ones(op.size, np.float32)
+    # The estimators reach the check when they compile, after JAX has warned that float64 is off.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Explicitly requested dtype float64", UserWarning)
+        with pytest.raises(TypeError, match=r"built under jax.enable_x64\(True\)"):
+            cv.trace(op, num_matvecs=4, key=jax.random.key(0))

@@ -219,3 +219,15 @@ def test_flax_builders_on_a_loader_equal_in_memory_with_checks(x64):
         rtol=1e-10,
         atol=1e-14,
     )
+
+
+def test_state_with_batch_statistics_is_refused_for_plain_builders(x64):
+    # nnx.state(model) holds BatchNorm's running statistics beside the parameters: a plain
+    # builder differentiated them too (a larger, wrong operator) and said nothing.
+    net, data = trained_net(), make_data()
+    with pytest.raises(
+        TypeError,
+        match=r"\['bn'\]\['mean'\] is a flax nnx.BatchStat.*nnx.state\(model, nnx.Param\)",
+    ):
+        cv.hessian(lambda state, batch: 0.0, nnx.state(net), data)
+    assert cv.Layout.of(nnx.state(net, nnx.Param)).size == 48  # the parameters alone pass

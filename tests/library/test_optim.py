@@ -80,6 +80,26 @@ def test_cg_matches_a_dense_solve(x64, preconditioned):
     np.testing.assert_allclose(dense.x, exact, rtol=1e-8, atol=1e-10)
     warm = co.conjugate_gradient(op, b, exact, damping=lam, max_steps=5, tol=1e-8)
     assert int(warm.num_steps) == 0 and bool(warm.converged)
+    assert [co.STOP_REASONS[int(r.stop_reason)] for r in (result, warm)] == ["converged"] * 2
+
+
+def test_cg_says_why_it_stopped():
+    indefinite = cv.from_matrix(jnp.diag(jnp.array([2.0, 1.0, -4.0])))  # b^T A b < 0
+    definite = cv.from_matrix(jnp.diag(jnp.array([2.0, 1.0, 3.0])))
+    b = jnp.ones(3)
+    stops = {
+        "negative_curvature": co.conjugate_gradient(indefinite, b, max_steps=3),  # keeps x = 0
+        "max_steps": co.conjugate_gradient(definite, b, max_steps=1),
+        "non_finite": co.conjugate_gradient(definite, b.at[0].set(jnp.nan), max_steps=3),
+    }
+    for reason, result in stops.items():
+        assert co.STOP_REASONS[int(result.stop_reason)] == reason, reason
+    with pytest.raises(ValueError, match="max_steps must be a positive integer, got None"):
+        co.conjugate_gradient(definite, b, max_steps=None)
+    with pytest.raises(TypeError, match="b is complex"):
+        co.conjugate_gradient(definite, b + 1j * b, max_steps=3)
+    assert int(stops["negative_curvature"].num_steps) == 0
+    assert not np.any(stops["negative_curvature"].x)
 
 
 def test_cg_relative_progress_rule(x64):
@@ -95,6 +115,7 @@ def test_cg_relative_progress_rule(x64):
         return i > k and values[i] < 0 and (values[i] - values[i - k]) / values[i] < k * eps
 
     assert 11 <= stop < 100 and not bool(result.converged)  # measured: 21 steps
+    assert co.STOP_REASONS[int(result.stop_reason)] == "progress"
     assert rule(stop) and not any(rule(i) for i in range(1, stop))
     optimum = -0.5 * float(jnp.sum(b**2 / spectrum))  # phi at the solution
     assert 0 < 1 - values[stop] / optimum < 5e-3  # measured: 0.13% short of the minimum
@@ -351,6 +372,43 @@ def test_errors():
         co.hessian_free(model, "mse", preconditioner="adam")
     with pytest.raises(ValueError, match="unknown output loss"):
         co.hessian_free(model, "l2")
+
+
+@pytest.mark.parametrize(
+    "setting, value, error",
+    [
+        ("damping", float("nan"), "damping must be a finite number >= 0, got nan"),
+        ("damping", float("inf"), "damping must be a finite number >= 0, got inf"),
+        ("learning_rate", -1, "learning_rate must be a finite number > 0, got -1"),
+        ("learning_rate", float("nan"), "learning_rate must be a finite number > 0"),
+        ("max_cg_steps", None, "max_cg_steps must be a positive integer, got None"),
+        ("second_moment_decay", 1.0, "second_moment_decay must be a finite number >= 0 and < 1"),
+        ("warm_start", 1.5, "warm_start must be a finite number >= 0 and <= 1"),
+        ("cg_tol", -1e-3, "cg_tol must be a finite number >= 0"),
+        ("l2", float("nan"), "l2 must be a finite number >= 0"),
+        ("line_search", "yes", "line_search must be True or False"),
+    ],
+)
+def test_every_setting_is_checked(setting, value, error):
+    with pytest.raises((ValueError, TypeError), match=f"hessian_free: {error}"):
+        co.hessian_free(square_model, "mse", **{setting: value})
+
+
+def test_undamped_hessian_steps_make_progress_at_negative_curvature(x64):
+    # f(w) = 0.5 (w^2 - 1)^2 from w = 0.1, where f'' = 3 w^2 - 1 < 0: CG meets negative curvature
+    # at once. It took no step, and with damping 0 the damping never grew: stuck for good.
+    batch = {"x": jnp.ones(1), "y": jnp.ones(1)}
+    loss = lambda w, b: 0.5 * jnp.mean((square_model(w, b) - b["y"]) ** 2)  # noqa: E731
+    tx = co.hessian_free(square_model, "mse", curvature="hessian", damping=0.0, max_cg_steps=5)
+    history = run(tx, loss, jnp.asarray(0.1), batch, 3)
+    losses = [float(loss(0.1, batch))] + [float(loss(w, batch)) for w, _ in history]
+    assert np.all(np.diff(losses) < -0.02), losses  # measured 0.490, 0.460, 0.415, 0.359
+    state = history[-1][1]
+    assert state.cg_stop == "negative_curvature"
+    assert state.cg_stops == {
+        "converged": 0, "max_steps": 0, "progress": 0, "negative_curvature": 3, "non_finite": 0
+    }  # fmt: skip
+    assert tx.init(jnp.asarray(0.1)).cg_stop is None
 
 
 def test_optax_is_needed_only_by_curvature_optim():

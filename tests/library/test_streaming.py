@@ -264,3 +264,90 @@ def test_blocks_of_streamed_operators_compile_once(x64, key):
         block @ x
         sizes.append((blocks._embed_rows_jit._cache_size(), blocks._extract_rows_jit._cache_size()))
     assert sizes[0] == sizes[1] == sizes[2], sizes
+
+
+_BLOCKED_LOADER = """
+import threading
+import jax.numpy as jnp
+import curvature as cv
+
+calls = []
+
+
+def loader():  # the second call blocks in the user's own code, as a stuck reader would
+    calls.append(None)
+    if len(calls) > 1:
+        print("blocked", flush=True)
+        threading.Event().wait()
+    yield {"x": jnp.ones((4, 3))}
+
+
+op = cv.hessian(lambda w, b: jnp.mean((b["x"] @ w) ** 2), jnp.ones(3), loader, check=False)
+op @ jnp.ones(3)
+"""
+
+
+def test_ctrl_c_interrupts_a_loader_blocked_in_its_own_code():
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED_LOADER],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "blocked"
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=20)  # hung forever before (an unbounded join)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
+
+
+def test_a_loader_must_yield_the_same_examples_on_every_pass(x64):
+    params, data, _, loss, _ = make_problem("tanh", "mse", num_examples=NUM)
+    host = jax.tree_util.tree_map(np.asarray, data)
+    seeds = iter(range(100))
+
+    def drawn(replace):  # a fresh draw of the examples on every pass, as many of them
+        def loader():
+            rng = np.random.default_rng(next(seeds))
+            order = rng.choice(NUM, NUM, replace=replace)
+            for start in range(0, NUM, 7):
+                yield {k: v[order[start : start + 7]] for k, v in host.items()}
+
+        return loader
+
+    v = jnp.ones(cv.hessian(loss, params, data).size)
+    resampled = cv.hessian(loss, params, drawn(replace=True))
+    resampled @ v
+    with pytest.raises(ValueError, match="batch 0 from the loader holds other examples"):
+        resampled @ v
+    # The same examples in another order every pass: the same operator, accepted.
+    shuffled = cv.hessian(loss, params, drawn(replace=False))
+    assert rel(shuffled @ v, cv.hessian(loss, params, data) @ v) < 1e-12
+    assert rel(shuffled @ v, cv.hessian(loss, params, data) @ v) < 1e-12
+
+
+def test_bad_batches_from_a_loader_are_named(x64):
+    params, data, _, loss, _ = make_problem("relu", "mse", num_examples=NUM)
+    host = jax.tree_util.tree_map(np.asarray, data)
+    n = cv.hessian(loss, params, data).size
+
+    def wider():  # the second batch has more features than the model takes
+        yield {k: v[:7] for k, v in host.items()}
+        yield {"x": np.concatenate([host["x"][7:]] * 2, axis=1), "y": host["y"][7:]}
+
+    with pytest.raises(
+        TypeError, match=r"batch 1 .*\['x'\] \(16, 8\) \(the first batch: \(7, 4\)\)"
+    ):
+        cv.hessian(loss, params, wider) @ jnp.ones(n)
+    with pytest.raises(TypeError, match="batch 0 .* holds a str.*lambda: \\[data\\]"):
+        cv.hessian(loss, params, lambda: host)  # iterates over the dict's keys
+    # numpy integers are integers.
+    assert cv.hessian(loss, params, cv.batches(host, np.int64(10))).streamed
