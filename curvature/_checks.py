@@ -135,6 +135,7 @@ def require_square(op, what: str) -> None:
             f"({m}, {k}) from restrict(op, rows, cols): use restrict(op, rows) for a diagonal "
             "block, or frobenius_norm_squared / dense / @ for this one"
         )
+    check_x64(op.layout, f"{what}: the operator")
 
 
 def check_finite_result(values: jax.Array, name: str) -> None:

@@ -92,7 +92,11 @@ class Layout:
     @property
     def dtype(self) -> np.dtype:
         """The flat vectors' dtype: the parameters' common dtype, at least float32, so that
-        Krylov vectors, eigh and QR never run in bfloat16 or float16."""
+        Krylov vectors, eigh and QR never run in bfloat16 or float16. Parameters built under
+        ``jax.enable_x64(True)`` keep float64 here when 64-bit types are off (no JAX warning):
+        products then refuse the operator with the reason."""
+        if not jax.config.jax_enable_x64 and any(np.dtype(d).itemsize >= 8 for d in self.dtypes):
+            return np.dtype(np.float64)
         return np.dtype(np.promote_types(jnp.result_type(*self.dtypes), np.float32))
 
     @property
