@@ -1,7 +1,6 @@
 """Bad input gets a clear error that names the problem, before any work: non-finite parameters
 and losses, shapes, arguments, non-float leaves, a non-finite matvec."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
