@@ -22,7 +22,7 @@ import numpy as np
 
 from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import lifecycle, models, storage, sweep, train, training_log
+from experiments import lifecycle, models, rundir, storage, sweep, train, training_log
 from experiments.errors import RunDirError
 from experiments.measurements import Record
 from experiments.rundir import MemberDir
@@ -219,6 +219,7 @@ def load_run(workdir) -> Run:
     """The run in ``workdir``: config, members with their typed records, and on first use their
     model, loss, data, parameters and optimizer state at every kept step."""
     workdir = pathlib.Path(workdir).expanduser()
+    rundir.refuse_links(workdir)
     stored = storage.read_json(workdir / "config.json")
     if stored is None:
         raise FileNotFoundError(f"{workdir} has no config.json: not a run directory")
@@ -234,6 +235,12 @@ def load_run(workdir) -> Run:
         folder = workdir / "members"
         names = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
     for name in names:
+        if not rundir.is_folder_name(name):  # "../../x" or "/x": another run's member
+            raise RunDirError(
+                f"{workdir / 'run.json'} lists the member {name!r}, which is not a folder name "
+                "in members/; the file is corrupt: delete it (the member folders are read then) "
+                "or use a new --workdir"
+            )
         folder = MemberDir(workdir / "members" / name)
         info = storage.read_json(folder.info)
         if info is None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import devices, lifecycle, report, storage, sweep, train
+from experiments import devices, lifecycle, report, rundir, storage, sweep, train
 from experiments import measure as measure_lib
 from experiments.errors import RunDirError
 from experiments.record import FORMAT
@@ -131,6 +131,7 @@ def check_workdir(plan: Plan) -> None:
     workdir = plan.workdir
     if workdir.exists() and not workdir.is_dir():
         raise RunDirError(f"{workdir} is a file, not a run directory")
+    rundir.refuse_links(workdir)
     hint = "resume with the same config and data or choose a new --workdir"
     on_disk = storage.read_json(workdir / "config.json")
     if on_disk is not None and _comparable(on_disk) != _comparable(resolved(plan.config)):
