@@ -19,7 +19,7 @@ from experiments.figures import common, optim, parameter, sharpness, spectra, tr
 from experiments.figures.common import Figure
 from experiments.load import load_run
 from experiments.measurements import MEASUREMENTS
-from experiments.table import common_steps, text
+from experiments.table import common_steps, markdown, text
 
 # Figures of every run, whatever it measured.
 GENERAL_FIGURES = (
@@ -101,14 +101,17 @@ def write_report(workdir, run, facts: dict, drawn: list[Figure]) -> list[pathlib
     ]
     title = f"curvature report: {workdir.name}"
     setup = _setup_line(run)
-    titles = ["group", "seeds", "failed", "final step"] + report.present_columns(rows)
-    legend = report.legend()
-    md = [f"# {title}", "", setup, "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    columns = report.present_columns(rows)
+    titles = ["group", "seeds", "failed", "final step"] + columns
+    legend = report.legend(columns)
+    # Names, swept values and paths are the user's: escaped, so the rendered page shows them.
+    md = [f"# {markdown(title)}", "", markdown(setup), ""]
+    md += ["| " + " | ".join(map(markdown, titles)) + " |", "|" + "---|" * len(titles)]
     for row in rows:
-        md.append("| " + " | ".join(text(row.get(t)) for t in titles) + " |")
-    md += ["", legend, ""] + report.notes(rows) + [""]
+        md.append("| " + " | ".join(markdown(text(row.get(t))) for t in titles) + " |")
+    md += ["", markdown(legend), ""] + [markdown(n) for n in report.notes(rows)] + [""]
     for name, caption in captions:
-        md += [f"![{name}](figures/{name}.png)", "", f"*{caption}*", ""]
+        md += [f"![{name}](figures/{name}.png)", "", f"*{markdown(caption)}*", ""]
     md_path = workdir / "report.md"
     storage.atomic_write_bytes(md_path, "\n".join(md).encode())
 
@@ -189,7 +192,8 @@ def compare(workdirs, out, *, sigma: float | None = None) -> list[pathlib.Path]:
     paths = common.save(fig, out, "compare")
     lines = ["# comparison", ""]
     for run in runs:
-        lines += [f"## {run.workdir}", "", report.summary_markdown(report.summary_rows(run))]
+        lines += [f"## {markdown(run.workdir)}", ""]
+        lines += [report.summary_markdown(report.summary_rows(run))]
     lines += ["![compare](compare.png)", ""]
     path = out / "compare.md"
     storage.atomic_write_bytes(path, "\n".join(lines).encode())
