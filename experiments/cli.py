@@ -13,7 +13,7 @@ import ml_collections
 from absl import app, flags
 
 from experiments import config as config_lib
-from experiments.errors import ConfigError, DataError, RunDirError
+from experiments.errors import ConfigError, DataError, RequestError, RunDirError
 
 
 def command(argv, commands: tuple[str, ...], *, workdir: str | None) -> str:
@@ -24,6 +24,18 @@ def command(argv, commands: tuple[str, ...], *, workdir: str | None) -> str:
     if not workdir:
         raise app.UsageError("--workdir is required")
     return args[0]
+
+
+def check_study(command: str, against, measurement, step) -> None:
+    """``--against``, ``--measurement`` and ``--step`` go together, with ``plot``."""
+    if against is None and measurement is None and step is None:
+        return
+    if command != "plot":
+        raise app.UsageError("--against, --measurement and --step go with plot")
+    if against is None:
+        raise app.UsageError("--measurement and --step choose what --against=FIELD draws")
+    if measurement is None:
+        raise app.UsageError("--against needs --measurement=NAME (lambda_max, trace, ...)")
 
 
 def runs(workdirs: list[str]) -> list[str]:
@@ -80,7 +92,7 @@ def one_line_errors(main):
         except BrokenPipeError:  # `... | head`: the reader left; nothing is wrong with the run
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-        except (ConfigError, DataError, RunDirError, FileNotFoundError) as err:
+        except (ConfigError, DataError, RequestError, RunDirError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except OSError as err:  # a full disk, a folder that vanished: the run keeps what it wrote

@@ -1,6 +1,7 @@
 """Pages from a run directory: every figure (:func:`draw_all`), ``report.md`` / ``report.html``
-(the setup, the table, the figures with their captions) and ``compare`` (several run directories
-overlaid). Drawn from what is on disk, never by re-measuring.
+(the setup, the table, the figures with their captions), ``compare`` (several run directories
+overlaid) and a measurement against a swept value (:func:`draw_study`). Drawn from what is on
+disk, never by re-measuring.
 
 The figures are the general ones (:data:`GENERAL_FIGURES`) and those each measurement declares
 (:mod:`experiments.measurements`), in the order of their ranks; each is drawn when the records
@@ -15,7 +16,7 @@ import pathlib
 from curvature import plotting
 from experiments import report, storage
 from experiments.errors import RunDirError
-from experiments.figures import common, optim, parameter, sharpness, spectra, training
+from experiments.figures import common, optim, parameter, sharpness, spectra, study, training
 from experiments.figures.common import Figure
 from experiments.load import load_run
 from experiments.measurements import MEASUREMENTS
@@ -136,6 +137,18 @@ def write_report(workdir, run, facts: dict, drawn: list[Figure]) -> list[pathlib
     html_path = workdir / "report.html"
     storage.atomic_write_bytes(html_path, "\n".join(h).encode())
     return [md_path, html_path]
+
+
+def draw_study(
+    workdir, against: str, measurement: str, *, step: int | None = None
+) -> tuple[list[pathlib.Path], str]:
+    """The figure of ``measurement`` against the swept field ``against``
+    (:mod:`experiments.figures.study`) as ``figures/<measurement>_vs_<field>.png`` and
+    ``.pdf``; returns the paths and its numbers as a markdown table."""
+    workdir = pathlib.Path(workdir).expanduser()
+    data = study.study(load_run(workdir), against, measurement, step=step)
+    paths = common.save(study.study_figure(data), workdir / "figures", study.file_name(data))
+    return paths, data.markdown()
 
 
 def compare(workdirs, out, *, sigma: float | None = None) -> list[pathlib.Path]:
