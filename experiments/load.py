@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
+import warnings
 
 import jax
 import ml_collections
@@ -26,6 +27,18 @@ from experiments import lifecycle, models, rundir, storage, sweep, train, traini
 from experiments.errors import RunDirError
 from experiments.measurements import Record
 from experiments.rundir import MemberDir
+
+
+class _Steps(list):
+    """A list of steps that may still be called like the method it replaces."""
+
+    def __call__(self) -> list[int]:
+        warnings.warn(
+            "Member.checkpoint_steps is a property, like Member.steps: drop the parentheses",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return list(self)
 
 
 @dataclasses.dataclass
@@ -47,6 +60,7 @@ class Member:
 
     @property
     def steps(self) -> list[int]:
+        """The measured steps (of :attr:`records`), in order."""
         return [r.step for r in self.records]
 
     @property
@@ -119,8 +133,12 @@ class Member:
     def test_data(self) -> dict:
         return {k: v for k, v in self._setup.test_data.items() if k != "activation"}
 
+    @property
     def checkpoint_steps(self) -> list[int]:
-        return MemberDir(self.dir).checkpoint_steps()
+        """The steps whose parameters and optimizer state were kept (:meth:`params`), a property
+        like :attr:`steps`. Calling it, as when it was a method, still works, with a
+        ``DeprecationWarning``."""
+        return _Steps(MemberDir(self.dir).checkpoint_steps())
 
     def training(self):
         """The per-step training log (:class:`experiments.training_log.Curves`): loss against
