@@ -164,8 +164,8 @@ def notes(rows: list[dict]) -> list[str]:
     failed = [r for r in rows if r["failed"]]
     if failed:
         out.append(
-            "Stopped runs (divergence or non-finite loss): "
-            + ", ".join(f"{r['group']} ({r['failed']})" for r in failed)
+            "Stopped runs (divergence, a non-finite loss or a failed measurement; the reason is in "
+            "their status.json): " + ", ".join(f"{r['group']} ({r['failed']})" for r in failed)
         )
     out += [
         f"{r['group']}: seeds reached steps {r['reached']}." for r in rows if len(r["reached"]) > 1

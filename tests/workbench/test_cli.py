@@ -163,8 +163,8 @@ def test_a_diverging_member_stops_with_its_reason_and_exit_1(tmp_path):
     assert status["state"] == "failed" and status["message"].startswith("diverged: training loss")
     assert "10 x the initial" in status["message"] and "relu-seed0: diverged" in out.stderr
     assert (
-        "Stopped runs (divergence or non-finite loss): relu (1)"
-        in (tmp_path / "summary.md").read_text()
+        "Stopped runs (divergence, a non-finite loss or a failed measurement; the reason is in "
+        "their status.json): relu (1)" in (tmp_path / "summary.md").read_text()
     )
 
 

@@ -95,7 +95,8 @@ def test_a_value_the_record_cannot_hold_fails_its_member_and_keeps_the_rest(misb
     for name, member in run.members.items():
         assert member.steps == [0] and member.status == statuses[name]
     assert run.members["relu-seed0"].records[0].trace == Estimate(1.0, 0.1, 0)
-    assert "| relu | 1 | 1 | 0 | " in (workdir / "summary.md").read_text()
+    summary = (workdir / "summary.md").read_text()
+    assert "| relu | 1 | 1 | 0 | " in summary and "a failed measurement" in summary
     assert workdir / "report.md" in pages.draw_all(workdir)
 
 
