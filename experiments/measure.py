@@ -269,7 +269,8 @@ def measure(ctx: Context, *, test_data: dict, member: str, fingerprint: str) -> 
             ) from err
         timings[name] = time.perf_counter() - t0
         if entry.field is not None:
-            if not isinstance(value, entry.record_type):  # a replaced built-in's value
+            # A replaced built-in's value must fit the field (None: nothing to record here).
+            if value is not None and not isinstance(value, entry.record_type):
                 raise MeasurementFailed(
                     f"the registered measurement {name!r} returned a {type(value).__name__}, "
                     f"not the {entry.record_type.__name__} its record field {entry.field} holds"
