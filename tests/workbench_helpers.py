@@ -26,6 +26,25 @@ def cli(*args, timeout=240):
     )
 
 
+def main(*args) -> int:
+    """``python -m experiments ARGS`` in this process (seconds faster than :func:`cli` where
+    nothing compiles): the command line's flag parser and main with its one-line errors, as
+    ``app.run`` calls them; returns the exit status (output: pytest's ``capsys``)."""
+    from absl import flags
+
+    from experiments import __main__ as command_line
+    from experiments import cli as cli_lib
+
+    argv = list(sys.argv)
+    try:
+        return cli_lib.one_line_errors(command_line._main)(
+            cli_lib.parse_flags(["experiments", *args])
+        )
+    finally:
+        flags.FLAGS.unparse_flags()
+        sys.argv[:] = argv
+
+
 def load_config(name="smoke"):
     spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -6,10 +6,11 @@ import re
 
 import numpy as np
 import pytest
+from absl import app
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("flax")
-from workbench_helpers import cli, load_config, write_run  # noqa: E402
+from workbench_helpers import load_config, main, write_run  # noqa: E402
 
 import experiments  # noqa: E402
 from experiments import pages  # noqa: E402
@@ -120,22 +121,24 @@ def test_a_study_the_run_cannot_answer_names_what_it_holds(
         study.study(run, against, measurement, step=step)
 
 
-def test_plot_against_from_the_command_line(swept):
+def test_plot_against_from_the_command_line(swept, capsys):
     workdir, _ = swept
-    out = cli(
-        "plot",
-        f"--workdir={workdir}",
-        "--against=learning_rate",
-        "--measurement=lambda_max",
-        "--step=20",
-    )
-    assert out.returncode == 0, out.stderr
-    assert "| relu | 0.1 | 4 ± 1 | 3 | 20 |" in out.stdout
-    assert "| tanh | 0.4 | 7 ± 0.71 | 2 | 20 |" in out.stdout
+    args = ["plot", f"--workdir={workdir}", "--against=learning_rate", "--measurement=lambda_max"]
+    assert main(*args, "--step=20") == 0
+    out = capsys.readouterr().out
+    assert "| relu | 0.1 | 4 ± 1 | 3 | 20 |" in out
+    assert "| tanh | 0.4 | 7 ± 0.71 | 2 | 20 |" in out
     for ext in ("png", "pdf"):
         path = workdir / "figures" / f"lambda_max_vs_learning_rate_step20.{ext}"
-        assert f"wrote {path}" in out.stdout and path.stat().st_size > 0
+        assert f"wrote {path}" in out and path.stat().st_size > 0
     assert not (workdir / "report.md").exists()  # only the figure asked for
+    assert main(*args, "--step=5") == 2
+    error = "error: --step=5: no member recorded lambda_max there; at [0, 10, 20]\n"
+    assert capsys.readouterr().err == error
+    with pytest.raises(app.UsageError, match="--measurement and --step choose what --against="):
+        main("plot", f"--workdir={workdir}", "--measurement=lambda_max")
+    with pytest.raises(app.UsageError, match="--against, --measurement and --step go with plot"):
+        main("compare", f"--runs={workdir}", f"--workdir={workdir}", "--against=width")
 
 
 def test_swept_values_with_html_or_dollars_are_shown_as_written(tmp_path):
