@@ -344,6 +344,13 @@ def warm_up(
 _BUILTIN_FUNCTIONS = {m.name: m.fn for m in BUILTINS}
 
 
+def _as_float(array: np.ndarray) -> np.ndarray | None:
+    try:
+        return array.astype(np.float64)
+    except (TypeError, ValueError):
+        return None
+
+
 def _plain(value, where: str = ""):
     """A user measurement's value as JSON: numbers, strings, arrays as lists, dataclasses and
     dicts as dicts. ``TypeError`` (``"<type> at <where>"``) for anything else: it would not
@@ -356,8 +363,11 @@ def _plain(value, where: str = ""):
         return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, np.ndarray | jax.Array | np.generic):
         array = np.asarray(value)
-        if array.dtype.kind not in "biuf":
-            raise TypeError(f"an array of {array.dtype}{f' at {where}' if where else ''}")
+        if array.dtype.kind not in "biuf":  # bfloat16 and other extension floats are numbers
+            numbers = _as_float(array) if array.dtype.kind == "V" else None
+            if numbers is None:
+                raise TypeError(f"an array of {array.dtype}{f' at {where}' if where else ''}")
+            array = numbers
         return array.item() if array.ndim == 0 else array.tolist()
     if value is None or isinstance(value, bool | int | float | str):
         return value
