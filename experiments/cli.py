@@ -7,11 +7,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import types
 
+import ml_collections
 from absl import app, flags
 
 from experiments import config as config_lib
-from experiments.errors import ConfigError, DataError, RunDirError
+from experiments.errors import ConfigError, DataError, RequestError, RunDirError
 
 
 def command(argv, commands: tuple[str, ...], *, workdir: str | None) -> str:
@@ -22,6 +24,18 @@ def command(argv, commands: tuple[str, ...], *, workdir: str | None) -> str:
     if not workdir:
         raise app.UsageError("--workdir is required")
     return args[0]
+
+
+def check_study(command: str, against, measurement, step) -> None:
+    """``--against``, ``--measurement`` and ``--step`` go together, with ``plot``."""
+    if against is None and measurement is None and step is None:
+        return
+    if command != "plot":
+        raise app.UsageError("--against, --measurement and --step go with plot")
+    if against is None:
+        raise app.UsageError("--measurement and --step choose what --against=FIELD draws")
+    if measurement is None:
+        raise app.UsageError("--against needs --measurement=NAME (lambda_max, trace, ...)")
 
 
 def runs(workdirs: list[str]) -> list[str]:
@@ -78,7 +92,7 @@ def one_line_errors(main):
         except BrokenPipeError:  # `... | head`: the reader left; nothing is wrong with the run
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-        except (ConfigError, DataError, RunDirError, FileNotFoundError) as err:
+        except (ConfigError, DataError, RequestError, RunDirError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except OSError as err:  # a full disk, a folder that vanished: the run keeps what it wrote
@@ -96,16 +110,22 @@ def parse_flags(argv):
     """absl's parser, with ``~`` expanded in paths, deprecated config keys renamed (with a
     warning), and a one-line error for an override of a config key that does not exist
     (ml_collections raises a KeyError from deep inside flag parsing), and for a config file that
-    is missing or raises."""
+    is missing, raises, has no ``get_config`` or whose ``get_config`` returns no ConfigDict."""
     argv = [_renamed(_expand_workdir(a)) for a in argv]
     sys.argv[:] = argv  # ml_collections reads the --config.* overrides from sys.argv itself
     config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if config_path is not None and not os.path.isfile(os.path.expanduser(config_path)):
-        print(f"error: config file {config_path} does not exist", file=sys.stderr)
-        sys.exit(2)
+        _exit(f"config file {config_path} does not exist")
     try:
-        return flags.FLAGS(argv)
+        parsed = flags.FLAGS(argv)
     except (KeyError, AttributeError) as err:
+        if _lacks_get_config(err, config_path):
+            _exit(
+                f"config file {config_path} defines no get_config() (a function that returns the "
+                "config, as in configs/smoke.py)"
+            )
+        if isinstance(err, AttributeError) and not (err.args and isinstance(err.args[0], KeyError)):
+            _exit(_failed_to_load(config_path, err))  # not ConfigDict's missing key: the file's
         inner = err
         while isinstance(inner, BaseException) and inner.args:
             inner = inner.args[0]  # AttributeError(KeyError("'key'\nDid you mean ...")) -> the text
@@ -116,18 +136,40 @@ def parse_flags(argv):
         name = named[0] if named else key
         if name in config_lib.MOVED_KEYS:
             hint = f"It moved to {config_lib.MOVED_KEYS[name]}."
-        print(f"error: config key {name} does not exist. {hint}".strip(), file=sys.stderr)
-        sys.exit(2)
+        _exit(f"config key {name} does not exist. {hint}".strip())
     except flags.Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit(str(err))
     except Exception as err:  # noqa: BLE001 - the user's config file raised while loading
-        print(
-            f"error: config file {config_path} failed to load: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}",
-            file=sys.stderr,
+        _exit(_failed_to_load(config_path, err))
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if config_path is not None and not isinstance(config, ml_collections.ConfigDict):
+        _exit(
+            f"config file {config_path}: get_config() returned {type(config).__name__}, not an "
+            "ml_collections.ConfigDict (start from experiments.config.base_config())"
         )
-        sys.exit(2)
+    return parsed
+
+
+def _exit(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _failed_to_load(config_path, err: BaseException) -> str:
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"config file {config_path} failed to load: {type(err).__name__}: {first}"
+
+
+def _lacks_get_config(err: BaseException, config_path: str | None) -> bool:
+    """Whether ``err`` is ml_collections' ``module.get_config`` on the config file itself (not an
+    override of a missing key, nor an error inside the file's own ``get_config``)."""
+    module = getattr(err, "obj", None)
+    if config_path is None or getattr(err, "name", None) != "get_config":
+        return False
+    if not isinstance(module, types.ModuleType) or not getattr(module, "__file__", None):
+        return False
+    path = os.path.expanduser(config_path.split(":", 1)[0])
+    return os.path.realpath(module.__file__) == os.path.realpath(path)
 
 
 def _expand_workdir(arg: str) -> str:

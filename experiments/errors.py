@@ -14,6 +14,12 @@ class RunDirError(ValueError):
     another config or data set, or it cannot be written. Names the file and what to do."""
 
 
+class RequestError(ValueError):
+    """A request that a run directory cannot answer (a figure of a measurement it did not record,
+    against a field it did not sweep, at a step no member reached), naming what was asked and
+    what there is."""
+
+
 def require(ok: bool, key: str, message: str) -> None:
     """Raise :class:`ConfigError` ``config key <key>: <message>`` unless ``ok``."""
     if not ok:

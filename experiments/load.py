@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
+import warnings
 
 import jax
 import ml_collections
@@ -22,10 +23,22 @@ import numpy as np
 
 from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import lifecycle, models, storage, sweep, train, training_log
+from experiments import lifecycle, models, rundir, storage, sweep, train, training_log
 from experiments.errors import RunDirError
 from experiments.measurements import Record
 from experiments.rundir import MemberDir
+
+
+class _Steps(list):
+    """A list of steps that may still be called like the method it replaces."""
+
+    def __call__(self) -> list[int]:
+        warnings.warn(
+            "Member.checkpoint_steps is a property, like Member.steps: drop the parentheses",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return list(self)
 
 
 @dataclasses.dataclass
@@ -47,6 +60,7 @@ class Member:
 
     @property
     def steps(self) -> list[int]:
+        """The measured steps (of :attr:`records`), in order."""
         return [r.step for r in self.records]
 
     @property
@@ -119,8 +133,12 @@ class Member:
     def test_data(self) -> dict:
         return {k: v for k, v in self._setup.test_data.items() if k != "activation"}
 
+    @property
     def checkpoint_steps(self) -> list[int]:
-        return MemberDir(self.dir).checkpoint_steps()
+        """The steps whose parameters and optimizer state were kept (:meth:`params`), a property
+        like :attr:`steps`. Calling it, as when it was a method, still works, with a
+        ``DeprecationWarning``."""
+        return _Steps(MemberDir(self.dir).checkpoint_steps())
 
     def training(self):
         """The per-step training log (:class:`experiments.training_log.Curves`): loss against
@@ -219,6 +237,7 @@ def load_run(workdir) -> Run:
     """The run in ``workdir``: config, members with their typed records, and on first use their
     model, loss, data, parameters and optimizer state at every kept step."""
     workdir = pathlib.Path(workdir).expanduser()
+    rundir.refuse_links(workdir)
     stored = storage.read_json(workdir / "config.json")
     if stored is None:
         raise FileNotFoundError(f"{workdir} has no config.json: not a run directory")
@@ -234,6 +253,12 @@ def load_run(workdir) -> Run:
         folder = workdir / "members"
         names = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
     for name in names:
+        if not rundir.is_folder_name(name):  # "../../x" or "/x": another run's member
+            raise RunDirError(
+                f"{workdir / 'run.json'} lists the member {name!r}, which is not a folder name "
+                "in members/; the file is corrupt: delete it (the member folders are read then) "
+                "or use a new --workdir"
+            )
         folder = MemberDir(workdir / "members" / name)
         info = storage.read_json(folder.info)
         if info is None:

@@ -35,6 +35,7 @@ import numpy as np
 from experiments import train
 from experiments.errors import ConfigError, require
 from experiments.measurements import (
+    BUILTINS,
     MEASUREMENTS,
     Context,
     Measurement,
@@ -255,21 +256,35 @@ def measure(ctx: Context, *, test_data: dict, member: str, fingerprint: str) -> 
     for name in ctx.plan:
         entry = MEASUREMENTS.get(name)
         t0 = time.perf_counter()
+        registered = entry.fn is not _BUILTIN_FUNCTIONS.get(name)  # a user's, or a replaced one
         try:
             value = jax.block_until_ready(entry.fn(ctx.taking(name, ctx.config.measure.get(name))))
         except FloatingPointError as err:
             raise MeasurementFailed(f"{name}: {err}") from None
         except Exception as err:  # noqa: BLE001
-            if entry.field is not None:
+            if not registered:
                 raise  # a built-in measurement's error is a bug to see whole
             raise MeasurementFailed(
                 f"the registered measurement {name!r} raised {type(err).__name__}: {err}"
             ) from err
         timings[name] = time.perf_counter() - t0
         if entry.field is not None:
+            # A replaced built-in's value must fit the field (None: nothing to record here).
+            if value is not None and not isinstance(value, entry.record_type):
+                raise MeasurementFailed(
+                    f"the registered measurement {name!r} returned a {type(value).__name__}, "
+                    f"not the {entry.record_type.__name__} its record field {entry.field} holds"
+                )
             fields[entry.field] = value
         else:
-            extra[name] = _plain(value)
+            try:
+                extra[name] = _plain(value)
+            except TypeError as err:
+                raise MeasurementFailed(
+                    f"the registered measurement {name!r} returned a value the record cannot "
+                    f"hold ({err}); return numbers, arrays, Estimate / Eigenvalues, or dicts "
+                    "and lists of them"
+                ) from None
     train_cfg = ctx.config.train
     record = Record(
         step=ctx.step,
@@ -326,18 +341,37 @@ def warm_up(
             f.result()
 
 
-def _plain(value):
-    """A user measurement's value as JSON: numbers, arrays as lists, dataclasses as dicts."""
-    if dataclasses.is_dataclass(value):
-        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+_BUILTIN_FUNCTIONS = {m.name: m.fn for m in BUILTINS}
+
+
+def _as_float(array: np.ndarray) -> np.ndarray | None:
+    try:
+        return array.astype(np.float64)
+    except (TypeError, ValueError):
+        return None
+
+
+def _plain(value, where: str = ""):
+    """A user measurement's value as JSON: numbers, strings, arrays as lists, dataclasses and
+    dicts as dicts. ``TypeError`` (``"<type> at <where>"``) for anything else: it would not
+    survive the metrics log."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, np.ndarray | jax.Array | np.generic):
         array = np.asarray(value)
+        if array.dtype.kind not in "biuf":  # bfloat16 and other extension floats are numbers
+            numbers = _as_float(array) if array.dtype.kind == "V" else None
+            if numbers is None:
+                raise TypeError(f"an array of {array.dtype}{f' at {where}' if where else ''}")
+            array = numbers
         return array.item() if array.ndim == 0 else array.tolist()
-    return value
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"{type(value).__name__}{f' at {where}' if where else ''}")
 
 
 __all__ = [

@@ -1,6 +1,7 @@
 """Pages from a run directory: every figure (:func:`draw_all`), ``report.md`` / ``report.html``
-(the setup, the table, the figures with their captions) and ``compare`` (several run directories
-overlaid). Drawn from what is on disk, never by re-measuring.
+(the setup, the table, the figures with their captions), ``compare`` (several run directories
+overlaid) and a measurement against a swept value (:func:`draw_study`). Drawn from what is on
+disk, never by re-measuring.
 
 The figures are the general ones (:data:`GENERAL_FIGURES`) and those each measurement declares
 (:mod:`experiments.measurements`), in the order of their ranks; each is drawn when the records
@@ -15,11 +16,11 @@ import pathlib
 from curvature import plotting
 from experiments import report, storage
 from experiments.errors import RunDirError
-from experiments.figures import common, optim, parameter, sharpness, spectra, training
+from experiments.figures import common, optim, parameter, sharpness, spectra, study, training
 from experiments.figures.common import Figure
 from experiments.load import load_run
 from experiments.measurements import MEASUREMENTS
-from experiments.table import common_steps, text
+from experiments.table import common_steps, markdown, text
 
 # Figures of every run, whatever it measured.
 GENERAL_FIGURES = (
@@ -101,14 +102,17 @@ def write_report(workdir, run, facts: dict, drawn: list[Figure]) -> list[pathlib
     ]
     title = f"curvature report: {workdir.name}"
     setup = _setup_line(run)
-    titles = ["group", "seeds", "failed", "final step"] + report.present_columns(rows)
-    legend = report.legend()
-    md = [f"# {title}", "", setup, "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    columns = report.present_columns(rows)
+    titles = ["group", "seeds", "failed", "final step"] + columns
+    legend = report.legend(columns)
+    # Names, swept values and paths are the user's: escaped, so the rendered page shows them.
+    md = [f"# {markdown(title)}", "", markdown(setup), ""]
+    md += ["| " + " | ".join(map(markdown, titles)) + " |", "|" + "---|" * len(titles)]
     for row in rows:
-        md.append("| " + " | ".join(text(row.get(t)) for t in titles) + " |")
-    md += ["", legend, ""] + report.notes(rows) + [""]
+        md.append("| " + " | ".join(markdown(text(row.get(t))) for t in titles) + " |")
+    md += ["", markdown(legend), ""] + [markdown(n) for n in report.notes(rows)] + [""]
     for name, caption in captions:
-        md += [f"![{name}](figures/{name}.png)", "", f"*{caption}*", ""]
+        md += [f"![{name}](figures/{name}.png)", "", f"*{markdown(caption)}*", ""]
     md_path = workdir / "report.md"
     storage.atomic_write_bytes(md_path, "\n".join(md).encode())
 
@@ -133,6 +137,18 @@ def write_report(workdir, run, facts: dict, drawn: list[Figure]) -> list[pathlib
     html_path = workdir / "report.html"
     storage.atomic_write_bytes(html_path, "\n".join(h).encode())
     return [md_path, html_path]
+
+
+def draw_study(
+    workdir, against: str, measurement: str, *, step: int | None = None
+) -> tuple[list[pathlib.Path], str]:
+    """The figure of ``measurement`` against the swept field ``against``
+    (:mod:`experiments.figures.study`) as ``figures/<measurement>_vs_<field>.png`` and
+    ``.pdf``; returns the paths and its numbers as a markdown table."""
+    workdir = pathlib.Path(workdir).expanduser()
+    data = study.study(load_run(workdir), against, measurement, step=step)
+    paths = common.save(study.study_figure(data), workdir / "figures", study.file_name(data))
+    return paths, data.markdown()
 
 
 def compare(workdirs, out, *, sigma: float | None = None) -> list[pathlib.Path]:
@@ -189,7 +205,8 @@ def compare(workdirs, out, *, sigma: float | None = None) -> list[pathlib.Path]:
     paths = common.save(fig, out, "compare")
     lines = ["# comparison", ""]
     for run in runs:
-        lines += [f"## {run.workdir}", "", report.summary_markdown(report.summary_rows(run))]
+        lines += [f"## {markdown(run.workdir)}", ""]
+        lines += [report.summary_markdown(report.summary_rows(run))]
     lines += ["![compare](compare.png)", ""]
     path = out / "compare.md"
     storage.atomic_write_bytes(path, "\n".join(lines).encode())

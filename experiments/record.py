@@ -163,4 +163,19 @@ def _decode(tp, obj):
         return {k: _decode(item, v) for k, v in obj.items()}
     if tp is float:
         return float(obj)  # "nan" and "inf" back to floats
+    if tp is Any:  # a user measurement's value: its "nan" and "inf" too, at any depth
+        return _non_finite(obj)
+    return obj
+
+
+_NON_FINITE = {repr(x): x for x in (math.nan, math.inf, -math.inf)}  # as _encode writes them
+
+
+def _non_finite(obj):
+    if isinstance(obj, str):
+        return _NON_FINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _non_finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_non_finite(v) for v in obj]
     return obj

@@ -11,13 +11,14 @@ import csv
 import dataclasses
 import io
 import pathlib
+import re
 
 from experiments import storage
 from experiments.figures import optim
 from experiments.load import Run, load_run
 from experiments.measurements import MEASUREMENTS
 from experiments.record import Eigenvalues
-from experiments.table import Cell, Column, cell, common_steps, text
+from experiments.table import Cell, Column, cell, common_steps, markdown, text
 
 
 def _sharpness_ratio(r) -> Eigenvalues | None:
@@ -37,8 +38,16 @@ GENERAL_COLUMNS = (
         "grad-eq.",
         lambda r: r.training.gradient_equivalents if r.training else None,
         rank=30,
+        legend="grad-eq.: what training to that step cost in gradients of the training batch (1 "
+        "a step for first-order methods; Hessian-free: its CG's curvature products and loss "
+        "evaluations)",
     ),
-    Column("train s", lambda r: r.training.seconds if r.training else None, rank=40),
+    Column(
+        "train s",
+        lambda r: r.training.seconds if r.training else None,
+        rank=40,
+        legend="train s: its wall seconds, compilation excluded",
+    ),
     Column("λmax(H)", lambda r: r.sharpness, rank=50),
     Column(
         "λmax/edge",
@@ -51,12 +60,13 @@ GENERAL_COLUMNS = (
 
 LEGEND_HEAD = (
     "Mean ± standard deviation over seeds (one seed: ± the estimator's standard error) at the "
-    "last step every seed reached; loss and curvature on the measurement set. grad-eq.: what "
-    "training to that step cost in gradients of the training batch (1 a step for first-order "
-    "methods; Hessian-free: its CG's curvature products and loss evaluations); train s: its "
-    "wall seconds, compilation excluded. H: loss Hessian; "
-    "G: its Gauss-Newton part; R = H − G."
+    "last step every seed reached; loss and curvature on the measurement set."
 )
+
+# The operators' names, explained under a table whose column titles name them (rank: where among
+# the column legends).
+NOTATION = (("H", "H: loss Hessian"), ("G", "G: its Gauss-Newton part"), ("R", "R = H − G"))
+_NOTATION_RANK = 45
 
 
 def columns() -> list[Column]:
@@ -66,10 +76,16 @@ def columns() -> list[Column]:
     return sorted(found, key=lambda c: c.rank)
 
 
-def legend() -> str:
-    """The paragraph under a table: what its cells are, and each column's legend in order."""
-    parts = [c.legend for c in columns() if c.legend]
-    return f"{LEGEND_HEAD} {'; '.join(parts)}."
+def legend(titles=None) -> str:
+    """The paragraph under a table of the columns ``titles`` (default: every column): what its
+    cells are, the legends of those columns in order, and the operators their titles name."""
+    shown = {c.title for c in columns()} if titles is None else set(titles)
+    parts = [(c.rank, c.legend) for c in columns() if c.legend and shown & {c.title, *c.explains}]
+    symbols = {s for title in shown for s in re.findall(r"[A-Za-z]+", title)}
+    parts += [(_NOTATION_RANK, text) for symbol, text in NOTATION if symbol in symbols]
+    if not parts:
+        return LEGEND_HEAD
+    return f"{LEGEND_HEAD} {'; '.join(text for _, text in sorted(parts, key=lambda p: p[0]))}."
 
 
 def summary_rows(run: Run) -> list[dict]:
@@ -148,8 +164,8 @@ def notes(rows: list[dict]) -> list[str]:
     failed = [r for r in rows if r["failed"]]
     if failed:
         out.append(
-            "Stopped runs (divergence or non-finite loss): "
-            + ", ".join(f"{r['group']} ({r['failed']})" for r in failed)
+            "Stopped runs (divergence, a non-finite loss or a failed measurement; the reason is in "
+            "their status.json): " + ", ".join(f"{r['group']} ({r['failed']})" for r in failed)
         )
     out += [
         f"{r['group']}: seeds reached steps {r['reached']}." for r in rows if len(r["reached"]) > 1
@@ -158,11 +174,13 @@ def notes(rows: list[dict]) -> list[str]:
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    titles = ["group", "seeds", "failed", "final step"] + present_columns(rows)
-    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    columns = present_columns(rows)
+    titles = ["group", "seeds", "failed", "final step"] + columns
+    lines = ["| " + " | ".join(map(markdown, titles)) + " |", "|" + "---|" * len(titles)]
     for row in rows:
-        lines.append("| " + " | ".join(text(row.get(t)) for t in titles) + " |")
-    return "\n".join(lines + ["", legend()] + [""] + notes(rows)) + "\n"
+        lines.append("| " + " | ".join(markdown(text(row.get(t))) for t in titles) + " |")
+    prose = [legend(columns), "", *notes(rows)]
+    return "\n".join(lines + [""] + [markdown(p) for p in prose]) + "\n"
 
 
 def write_summary(workdir) -> str:

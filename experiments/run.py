@@ -4,6 +4,9 @@ pieces: ``config`` (validation), ``sweep`` (members), ``lifecycle`` (one member)
 ``measure``, ``storage`` and ``report``. The run directory is laid out in
 :mod:`experiments.rundir`.
 
+Programs compiled here are kept on disk for the next process (JAX's persistent compilation
+cache, :mod:`experiments.compilation_cache`; ``CURVATURE_JAX_CACHE=off`` turns it off).
+
 Resuming: invoke again with the same config and workdir. Finished members are skipped; an
 unfinished one reloads its last checkpoint, skips the measurements on disk and continues; a lost
 record is measured again. Training and probes are deterministic functions of the seed and the
@@ -25,9 +28,9 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from experiments import compilation_cache, devices, lifecycle, report, rundir, storage, sweep, train
 from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import devices, lifecycle, report, storage, sweep, train
 from experiments import measure as measure_lib
 from experiments.errors import RunDirError
 from experiments.record import FORMAT
@@ -131,6 +134,7 @@ def check_workdir(plan: Plan) -> None:
     workdir = plan.workdir
     if workdir.exists() and not workdir.is_dir():
         raise RunDirError(f"{workdir} is a file, not a run directory")
+    rundir.refuse_links(workdir)
     hint = "resume with the same config and data or choose a new --workdir"
     on_disk = storage.read_json(workdir / "config.json")
     if on_disk is not None and _comparable(on_disk) != _comparable(resolved(plan.config)):
@@ -164,8 +168,11 @@ def check_workdir(plan: Plan) -> None:
 def run(
     config, workdir, *, on_measurement: Callable | None = None, progress: Progress | None = None
 ) -> dict:
-    """Run (or resume) the whole sweep of ``config`` in ``workdir``; returns member statuses."""
+    """Run (or resume) the whole sweep of ``config`` in ``workdir``; returns member statuses.
+    Turns on JAX's persistent compilation cache (:mod:`experiments.compilation_cache`), so that
+    the next process finds this one's programs compiled."""
     progress = progress or Progress()
+    compilation_cache.enable()
     with jax.enable_x64(config.dtype == "float64"):
         plan = prepare(config, workdir)
         storage.check_writable(plan.workdir)

@@ -27,11 +27,34 @@ Member folder (``workdir/members/<name>/``)::
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 from experiments import storage, training_log
 from experiments.errors import RunDirError
 from experiments.measurements import Record
+
+
+def refuse_links(workdir: pathlib.Path) -> None:
+    """:class:`RunDirError` for the first symbolic link inside ``workdir`` (``workdir`` itself
+    may be one): a linked lock, log, spectra file or member folder would have a run write into,
+    or ``load_run`` read from, files that are not this run's."""
+    for folder, dirs, files in os.walk(workdir):  # links to folders are listed, not followed
+        for name in sorted(dirs + files):
+            path = pathlib.Path(folder) / name
+            if path.is_symlink():
+                raise storage.symlink_error(path)
+
+
+def is_folder_name(name) -> bool:
+    """Whether ``name`` names a folder of ``members/`` (one path component, not ``..``)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and os.sep not in name
+        and "\0" not in name
+    )
 
 
 class MemberDir:

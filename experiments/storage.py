@@ -111,6 +111,30 @@ def _parse_records(text: str) -> tuple[list[dict], bool]:
     return records, clean
 
 
+def symlink_error(path) -> RunDirError:
+    """The error for a symbolic link found where a run directory keeps its own file or folder."""
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return RunDirError(
+        f"{path} is a symbolic link{target}; a run directory holds its own files, so nothing is "
+        "read or written through a link: replace it with a copy of what it points to, or use a "
+        "new --workdir"
+    )
+
+
+def open_no_follow(path: pathlib.Path, flags: int) -> int:
+    """``os.open(path, flags)`` that refuses a symbolic link at ``path`` (``O_NOFOLLOW``) with
+    :class:`RunDirError`, instead of writing to what it points at."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError:
+        if os.path.islink(path):
+            raise symlink_error(path) from None
+        raise
+
+
 class MetricsLog:
     """``metrics.jsonl``: one JSON record per finished measurement, appended and fsynced.
 
@@ -143,7 +167,7 @@ class MetricsLog:
     def append(self, record: dict) -> None:
         line = json.dumps(record, default=_jsonable) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
+        with os.fdopen(open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
@@ -169,7 +193,8 @@ class WorkdirLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "w")
+        # Not open(path, "w"): that truncates whatever a link named .lock points at.
+        self.file = os.fdopen(open_no_follow(self.path, os.O_WRONLY | os.O_CREAT), "w")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

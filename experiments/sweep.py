@@ -23,6 +23,10 @@ from experiments.errors import ConfigError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
+# A member's name is its folder's: at most this many bytes (NAME_MAX of ext4, XFS, APFS, NTFS),
+# checked with the config, before anything is written.
+MAX_NAME_BYTES = 255
+
 # Fields that hold for a whole run (one JAX process, one compiled program, one device mesh): not
 # sweepable.
 RUN_LEVEL = ("dtype", "workers", "share_activations", "measure.devices")
@@ -218,6 +222,15 @@ def members(config) -> list[MemberSpec]:
                     )
                 )
     names = [m.name for m in out]
+    longest = max(out, key=lambda m: len(m.name.encode()))
+    if len(longest.name.encode()) > MAX_NAME_BYTES:
+        value = max(longest.overrides.items(), key=lambda item: len(_text(item[1])))
+        raise ConfigError(
+            f"config key sweep: member {longest.name[:40]}... would be a folder name of "
+            f"{len(longest.name.encode())} bytes, more than a file system allows "
+            f"({MAX_NAME_BYTES}); sweep shorter values (the longest: {value[0]}, "
+            f"{len(_text(value[1]))} characters)"
+        )
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
         raise ConfigError(

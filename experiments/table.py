@@ -10,6 +10,7 @@ nodes to read a negative mass from is marked ``coarse``. A measurement declares 
 from __future__ import annotations
 
 import dataclasses
+import html
 import math
 from collections.abc import Callable
 from typing import Any
@@ -23,14 +24,16 @@ from experiments.record import Eigenvalues, Estimate
 class Column:
     """A column of the summary: ``get(record)`` gives an :class:`Estimate`, :class:`Eigenvalues`
     (the first one is shown), a number or ``None``; ``rank`` orders the columns (the table's
-    order since release 0.1); ``legend`` explains it under the table; ``coarse(record)`` marks
-    a cell ``coarse``."""
+    order since release 0.1); ``legend`` explains it under a table that shows it, or shows one
+    of the columns titled in ``explains`` (a legend shared by a family of columns);
+    ``coarse(record)`` marks a cell ``coarse``."""
 
     title: str
     get: Callable[[Any], Estimate | Eigenvalues | float | None]
     rank: int
     legend: str = ""
     coarse: Callable[[Any], bool] | None = None
+    explains: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,13 @@ def text(value) -> str:
     if isinstance(value, Cell):
         return value.text()
     return str(value)
+
+
+def markdown(value) -> str:
+    """``value`` as text for a markdown page: HTML's special characters escaped (a name or a
+    swept value such as ``<script>`` is shown, not run, where the page is rendered) and so is
+    ``|`` (which would end a table cell)."""
+    return html.escape(str(value), quote=False).replace("|", "\\|")
 
 
 def common_steps(members) -> list[int]:

@@ -13,7 +13,9 @@
   (``activation_parameter``);
 * :mod:`~experiments.figures.optim`: optimizers compared (``optimizers``, and the cost table);
 * :mod:`~experiments.figures.preconditioner`: the second moment against the curvature
-  (``preconditioner``).
+  (``preconditioner``);
+* :mod:`~experiments.figures.study`: any measurement against a swept value, seeds as error bars
+  (``plot --against``; drawn on request, not with the report).
 
 A measurement's figures are listed in its declaration (:mod:`experiments.measurements`); the
 others, and drawing them all with the report, in :mod:`experiments.pages`. This package imports

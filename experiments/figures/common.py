@@ -24,6 +24,9 @@ PAPER_RC = {
     "figure.dpi": 100,
     "savefig.dpi": 200,
     "pdf.fonttype": 42,
+    # Text as written: a "$" in a run directory's or a group's name is not mathtext (matplotlib
+    # raised on "$\\foo$"); no figure here writes a formula.
+    "text.parse_math": False,
 }
 WIDTH = 7.0  # inches: a two-column paper's full width
 

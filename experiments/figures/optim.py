@@ -21,6 +21,7 @@ import numpy as np
 
 from curvature import plotting
 from experiments.figures import common
+from experiments.table import markdown
 
 TARGETS = (1e-2, 1e-4, 1e-6)  # training losses the cost table reports the cost of reaching
 CAPTION = (
@@ -154,7 +155,7 @@ def cost_table(run) -> str | None:
         cells.append(_fmt(np.mean(top)) if top else "-")
         trace = [r.trace.value for r in last if r.trace]
         cells.append(_fmt(np.mean(trace)) if trace else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(map(markdown, cells)) + " |")
     legend = (
         "Per group, mean over seeds: the first step whose training-batch loss is at or below "
         "the target, with the gradient-equivalents and wall seconds spent to reach it; at the "

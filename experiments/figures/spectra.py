@@ -92,7 +92,7 @@ def _num_classes(run) -> int | None:
     needed); ``None`` when no checkpoint tells."""
     for _, members in common.groups(run):
         for member in members:
-            for step in member.checkpoint_steps()[-1:]:
+            for step in member.checkpoint_steps[-1:]:
                 path = member.dir / "checkpoints" / f"step_{step:06d}.npz"
                 arrays = storage.read_npz(path, "checkpoint", ("params/readout/bias/value",))
                 if arrays:

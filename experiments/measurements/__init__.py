@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from experiments.errors import ConfigError
 from experiments.measurements import (
     blocks,
     density,
@@ -73,27 +74,60 @@ def register_measurement(
     *,
     defaults: dict | None = None,
     check: Callable | None = None,
-    replace: bool = True,
+    replace: bool = False,
 ):
     """Register ``fn(ctx)`` as measurement ``name`` (usable as a decorator).
 
     ``defaults`` become the config section ``measure.<name>`` of configs made afterwards by
     :func:`experiments.config.base_config` (register before calling it); ``check(settings,
     info)`` returns an error message for settings that cannot run, or ``None``. The value lands
-    in ``record.extra[name]``. A user measurement may be registered again (a config file loaded
-    twice), replacing the first; registering a built-in's name replaces its function, settings
-    and check and keeps its record field, columns and figures."""
+    in ``record.extra[name]``: numbers, arrays, ``Estimate`` / ``Eigenvalues``, or dicts and
+    lists of them (anything else fails the member at that step, naming the measurement).
+
+    A name that is taken is a :class:`~experiments.errors.ConfigError` naming the measurement
+    that holds it, unless ``replace=True``, or unless it is the same function registered again
+    (a config file loaded twice in one process: same file, same name). Replacing a built-in
+    replaces its function, settings and check and keeps its record field, columns and figures:
+    the function must then return the field's type (``Estimate`` for ``trace``), or the member
+    fails at that step with the finished measurements kept, so that the run directory stays
+    readable."""
 
     def add(fn):
         builtin = next((m for m in BUILTINS if m.name == name), None)
+        if name in MEASUREMENTS and not replace and not _same_function(MEASUREMENTS.get(name), fn):
+            held = MEASUREMENTS.get(name)
+            if builtin is not None and held.fn is builtin.fn:
+                what = f"the built-in measurement {name!r}"
+            else:
+                what = f"measurement {name!r} ({_origin(held.fn)})"
+            raise ConfigError(
+                f"register_measurement: {what} is already registered; choose another name, or "
+                "pass replace=True to replace it"
+            )
         if builtin is not None:
             entry = dataclasses.replace(builtin, fn=fn, defaults=dict(defaults or {}), check=check)
         else:
             entry = Measurement(name, fn, dict(defaults or {}), check)
-        MEASUREMENTS.register(name, entry, replace=replace)
+        MEASUREMENTS.register(name, entry, replace=True)
         return fn
 
     return add if fn is None else add(fn)
+
+
+def _origin(fn) -> str:
+    """Where a function comes from: ``qualname`` in ``file``."""
+    code = getattr(fn, "__code__", None)
+    where = f" in {code.co_filename}" if code is not None else ""
+    return f"{getattr(fn, '__qualname__', repr(fn))}{where}"
+
+
+def _same_function(entry: Measurement, fn) -> bool:
+    """Whether ``fn`` is the function of ``entry``, or one of the same name in the same file."""
+    if entry.fn is fn:
+        return True
+    if any(entry.fn is m.fn for m in BUILTINS):
+        return False
+    return _origin(entry.fn) == _origin(fn) and hasattr(fn, "__code__")
 
 
 __all__ = [

@@ -133,6 +133,7 @@ TOP_EIGENVALUES = Measurement(
             rank=150,
             legend="outliers: the k of the largest gap λk/λk+1 among the top eigenvalues (10 or "
             "more), 0 when no gap reaches 20%",
+            explains=("outliers G",),
         ),
     ),
     figures=(spectra.SPECTRUM,),

@@ -252,7 +252,13 @@ PRECONDITIONER = Measurement(
     check=_check,
     record_type=Preconditioner,
     columns=tuple(
-        Column(title, get, rank=190 + i, legend=_LEGEND if i == 0 else "")
+        Column(
+            title,
+            get,
+            rank=190 + i,
+            legend=_LEGEND if i == 0 else "",
+            explains=tuple(t for t, _ in _COLUMNS[1:]) if i == 0 else (),
+        )
         for i, (title, get) in enumerate(_COLUMNS)
     ),
     figures=(figure.PRECONDITIONER,),

@@ -95,7 +95,11 @@ TRACE = Measurement(
     defaults={"num_matvecs": 60},
     check=_check_trace,
     record_type=Estimate,
-    columns=(Column("tr H", lambda r: r.trace, rank=70, legend="tr by Hutch++"),),
+    columns=(
+        Column(
+            "tr H", lambda r: r.trace, rank=70, legend="tr by Hutch++", explains=("tr G", "tr R")
+        ),
+    ),
     figures=(structure.TRACES,),
     renamed={"matvecs": "num_matvecs"},
 )

@@ -15,6 +15,7 @@ from workbench_helpers import (  # noqa: E402
 )
 from workbench_helpers import smoke_run as run_smoke_once  # noqa: E402
 
+from experiments import cli as cli_lib  # noqa: E402
 from experiments import (  # noqa: E402
     storage,
 )
@@ -55,6 +56,47 @@ def test_config_files_that_are_missing_or_raise(tmp_path):
     out = cli("run", f"--config={broken}", f"--workdir={tmp_path / 'a'}")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "failed to load: NameError: name 'undefined_name' is not defined" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "body, error",
+    [
+        (
+            "x = 1\n",
+            "config file {path} defines no get_config() (a function that returns the config, as "
+            "in configs/smoke.py)",
+        ),
+        (
+            "def get_config():\n    return {'train': 1}\n",
+            "config file {path}: get_config() returned dict, not an ml_collections.ConfigDict "
+            "(start from experiments.config.base_config())",
+        ),
+        (
+            "import sys\n\ndef get_config():\n    return sys.get_config()\n",
+            "config file {path} failed to load: AttributeError: module 'sys' has no attribute "
+            "'get_config'",
+        ),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections'
+def test_a_config_file_without_get_config_is_one_line(tmp_path, monkeypatch, capsys, body, error):
+    # In-process: the command line's flag parser, as app.run calls it.
+    from absl import flags
+
+    import experiments.__main__  # noqa: F401 - defines the flags
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    path = tmp_path / "mine.py"
+    path.write_text(body)
+    args = ["experiments", "run", f"--config={path}", f"--workdir={tmp_path / 'run'}"]
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            cli_lib.parse_flags(args)
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: " + error.format(path=path)
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_command_line_reports_a_full_disk_in_one_line(tmp_path):
@@ -121,8 +163,8 @@ def test_a_diverging_member_stops_with_its_reason_and_exit_1(tmp_path):
     assert status["state"] == "failed" and status["message"].startswith("diverged: training loss")
     assert "10 x the initial" in status["message"] and "relu-seed0: diverged" in out.stderr
     assert (
-        "Stopped runs (divergence or non-finite loss): relu (1)"
-        in (tmp_path / "summary.md").read_text()
+        "Stopped runs (divergence, a non-finite loss or a failed measurement; the reason is in "
+        "their status.json): relu (1)" in (tmp_path / "summary.md").read_text()
     )
 
 

@@ -38,7 +38,9 @@ def test_load_run_reproduces_the_recorded_curvature(smoke_run):
     dataset = data_lib.load(config.data)
     assert np.array_equal(run.data.x_train, dataset.x_train)
     for member in run.members.values():
-        assert member.checkpoint_steps() == [0, 10, 20]
+        assert member.checkpoint_steps == [0, 10, 20]
+        with pytest.warns(DeprecationWarning, match="checkpoint_steps is a property"):
+            assert member.checkpoint_steps() == [0, 10, 20]  # as when it was a method
         assert member.config.activations == [member.activation] or tuple(
             member.config.activations
         ) == (member.activation,)
