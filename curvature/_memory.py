@@ -9,22 +9,18 @@ from __future__ import annotations
 import os
 import resource
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax
-
-if TYPE_CHECKING:
-    from curvature.linear_operator import LinearOperator
 
 _GiB = 2**30
 
 
-def basis_bytes(op: LinearOperator, num_steps: int, copies: int = 1) -> int:
+def basis_bytes(op, num_steps: int, copies: int = 1) -> int:
     """Bytes of the Lanczos basis: ``copies * (num_steps + 1)`` vectors of length ``n``."""
     return copies * (num_steps + 1) * op.size * op.dtype.itemsize
 
 
-def check_basis_memory(op: LinearOperator, num_steps: int, what: str, copies: int = 1) -> None:
+def check_basis_memory(op, num_steps: int, what: str, copies: int = 1) -> None:
     """A clear error, before anything is allocated, when the Lanczos basis would not fit in the
     memory this process may still use."""
     if op.streamed:
@@ -42,7 +38,7 @@ def check_basis_memory(op: LinearOperator, num_steps: int, what: str, copies: in
     )
 
 
-def check_vectors(op: LinearOperator, count: int, what: str, held: str, ways_out: str) -> None:
+def check_vectors(op, count: int, what: str, held: str, ways_out: str) -> None:
     """A ``MemoryError`` naming ``held`` (``count`` vectors of the operator's length) and the
     ``ways_out`` when they would take more than 90% of :func:`available_bytes`."""
     need = count * op.size * op.dtype.itemsize

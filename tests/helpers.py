@@ -119,3 +119,10 @@ def compiled_cache_sizes() -> list[int]:
         _checks._leaves_finite,
     )
     return [f._cache_size() for f in jitted]
+
+
+#: The first line of a Python child that a test interrupts with SIGINT: Python's KeyboardInterrupt
+#: handler, which it does not install when it starts with SIGINT ignored (a suite started in the
+#: background by a non-interactive shell ignores SIGINT, and children inherit that). Set here
+#: rather than in a ``preexec_fn``, which would fork a multithreaded JAX process.
+SIGINT_HANDLER = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"

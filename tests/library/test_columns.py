@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import hessian_problem
+from helpers import SIGINT_HANDLER, hessian_problem
 
 import curvature as cv
 from curvature import _columns, _driver
@@ -54,7 +54,8 @@ def test_ctrl_c_stops_an_exact_diagonal_between_blocks(tmp_path):
     # whole run about 10 s. SIGINT must end it within a block or two, not at the end.
     script = tmp_path / "child.py"
     script.write_text(
-        textwrap.dedent(
+        SIGINT_HANDLER
+        + textwrap.dedent(
             """
             import sys, time
             import jax, jax.numpy as jnp
@@ -83,7 +84,10 @@ def test_ctrl_c_stops_an_exact_diagonal_between_blocks(tmp_path):
         )
     )
     child = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     whole = float(child.stdout.readline().split()[1])
     assert child.stdout.readline().strip() == "go"

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import dense_hessian, make_problem
+from helpers import SIGINT_HANDLER, dense_hessian, make_problem
 
 import curvature as cv
 from curvature import _driver
@@ -293,7 +293,7 @@ def test_ctrl_c_interrupts_a_loader_blocked_in_its_own_code():
     import sys
 
     child = subprocess.Popen(
-        [sys.executable, "-c", _BLOCKED_LOADER],
+        [sys.executable, "-c", SIGINT_HANDLER + _BLOCKED_LOADER],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

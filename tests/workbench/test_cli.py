@@ -9,6 +9,7 @@ import sys
 import pytest
 
 pytest.importorskip("flax")
+from helpers import SIGINT_HANDLER  # noqa: E402
 from workbench_helpers import (  # noqa: E402
     ROOT,
     cli,
@@ -172,7 +173,9 @@ def test_an_interrupted_command_says_how_to_resume(tmp_path):
     import signal
     import time
 
-    args = [sys.executable, "-m", "experiments", "run", "--config=configs/smoke.py"]
+    # python -m experiments run ..., with Python's SIGINT handler whatever started the suite.
+    main = SIGINT_HANDLER + "import runpy; runpy.run_module('experiments', run_name='__main__')"
+    args = [sys.executable, "-c", main, "run", "--config=configs/smoke.py"]
     args += [f"--workdir={tmp_path}", "--config.train.steps=2000", "--config.measure.every=10"]
     args += ["--config.measure.quantities=('lambda_max',)", "--quiet"]
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
