@@ -84,9 +84,12 @@ class Progress:
         if not self.enabled or (now - self.last < 2.0 and done < self.total):
             return
         self.last = now
+        # On a terminal one line rewritten in place; in a log one line each.
+        start, end = ("\r", "") if sys.stderr.isatty() else ("", "\n")
         sys.stderr.write(
-            f"\r{self.what}: {done:,}/{self.total:,} unit vectors ({100 * done / self.total:.0f}%),"
-            f" {elapsed:.0f} s, about {left:.0f} s left" + ("\n" if done >= self.total else "")
+            f"{start}{self.what}: {done:,}/{self.total:,} unit vectors "
+            f"({100 * done / self.total:.0f}%), {elapsed:.0f} s, about {left:.0f} s left"
+            + ("\n" if done >= self.total else end)
         )
         sys.stderr.flush()
 
