@@ -235,7 +235,9 @@ def _monte_carlo(count: int, block: int, sample, recipes, key_field: str, projec
         z = probe_rows(state[key_field], idx, n, state["z"].dtype)
         if project:
             q = state["q"]
-            z = z - (z @ q.T) @ q
+            # z q^T without transposing q: jnp's z @ q.T held a transposed copy of the sketch
+            # when probes go one at a time.
+            z = z - jax.lax.dot_general(z, q, (((1,), (1,)), ((), ()))) @ q
         return idx, z
 
     if num_blocks == 1:  # one block: no loop (and less to compile)
