@@ -112,14 +112,6 @@ def recurrence_init(v0: jax.Array, num_steps: int):
     return (jnp.zeros_like(q0), q0, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), q0.dtype))
 
 
-def recurrence_result(state) -> LanczosResult:
-    """A :class:`LanczosResult` whose ``basis`` has no rows (memory ``O(n)``)."""
-    _, q, alphas, betas, restarts, _ = state
-    return LanczosResult(
-        alphas, betas[:-1], jnp.zeros((0, q.shape[0]), q.dtype), betas[-1], restarts
-    )
-
-
 def recurrence_update(state, j, w, key, num_steps):
     """Step ``j`` of the three-term recurrence after its product ``w = A q_j``."""
     q_prev, q, alphas, betas, restarts, anorm = state
@@ -150,11 +142,6 @@ def recurrence_update(state, j, w, key, num_steps):
         restarts + broke.astype(jnp.int32),
         anorm,
     )
-
-
-def basis_result(state, num_steps: int) -> LanczosResult:
-    basis, alphas, betas, restarts, _ = state
-    return LanczosResult(alphas, betas[:-1], basis[:num_steps], betas[-1], restarts)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,11 +15,6 @@ import jax
 _GiB = 2**30
 
 
-def basis_bytes(op, num_steps: int, copies: int = 1) -> int:
-    """Bytes of the Lanczos basis: ``copies * (num_steps + 1)`` vectors of length ``n``."""
-    return copies * (num_steps + 1) * op.size * op.dtype.itemsize
-
-
 def check_basis_memory(op, num_steps: int, what: str, copies: int = 1) -> None:
     """A clear error, before anything is allocated, when the Lanczos basis would not fit in the
     memory this process may still use."""

@@ -151,15 +151,6 @@ def tridiagonal(result: LanczosResult) -> jax.Array:
     return jnp.diag(result.alphas) + jnp.diag(result.betas, 1) + jnp.diag(result.betas, -1)
 
 
-def eigh_tridiagonal(run: LanczosResult) -> tuple[jax.Array, jax.Array]:
-    """Eigenpairs of ``T``, computed on ``T`` scaled to unit max entry (any operator scale)."""
-    t = tridiagonal(run)
-    scale = jnp.max(jnp.abs(t))
-    scale = jnp.where(scale > 0, scale, 1.0)
-    theta, s = jnp.linalg.eigh(t / scale)
-    return theta * scale, s
-
-
 def _select(theta: jax.Array, m, k, which, size: int) -> jax.Array:
     """``size`` indices into the ascending Ritz values ``theta[:m]`` for the requested end(s):
     the first ``k`` are the answer (``m``, ``k`` and ``which``, an index into ``_WHICH``, may be

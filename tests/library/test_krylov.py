@@ -178,18 +178,29 @@ def test_eigsh_never_reports_a_missed_eigenvalue_as_converged():
     assert wrong_ones(None) == []
 
 
-def test_eigsh_close_pair_at_the_top_is_ranked_or_flagged(x64):
-    # A pair 1e-6 apart at the top; a start vector almost orthogonal to the first eigenvector.
-    n = 200
-    spectrum = np.concatenate([[1.0, 1.0 - 1e-6], np.linspace(-0.5, 0.9, n - 2)])
-    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(n, n)))
-    matrix = q @ np.diag(spectrum) @ q.T
-    op = cv.from_matrix(jnp.asarray(matrix))
-    for seed in range(6):
-        out = cv.eigsh(op, k=2, which="LA", num_steps=30, key=jax.random.key(seed))
-        values, converged = np.asarray(out.eigenvalues), np.asarray(out.converged)
-        ok = np.abs(values - np.sort(spectrum)[::-1][:2]) <= 1e-8 * 1.0 + out.residual_norms
-        assert np.all(ok[converged])
+def test_eigsh_flags_a_top_eigenvalue_its_start_vector_missed(x64):
+    # The top eigenvector is made orthogonal to eigsh's start vector (drawn from the first half
+    # of split(key)): Lanczos never sees 1.0 and converges to 0.999, a residual at round-off and
+    # the wrong rank. The rank check's own start finds 1.0 and flags the pair.
+    n, key = 200, jax.random.key(0)
+    start = np.asarray(jax.random.normal(jax.random.split(key)[0], (n,), jnp.float64))
+    rng = np.random.default_rng(1)
+    top = rng.normal(size=n)
+    top -= (top @ start) / (start @ start) * start
+    q, _ = np.linalg.qr(np.column_stack([top, rng.normal(size=(n, n - 1))]))
+    spectrum = np.concatenate([[1.0, 0.999], np.linspace(-0.5, 0.5, n - 2)])
+    op = cv.from_matrix(jnp.asarray(q @ np.diag(spectrum) @ q.T))
+    unchecked = cv.eigsh(op, k=1, num_steps=25, key=key, check_steps=0)
+    # The premise: without the check the miss is reported as converged.
+    assert abs(float(unchecked.eigenvalues[0]) - 0.999) < 1e-10
+    assert bool(unchecked.converged[0]) and float(unchecked.residual_norms[0]) < 1e-9
+    checked = cv.eigsh(op, k=1, num_steps=25, key=key)
+    np.testing.assert_allclose(checked.eigenvalues, unchecked.eigenvalues, rtol=1e-12)
+    assert not bool(checked.converged[0])
+    # Enough steps from a start that sees it find 1.0, certified.
+    other = cv.eigsh(op, k=2, num_steps=40, key=jax.random.key(1))
+    np.testing.assert_allclose(other.eigenvalues, [1.0, 0.999], atol=1e-10)
+    assert bool(other.converged.all())
 
 
 def test_eigsh_compiles_once_for_every_k_which_and_steps_in_a_bucket():
