@@ -50,8 +50,8 @@ def test_a_large_run_warns_first(x64, monkeypatch):
 
 
 def test_ctrl_c_stops_an_exact_diagonal_between_blocks(tmp_path):
-    # Each block of 4 unit vectors costs about 0.1 s of compiled work (no Python inside): the
-    # whole run about 10 s. SIGINT must end it within a block or two, not at the end.
+    # 100 blocks of 4 unit vectors of compiled work (no Python inside), a few seconds in all:
+    # SIGINT must end the run within a block or two, not at the end.
     script = tmp_path / "child.py"
     script.write_text(
         SIGINT_HANDLER
@@ -64,7 +64,7 @@ def test_ctrl_c_stops_an_exact_diagonal_between_blocks(tmp_path):
             u = jax.random.normal(jax.random.key(1), (1500, 400)) / 20.0
 
             def matvec(v):
-                x = jax.lax.fori_loop(0, 20, lambda i, x: jnp.tanh(w @ x), u @ v)
+                x = jax.lax.fori_loop(0, 40, lambda i, x: jnp.tanh(w @ x), u @ v)
                 return v + 1e-30 * (u.T @ x)
 
             op = cv.from_function(matvec, jnp.zeros(400))
@@ -92,11 +92,10 @@ def test_ctrl_c_stops_an_exact_diagonal_between_blocks(tmp_path):
     whole = float(child.stdout.readline().split()[1])
     assert child.stdout.readline().strip() == "go"
     time.sleep(whole / 5)
-    sent = time.perf_counter()
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=120)
-    latency = time.perf_counter() - sent
     assert child.returncode == 3, (out, err)
-    # Stopped well before the end: within a small part of the whole run after the signal.
-    assert latency < whole / 2, (latency, whole)
-    assert "stopped" in out
+    # The child's own clock (process start-up and exit excluded): the signal came at a fifth of
+    # the run; it stopped soon after, not at the end.
+    stopped = float(out.split()[-1])
+    assert stopped < 0.6 * whole, (stopped, whole)
