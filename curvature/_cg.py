@@ -288,7 +288,7 @@ def conjugate_gradient(
       a :class:`~curvature._cg.CGResult`: the solution ``x``, ``num_steps``, the quadratic's
       ``values`` $\\phi(x_i)$, the ``residual_norm``, ``converged`` and ``stop_reason``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, curvature, curvature.optim
       >>> a = curvature.from_matrix(jnp.array([[2.0, 1.0], [1.0, 3.0]]))
       >>> result = curvature.optim.conjugate_gradient(a, jnp.array([1.0, 2.0]), max_steps=2)

@@ -373,7 +373,7 @@ def closure(fn: Callable, *example_args, what: str = "closure()") -> Closure:
     identity. Warns once per source location when the same code keeps being built around values
     compared by identity (a cache that keeps growing), naming the culprits.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, curvature
       >>> w = jnp.ones(3)
       >>> f = curvature.closure(lambda x: w @ x)

@@ -215,10 +215,10 @@ def restrict(
     Args:
       op: any square operator (:func:`~curvature.hessian`, ``gauss_newton``,
         ``empirical_fisher``, combinations such as ``H - G``, :func:`~curvature.from_function`).
-      rows, cols: selectors: a pytree of bools shaped like the parameters (one per leaf) or a
+      rows: a selector: a pytree of bools shaped like the parameters (one per leaf) or a
         callable ``(path, leaf) -> bool``, where ``leaf`` is a ``jax.ShapeDtypeStruct`` (its
         ``shape``, ``ndim`` and ``dtype``) or, with ``params``, the parameter itself.
-        ``cols=None`` is the diagonal block of ``rows``.
+      cols: a selector like ``rows``; ``cols=None`` is the diagonal block of ``rows``.
       params: optional: parameters of the operator's layout, handed to callable selectors
         instead of the shapes.
 

@@ -271,7 +271,7 @@ def hessian(
     Cost: one matvec is a forward-over-reverse product (``jax.jvp`` of ``jax.grad``), about two
     gradient evaluations on the whole data set.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, curvature
       >>> loss = lambda w, batch: jnp.mean((batch["x"] @ w) ** 2)
       >>> data = {"x": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
@@ -403,8 +403,11 @@ def gauss_newton(
 
     Args:
       model: ``model(params, batch) -> outputs`` with a leading batch axis.
-      params, data, batch_size, check: as for :func:`hessian` (same normalisation: the operator
-        is the GGN of the dataset-mean loss). For ``"cross_entropy"``, ``check`` also refuses a
+      params: as for :func:`hessian`.
+      data: as for :func:`hessian` (same normalisation: the operator is the GGN of the
+        dataset-mean loss).
+      batch_size: as for :func:`hessian`.
+      check: as for :func:`hessian`. For ``"cross_entropy"``, ``check`` also refuses a
         label outside ``0 .. classes - 1`` (all labels in memory; a loader's first batch).
       loss: ``"mse"`` for ``0.5 * mean over examples of the squared error summed over outputs``;
         ``"cross_entropy"`` for softmax cross-entropy on logits ``(batch, classes)`` with integer

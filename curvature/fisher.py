@@ -119,14 +119,18 @@ def empirical_fisher(
     ``N`` examples of ``data``, as a matrix-free operator.
 
     Args:
-      loss, params, data, batch_size, check: as for :func:`curvature.hessian`; ``loss`` is the
-        batch mean, and example ``i``'s loss is ``loss`` on a batch of that example alone.
+      loss: as for :func:`curvature.hessian`: the batch mean; example ``i``'s loss is ``loss``
+        on a batch of that example alone.
+      params: as for :func:`curvature.hessian`.
+      data: as for :func:`curvature.hessian`.
+      batch_size: as for :func:`curvature.hessian`.
+      check: as for :func:`curvature.hessian`.
 
     Cost: one matvec is a forward-mode product of the per-example losses and its transpose, about
     two gradients on the whole data set; the per-example gradients are never formed (but
     ``diagonal(F, method="exact")`` forms them, a chunk at a time).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, curvature
       >>> loss = lambda w, batch: jnp.mean(batch["x"] @ w)
       >>> data = {"x": jnp.array([[1.0, 0.0], [0.0, 2.0]])}

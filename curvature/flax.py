@@ -174,8 +174,10 @@ def hessian(
       loss: ``loss(module, batch) -> scalar`` for an NNX module, ``loss(variables, batch)`` for
         linen variables: the mean loss over the examples of ``batch``.
       model: an ``nnx.Module`` or linen ``variables`` (a mapping with ``"params"``).
-      data, batch_size, check: as for :func:`curvature.hessian`. With ``check``, a loss that
-        depends on how examples are grouped is refused (see the module docstring).
+      data: as for :func:`curvature.hessian`.
+      batch_size: as for :func:`curvature.hessian`.
+      check: as for :func:`curvature.hessian`; also, a loss that depends on how examples are
+        grouped is refused (see the module docstring).
       train: use an NNX module in its own (training) mode instead of an evaluation copy.
     """
     return _loss_operator(
@@ -229,8 +231,13 @@ def gauss_newton(
     Args:
       apply: ``apply(module, batch) -> outputs`` for an NNX module, ``apply(variables, batch)``
         for linen variables.
-      model, data, batch_size, train, check: as for :func:`hessian`.
-      loss, targets: the output loss, as for :func:`curvature.gauss_newton`.
+      model: as for :func:`hessian`.
+      data: as for :func:`hessian`.
+      loss: the output loss, as for :func:`curvature.gauss_newton`.
+      targets: as for :func:`curvature.gauss_newton`.
+      batch_size: as for :func:`hessian`.
+      train: as for :func:`hessian`.
+      check: as for :func:`hessian`.
     """
     params, bound = _prepare(apply, model, train)
     op = curvature.gauss_newton(

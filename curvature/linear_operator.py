@@ -587,7 +587,7 @@ def from_function(matvec: Callable[[PyTree], PyTree], like: PyTree) -> LinearOpe
     :func:`~curvature.restrict`, :func:`~curvature.preconditioned`, conjugate gradient and
     :func:`curvature.optim.hessian_free`. Cost: a product is one call of ``matvec``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, curvature
       >>> d = jnp.array([3.0, 1.0, 2.0])
       >>> op = curvature.from_function(lambda v: d * v, jnp.zeros(3))

@@ -214,10 +214,15 @@ def hessian_free(
         memory of a batch's Jacobians) or ``"second_moment"``; $M = (\\mathrm{diag} + l_2 +
         \\lambda)^{\\alpha}$ with $\\alpha$ = ``preconditioner_exponent``.
       cg_tol: stop CG at ``||r|| <= cg_tol ||g||``; default ten machine epsilons (solved).
-      progress_tol, warm_start, boost, drop, backtracking: see the module docstring
-        (``warm_start=0`` starts CG at zero).
+      progress_tol: Martens' relative-progress stopping rule for CG (see the module docstring).
+      warm_start: CG starts from this multiple of the previous direction (``0`` starts at zero).
+      boost: the damping is multiplied by ``boost`` when the reduction ratio is below 1/4.
+      drop: the damping is multiplied by ``drop`` when the reduction ratio is above 3/4.
+      backtracking: choose among CG's iterates the one with the lowest loss (see the module
+        docstring).
       line_search: Armijo backtracking on the step size from 1 by factors 0.8 (constant 0.01, at
-        most 20 tries; no acceptable step gives a zero step). learning_rate: scales the step.
+        most 20 tries; no acceptable step gives a zero step).
+      learning_rate: scales the step.
       l2: the objective is the loss plus $\\tfrac{l_2}{2} ||\\theta||^2$: $l_2 \\theta$ is added to
         the gradients passed in, $l_2 I$ to the curvature, the penalty to the compared losses.
       second_moment_decay: Adam's $\\beta_2$ for ``preconditioner="second_moment"``.

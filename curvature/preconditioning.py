@@ -128,9 +128,10 @@ def compare_diagonals(
     """Correlations of a diagonal ``estimate`` with the ``exact`` one, overall and per group.
 
     Args:
-      estimate, exact: parameter-shaped pytrees of the same structure and shapes (e.g. Adam's
-        bias-corrected second moment and ``op.unravel(diagonal(op, method="exact").diagonal)``),
-        or two flat vectors of one length.
+      estimate: a parameter-shaped pytree (e.g. Adam's bias-corrected second moment) or a flat
+        vector.
+      exact: the reference, of the same structure and shapes as ``estimate`` (e.g.
+        ``op.unravel(diagonal(op, method="exact").diagonal)``).
       groups: ``{name: selector}``. For pytrees a selector is a pytree of bools, one per leaf, or
         a callable ``(path, leaf) -> bool`` (as in :func:`~curvature.restrict`); the default is
         :func:`~curvature.layer_groups` of ``exact`` (one group per layer, a layer's weight and

@@ -1,6 +1,7 @@
 """MkDocs hooks: pages whose text the build produces from the code, so that they cannot go
 stale. ``<!-- cli-help -->`` becomes the flags of ``python -m experiments`` (absl's ``--help``),
-``<!-- config-defaults -->`` the default config (``experiments.config.base_config()``)."""
+``<!-- config-defaults -->`` the default config (``experiments.config.base_config()``),
+``<!-- registries -->`` the names registered in each registry."""
 
 from __future__ import annotations
 
@@ -35,7 +36,28 @@ def _config_defaults() -> str:
     return "```text\n" + "\n".join(rows) + "\n```"
 
 
-_MARKERS = {"<!-- cli-help -->": _cli_help, "<!-- config-defaults -->": _config_defaults}
+def _registries() -> str:
+    from experiments import data, measurements, models, optimizers
+
+    rows = ["| registry | config key | names |", "|---|---|---|"]
+    for name, registry in (
+        ("`experiments.models.MODELS`", models.MODELS),
+        ("`experiments.models.ACTIVATIONS`", models.ACTIVATIONS),
+        ("`experiments.models.LOSSES`", models.LOSSES),
+        ("`experiments.data.SOURCES`", data.SOURCES),
+        ("`experiments.optimizers.OPTIMIZERS`", optimizers.OPTIMIZERS),
+        ("`experiments.measurements.MEASUREMENTS`", measurements.MEASUREMENTS),
+    ):
+        names = ", ".join(f"`{n}`" for n in registry.names())
+        rows.append(f"| {name} | `{registry.key}` | {names} |")
+    return "\n".join(rows)
+
+
+_MARKERS = {
+    "<!-- cli-help -->": _cli_help,
+    "<!-- config-defaults -->": _config_defaults,
+    "<!-- registries -->": _registries,
+}
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

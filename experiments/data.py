@@ -37,6 +37,8 @@ class Dataset(NamedTuple):
 
 # ``loader(data_cfg) -> (x_train, y_train, x_test, y_test)`` by ``data.source``.
 SOURCES: Registry[Callable] = Registry("data source", "data.source")
+"""Data sources by name (``data.source``): ``SOURCES.register("name", load)`` with
+``load(data_cfg) -> Dataset``; the built-in ones are listed in the API reference."""
 
 
 def section() -> ml_collections.ConfigDict:

@@ -41,6 +41,8 @@ class Activation:
 
 
 ACTIVATIONS: Registry[Activation] = Registry("activation", "activations")
+"""Activations by name (the config's ``activations``); a name may carry a parameter after a
+colon (``softplus:5``, ``leaky_relu:0.1``)."""
 ACTIVATIONS.register("relu", Activation(lambda _: jax.nn.relu))
 ACTIVATIONS.register(
     "leaky_relu",
@@ -167,6 +169,8 @@ def _cnn(cfg, activations, input_shape, num_classes, rngs):
 # ``builder(model_cfg, activations, input_shape, num_classes, rngs) -> nnx.Module`` whose call is
 # ``module(x, activation_index)``.
 MODELS: Registry[Callable] = Registry("model", "model.kind")
+"""Model builders by name (``model.kind``): ``build(model_cfg, activations, input_shape,
+num_classes, rngs) -> nnx.Module``."""
 MODELS.register("mlp", _mlp)
 MODELS.register("cnn", _cnn)
 
@@ -234,6 +238,8 @@ class Loss:
 
 
 LOSSES: Registry[Loss] = Registry("loss", "train.loss")
+"""Training losses by name (``train.loss``), each with the output loss its Gauss-Newton
+operator uses."""
 LOSSES.register("cross_entropy", Loss(_cross_entropy, "cross_entropy"))
 LOSSES.register("mse", Loss(_mse_one_hot, _mse_one_hot))  # on one-hot labels
 

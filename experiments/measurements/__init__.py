@@ -60,10 +60,17 @@ BUILTINS: tuple[Measurement, ...] = (
     blocks.BLOCKS,
     preconditioner.PRECONDITIONER,
 )
+"""The built-in measurement declarations (one module of ``experiments/measurements/`` each),
+registered in :data:`MEASUREMENTS` at import."""
 
 Record = record_class(BUILTINS)
+"""The typed record of one member at one step: the run's step, loss and accuracy fields, the
+training cost to the step (``record.training``), one field per built-in measurement (``None``
+when not measured at that step) and ``extra`` for registered ones (``record.extra[name]``)."""
 
 MEASUREMENTS: Registry[Measurement] = Registry("measurement", "measure.quantities")
+"""Measurements by name (``measure.quantities``): the built-in declarations and those added with
+:func:`register_measurement`."""
 for _entry in BUILTINS:
     MEASUREMENTS.register(_entry.name, _entry)
 

@@ -19,8 +19,11 @@ BUILTINS = (
     first_order.RMSPROP,
     hessian_free.HESSIAN_FREE,
 )
+"""The built-in optimizer declarations, registered in :data:`OPTIMIZERS` at import."""
 
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", "train.optimizer")
+"""Optimizers by name (``train.optimizer``), each an :class:`Optimizer` declaration with its config
+section and checks; ``BUILTINS`` are registered at import."""
 for _entry in BUILTINS:
     OPTIMIZERS.register(_entry.name, _entry)
 
