@@ -6,8 +6,8 @@
 # and figures. Here you run a small learning-rate sweep through the real command line, read the
 # run back with `experiments.load_run`, measure again from the kept parameters (also something
 # the run did not measure), draw a measurement against the swept value, and see how a run
-# directory resumes and refuses a different config. The whole page costs about half a minute on
-# 2 CPU cores, most of it four short Python processes.
+# directory resumes and refuses a different config. The whole page runs in under a minute on
+# 2 CPU cores, most of it in four short Python processes that each start JAX.
 
 # %% [markdown]
 # ## The config

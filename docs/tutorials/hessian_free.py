@@ -212,7 +212,7 @@ for ax, (adam_x, hf_x, label) in zip(
     ax.semilogy(hf_x, hf_loss, "o--", color="#0072B2", ms=3, label="Hessian-free (Gauss-Newton)")
     ax.set_xlabel(label)
     ax.grid(alpha=0.3)
-axes[0].set_xscale("symlog", linthresh=10)
+axes[0].set_xscale("symlog", linthresh=1)  # linear from 0 to 1, then logarithmic
 axes[0].set_ylabel("training loss (full batch)")
 axes[0].legend()
 fig.suptitle("64-32-10 tanh MLP on digits, from the same initial parameters")
@@ -266,7 +266,8 @@ assert reached["hf", 1e-6] is not None
 # 2/3 at every step, and the steps grew from cautious, gradient-like ones towards Gauss-Newton
 # steps. CG was stopped by the relative-progress rule every time (the counts printed above),
 # well before `max_cg_steps`. Had a step done worse than predicted ($\rho < 1/4$), $\lambda$
-# would have grown by 3/2 instead. The cell checks the rule against the trace.
+# would have grown by 3/2 instead. A $\rho$ a little above 1 means the loss fell slightly more
+# than the Gauss-Newton model predicted. The cell checks the rule against the trace.
 
 # %%
 damping, rho, cg_steps = (np.array([t[i] for t in trace]) for i in range(3))
