@@ -139,3 +139,28 @@ def test_readme_layout_names_every_module():
             if not re.search(rf"(?<![\w/]){re.escape(name)}", layout):
                 missing.append(f"{package}/{name}")
     assert not missing, f"README's Layout omits {missing}"
+
+
+def test_tutorial_links_resolve():
+    """mkdocs checks the links of Markdown pages, not those of notebook pages: a tutorial links
+    by built address (``../../guide/scale/`` from ``tutorials/NAME/``), checked here."""
+    for tutorial in sorted((DOCS / "tutorials").glob("*.py")):
+        text = "\n".join(
+            line[2:] for line in tutorial.read_text().splitlines() if line.startswith("# ")
+        )
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target) or target.startswith("#"):
+                continue
+            url = pathlib.PurePosixPath("tutorials", tutorial.stem, target.split("#")[0])
+            parts = []
+            for part in url.parts:
+                if part == "..":
+                    parts.pop()
+                elif part != ".":
+                    parts.append(part)
+            page = "/".join(parts)
+            found = [DOCS / f"{page}.md", DOCS / f"{page}.py", DOCS / page / "index.md", DOCS / page]
+            assert target.endswith("/") and any(p.is_file() for p in found), (
+                f"{tutorial.name} links to {target}, which is no page of the site (link by built "
+                "address, e.g. ../../guide/scale/)"
+            )
