@@ -6,8 +6,8 @@
 # (Hutch++), the diagonal, the spectral density (stochastic Lanczos quadrature) and the
 # Gauss-Newton split $H = G + R$. The network has a few hundred parameters, so the Hessian is
 # also small enough to write down densely, and every estimate is checked against the exact
-# value. Costs are counted in matvecs (Hessian-vector products, about two gradients each); the
-# whole page runs in well under a minute on a laptop CPU.
+# value. Costs are counted in matvecs (Hessian-vector products, about two gradients each): a few
+# thousand in all, half of them for the dense matrices that the checks need.
 
 # %% [markdown]
 # ## Setup: float64, a small MLP, a mean loss
@@ -321,6 +321,6 @@ assert float(jnp.abs(jnp.diag(R_relu)).max()) < 1e-12 < float(jnp.linalg.norm(R_
 # 40-80 steps plus the residual and rank checks per end, Hutch++ 60, the diagonal 200, SLQ
 # $8 \times 30 = 240$ (the `num_matvecs` printed above). None of these depends on $n$: for a
 # network with millions of parameters the same calls cost the same number of products, each
-# about two gradients. Where to go next: the [conventions](../guide/conventions.md) in
-# detail, and the [ReLU against smooth activations](../studies/relu_vs_smooth.md) study, which
+# about two gradients. Where to go next: the [conventions](../../guide/conventions/) in
+# detail, and the [ReLU against smooth activations](../../studies/relu_vs_smooth/) study, which
 # runs these estimators along training.
