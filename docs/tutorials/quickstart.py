@@ -317,10 +317,12 @@ assert float(jnp.abs(jnp.diag(R_relu)).max()) < 1e-12 < float(jnp.linalg.norm(R_
 # %% [markdown]
 # ## What it cost
 #
-# Besides the $n$-matvec dense matrices (the checks), the estimates used: `eigsh` about
-# 40-80 steps plus the residual and rank checks per end, Hutch++ 60, the diagonal 200, SLQ
-# $8 \times 30 = 240$ (the `num_matvecs` printed above). None of these depends on $n$: for a
-# network with millions of parameters the same calls cost the same number of products, each
-# about two gradients. Where to go next: the [conventions](../../guide/conventions/) in
+# Besides the $n$-matvec dense matrices (the checks), the estimates used: `eigsh` 40 or 80
+# steps plus the residual and rank checks per end, Hutch++ 60, the diagonal 200, SLQ
+# $8 \times 30 = 240$, and the shared-probe traces 150 products with $H$ and 150 with $G$ (the
+# `num_matvecs` printed above). None of these budgets is tied to $n$: for a network with
+# millions of parameters the same calls cost the same number of products, each about two
+# gradients (how many products a given accuracy needs depends on the spectrum, which is what
+# the error bars and `converged` flags report). Where to go next: the [conventions](../../guide/conventions/) in
 # detail, and the [ReLU against smooth activations](../../studies/relu_vs_smooth/) study, which
 # runs these estimators along training.
