@@ -535,7 +535,9 @@ def block_summary(
 
     The probe statistics of all groups are one compiled program, compiled once per number of
     groups and probes whatever the partition; they are reduced on the host in float64.
-    Cost: ``groups × (num_matvecs + num_steps + 1)`` products with each distinct operator."""
+    Cost: ``groups × (num_matvecs + 2 num_steps + 1)`` products with each distinct operator
+    (each top eigenvalue: ``num_steps`` Lanczos steps, as many again for eigsh's rank check and
+    one product for its residual; fewer for a block smaller than ``num_steps``)."""
     num_matvecs = renamed("block_summary", "probes", "num_matvecs", probes, num_matvecs, 16)
     num_steps = renamed("block_summary", "lanczos_steps", "num_steps", lanczos_steps, num_steps, 20)
     if trace_matvecs is not UNSET:

@@ -502,7 +502,8 @@ def trace(
         vectors. Default: one at a time (vmapping probes was slower on CPU).
 
     Cost: ``num_matvecs`` products with each distinct operator (with a tuple, Hutch++ sketches
-    only the first one: the others take two thirds of it).
+    only the first one: the others take ``num_matvecs - num_matvecs // 3``, and their results'
+    ``num_matvecs`` say so).
     """
     ops, single = _operators(op, "trace")
     check_key(key)
@@ -533,7 +534,12 @@ def trace(
     program = functools.partial(_hutch_plus_plus_program, num_matvecs, block)
     parts, exact = _estimate(program, ops, key)
     parts = tuple((e + p[0][0], p[0][1]) for e, p in zip(exact, parts, strict=True))
-    results = tuple(TraceResult(v, e, jnp.asarray(num_matvecs)) for v, e in parts)
+    # Each result counts the products made with its own operator: the first sketches, so the
+    # others skip the sketch's products (num_matvecs // 3 of them).
+    counts = [num_matvecs] + [num_matvecs - sketch] * (len(parts) - 1)
+    results = tuple(
+        TraceResult(v, e, jnp.asarray(c)) for (v, e), c in zip(parts, counts, strict=True)
+    )
     for result in results:
         check_finite_result(result.value, "trace")
     return results[0] if single else results

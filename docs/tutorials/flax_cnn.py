@@ -235,7 +235,11 @@ assert abs(float(density.nodes.max()) - float(top.eigenvalues[0])) < 0.02 * floa
 G = cvf.gauss_newton(lambda m, b: m(b["x"]), model, data, loss="cross_entropy")
 tr_h, tr_g, tr_r = cv.trace((H, G, H - G), num_matvecs=45, key=jax.random.fold_in(key, 2))
 for name, t in (("H", tr_h), ("G", tr_g), ("H - G", tr_r)):
-    print(f"tr {name:5s} = {float(t.value):8.3f} ± {float(t.standard_error):.3f}")
+    print(
+        f"tr {name:5s} = {float(t.value):8.3f} ± {float(t.standard_error):.3f}"
+        f"  ({int(t.num_matvecs)} products with it)"
+    )
+assert [int(t.num_matvecs) for t in (tr_h, tr_g, tr_r)] == [45, 30, 30]
 assert float(tr_g.value) > 0
 assert abs(float(tr_r.value)) < 4 * float(tr_r.standard_error)  # zero in theory
 # The SLQ trace and Hutch++'s estimate the same number.

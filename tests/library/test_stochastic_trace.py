@@ -171,8 +171,9 @@ def test_shared_products_multiply_each_operator_once(x64, key):
     cv.frobenius_norm_squared((H, G, H - G), num_matvecs=6, key=key)
     assert passes == {"H": 6, "G": 6}
     passes.update(H=0, G=0)
-    cv.trace((H, G, H - G), num_matvecs=12, key=key)  # Hutch++: H sketches alone
+    out = cv.trace((H, G, H - G), num_matvecs=12, key=key)  # Hutch++: H sketches alone
     assert passes == {"H": 12, "G": 8}
+    assert [int(r.num_matvecs) for r in out] == [12, 8, 8]  # what each one's products were
     passes.update(H=0, G=0)
     cv.frobenius_norm_squared((H, G, H - G), num_matvecs=6, key=key, probe_batch_size=3)
     assert passes == {"H": 2, "G": 2}  # a block of probes is one pass
