@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -290,6 +291,23 @@ class BlockSummary(NamedTuple):
     frobenius_sq: np.ndarray
     frobenius_sq_se: np.ndarray
     converged: np.ndarray | None = None
+
+    def same_group_share(self) -> tuple[float, float]:
+        """``(share, standard_error)``: the share of ``||A||_F^2`` in the diagonal blocks (each
+        group with itself; the rest couples different groups), with a delta-method standard
+        error from the blocks' own (estimated independently). With layers as groups this is the
+        same-layer share: 0 up to round-off for the residual ``H - G`` of a network that is
+        piecewise linear in each layer's parameters (ReLU). NaN when the table sums to 0 or
+        less. Cost: none (from the table)."""
+        table = np.asarray(self.frobenius_sq, np.float64)
+        se = np.asarray(self.frobenius_sq_se, np.float64)
+        same, total = float(np.trace(table)), float(table.sum())
+        if not total > 0:
+            return math.nan, math.nan
+        share = same / total
+        # d share / d block: (1 - share) / total on the diagonal, -share / total elsewhere.
+        grad = np.where(np.eye(len(table), dtype=bool), 1.0 - share, -share) / total
+        return share, float(np.sqrt(np.sum((grad * se) ** 2)))
 
 
 def _partition(op, groups, params) -> dict[str, list[bool]]:

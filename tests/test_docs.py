@@ -159,7 +159,12 @@ def test_tutorial_links_resolve():
                 elif part != ".":
                     parts.append(part)
             page = "/".join(parts)
-            found = [DOCS / f"{page}.md", DOCS / f"{page}.py", DOCS / page / "index.md", DOCS / page]
+            found = [
+                DOCS / f"{page}.md",
+                DOCS / f"{page}.py",
+                DOCS / page / "index.md",
+                DOCS / page,
+            ]
             assert target.endswith("/") and any(p.is_file() for p in found), (
                 f"{tutorial.name} links to {target}, which is no page of the site (link by built "
                 "address, e.g. ../../guide/scale/)"

@@ -261,9 +261,9 @@ assert abs(float(slq_trace.value) - float(tr_h.value)) < 5 * float(
 # `eigsh`; a BatchNorm block of 16 parameters gets at most 16 steps): at most
 # 5 × (12 + 31) = 215 matvecs here.
 #
-# `BlockSummary` has no field for the share of ‖H‖F² in the same-layer (diagonal) blocks, so we
-# compute it from `frobenius_sq`, with a delta-method standard error from `frobenius_sq_se`
-# (treating the blocks' estimates as independent). The rest of ‖H‖F² couples different layers.
+# `summary.same_group_share()` is the share of ‖H‖F² in the same-layer (diagonal) blocks, from
+# `frobenius_sq`, with a delta-method standard error from `frobenius_sq_se` (the blocks'
+# estimates are independent). The rest of ‖H‖F² couples different layers.
 
 # %%
 print("groups:", list(cv.layer_groups(params)))
@@ -275,11 +275,7 @@ for g, name in enumerate(summary.names):
         f" converged={bool(summary.converged[g])}"
     )
 
-table, table_se = summary.frobenius_sq, summary.frobenius_sq_se
-same, total = float(np.trace(table)), float(table.sum())
-share = same / total
-gradient = np.where(np.eye(len(table), dtype=bool), 1.0 - share, -share) / total
-share_se = float(np.sqrt(np.sum((gradient * table_se) ** 2)))
+share, share_se = summary.same_group_share()
 print(f"same-layer share of ||H||_F^2: {share:.3f} ± {share_se:.3f}")
 layer_sum, layer_sum_se = summary.trace.sum(), np.sqrt(np.sum(summary.trace_se**2))
 print(

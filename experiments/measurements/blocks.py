@@ -37,15 +37,20 @@ class Blocks:
     def same_layer_share(self, operator: str = "residual") -> Estimate:
         """The share of ``||A||_F^2`` in same-layer blocks (the diagonal of the table), with a
         delta-method standard error (blocks estimated independently)."""
-        table = np.asarray(self.frobenius_sq[operator])
-        se = np.asarray(self.frobenius_sq_se[operator])
-        same, total = float(np.trace(table)), float(table.sum())
-        if total <= 0:
+        nan = np.full(len(self.names), np.nan)
+        summary = cv.BlockSummary(
+            names=self.names,
+            sizes=np.asarray(self.sizes),
+            trace=np.asarray(self.trace[operator]),
+            trace_se=np.asarray(self.trace_se[operator]),
+            top=nan,
+            top_residual=nan,
+            frobenius_sq=np.asarray(self.frobenius_sq[operator]),
+            frobenius_sq_se=np.asarray(self.frobenius_sq_se[operator]),
+        )
+        share, error = summary.same_group_share()
+        if math.isnan(share):
             return Estimate(math.nan, math.nan)
-        share = same / total
-        # d share / d block: (1 - share) / total on the diagonal, -share / total elsewhere.
-        grad = np.where(np.eye(len(table), dtype=bool), 1.0 - share, -share) / total
-        error = float(np.sqrt(np.sum((grad * se) ** 2)))
         return Estimate(share, max(error, ROUND_OFF_SHARE))
 
 

@@ -205,3 +205,23 @@ def test_blocks_of_parameters_of_mixed_dtypes(x64, key):
         cv.spectral_density(weights, num_probes=2, num_steps=10, key=key).nodes.dtype == jnp.float64
     )
     cv.power_iteration(weights, k=1, key=key, max_steps=20)
+
+
+def test_same_group_share_against_dense_blocks(x64, key):
+    """The share of ||R||_F^2 in same-layer blocks: 0 for ReLU (R lives in cross-layer blocks),
+    the dense share within the stated error for tanh."""
+    for activation in ("relu", "tanh"):
+        params, ops = operators(activation)
+        full = np.asarray(cv.dense(ops["R"]), np.float64)
+        summary = cv.block_summary(ops["R"], key=key, num_matvecs=64, num_steps=0)
+        share, se = summary.same_group_share()
+        same = sum(
+            np.sum(full[np.ix_(r, r)] ** 2)
+            for r in (index_of(params, g) for g in cv.layer_groups(params).values())
+        )
+        want = same / np.sum(full**2)
+        if activation == "relu":
+            assert want < 1e-20 and abs(share) < 1e-12, (want, share)
+        else:
+            assert 0.05 < want < 0.95 and se > 0
+            assert abs(share - want) <= 4 * se, (share, want, se)
