@@ -53,8 +53,8 @@ _AGAINST = flags.DEFINE_string(
 _MEASUREMENT = flags.DEFINE_string(
     "measurement",
     None,
-    "plot --against: what to draw, as a record names it (lambda_max, trace, test_accuracy, "
-    "gauss_newton.trace, top_eigenvalues.1, a measurement of your own ...).",
+    "plot --against: what to draw, as a record names it (lambda_max, sharpness, trace, "
+    "test_accuracy, gauss_newton.trace, top_eigenvalues.1, a measurement of your own ...).",
 )
 _STEP = flags.DEFINE_integer(
     "step", None, "plot --against: at this step (default: the last step every seed reached)."

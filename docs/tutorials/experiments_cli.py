@@ -207,7 +207,8 @@ plt.show()
 # standard error; eigenvalues have none, an unconverged one is marked `†`), and prints the
 # numbers. `NAME` is a field of the records: this run's largest eigenvalue is
 # `top_eigenvalues.0` (the `lambda_max` name belongs to the cheaper `lambda_max` measurement,
-# which this run did not make), and `trace` would plot tr H ± SE.
+# which this run did not make; `sharpness` names the largest eigenvalue from whichever of the
+# two a run made), and `trace` would plot tr H ± SE.
 #
 # ```bash
 # python -m experiments plot --workdir=runs/smoke_lr --against=train.learning_rate \

@@ -208,6 +208,8 @@ def recorded(run) -> list[str]:
             fields = [f.name for f in dataclasses.fields(r)]
             skip = {"step", "member", "fingerprint", "format", "extra", "timings"}
             names += [f for f in fields if f not in skip and getattr(r, f) is not None]
+            if r.sharpness is not None:
+                names.append("sharpness")
             names += list(r.extra)
     return list(dict.fromkeys(names))
 
@@ -273,9 +275,16 @@ def study(run, against: str, measurement: str, *, step: int | None = None) -> St
         held = sorted({r.step for r in records if value(r, measurement) is not None})
         if held:  # at other steps
             raise RequestError(f"--step={step}: no member recorded {measurement} there; at {held}")
+        held = recorded(run)
+        hint = ""
+        if measurement.split(".")[0] == "lambda_max" and "sharpness" in held:
+            hint = (
+                " (lambda_max is the lambda_max measurement's; sharpness is the largest "
+                "eigenvalue from it or from top_eigenvalues)"
+            )
         raise RequestError(
-            f"--measurement={measurement}: no record of {run.workdir} holds it; recorded: "
-            f"{', '.join(recorded(run)) or 'nothing yet'}"
+            f"--measurement={measurement}: no record of {run.workdir} holds it{hint}; recorded: "
+            f"{', '.join(held) or 'nothing yet'}"
         )
     return Study(field, measurement, step, tuple(series))
 
@@ -320,7 +329,10 @@ def study_figure(data: Study):
             ax.set_xticks(range(len(categories)), categories)
         ax.set_xlabel(data.against)
         ax.set_ylabel(data.measurement)
-        ax.set_title(f"at {data.where()}; mean ± sd over seeds")
+        # Two short lines: one line overran the half-width figure.
+        one_seed = all(n <= 1 for series in data.series for n in series.seeds)
+        bars = "± the estimator's standard error" if one_seed else "mean ± sd over seeds"
+        ax.set_title(f"at {data.where()}\n{bars}", fontsize=6.5)
         if len(data.series) > 1 or data.series[0].label:
             ax.legend(frameon=False, fontsize=5.5)
     return fig

@@ -153,3 +153,24 @@ def test_swept_values_with_html_or_dollars_are_shown_as_written(tmp_path):
     assert [p.name for p in paths] == ["lambda_max_vs_path.png", "lambda_max_vs_path.pdf"]
     assert "| relu | &lt;script&gt;alert(1)&lt;/script&gt; | 4 | 1 | 20 |" in numbers
     assert "| relu | $\\foo$ | 4 | 1 | 20 |" in numbers
+
+
+def test_lambda_max_of_a_run_that_measured_top_eigenvalues_points_to_sharpness(tmp_path):
+    """A run that measured ``top_eigenvalues`` but not ``lambda_max`` has λmax as ``sharpness``
+    (as its summary does): the error for ``lambda_max`` says so, and ``sharpness`` plots."""
+    config = load_config()
+    with config.unlocked():
+        config.seeds = (0,)
+        config.sweep = ("train.learning_rate=0.1,0.2",)
+        config.measure.quantities = ("top_eigenvalues",)
+
+    def tops(spec, step):
+        value = 10 * spec.config.train.learning_rate + step / 10
+        return {"top_eigenvalues": Eigenvalues((value, 0.5), (1e-7, 1e-7), (True, True))}
+
+    run = experiments.load_run(write_run(tmp_path, config, tops))
+    assert "sharpness" in study.recorded(run)
+    with pytest.raises(RequestError, match="sharpness is the largest eigenvalue from it or"):
+        study.study(run, "learning_rate", "lambda_max")
+    relu = study.study(run, "learning_rate", "sharpness").series[0]
+    np.testing.assert_allclose(relu.mean, [1 + 2, 2 + 2])  # at step 20
