@@ -3,7 +3,8 @@
 Build an operator from a loss, parameters and data (:func:`hessian`, :func:`gauss_newton`), then
 estimate: :func:`eigsh` / :func:`lanczos` / :func:`power_iteration` for eigenpairs, :func:`trace`,
 :func:`diagonal` and :func:`frobenius_norm_squared` with standard errors, and
-:func:`spectral_density` (stochastic Lanczos quadrature). :func:`compare_diagonals`,
+:func:`spectral_density` (stochastic Lanczos quadrature; :func:`trace_function` and
+:func:`logdet` from it). :func:`subspace_overlap` compares eigenspaces; :func:`compare_diagonals`,
 :func:`preconditioned` and :func:`compare_conditioning` measure a diagonal preconditioner (Adam's
 second moment) against the curvature. :func:`batches` (and any ``lambda: loader`` as data) streams
 data that do not fit in memory (:mod:`curvature.streaming`). Plotting helpers live in
@@ -25,8 +26,11 @@ from curvature.builders import Hessian as Hessian
 from curvature.builders import LossOperator as LossOperator
 from curvature.builders import gauss_newton as gauss_newton
 from curvature.builders import hessian as hessian
+from curvature.comparison import subspace_overlap as subspace_overlap
 from curvature.density import SpectralDensity as SpectralDensity
+from curvature.density import logdet as logdet
 from curvature.density import spectral_density as spectral_density
+from curvature.density import trace_function as trace_function
 from curvature.fisher import EmpiricalFisher as EmpiricalFisher
 from curvature.fisher import empirical_fisher as empirical_fisher
 from curvature.fisher import per_example_gradients as per_example_gradients
@@ -112,6 +116,7 @@ __all__ = [
     "hutchinson",
     "hessian",
     "lanczos",
+    "logdet",
     "layer_groups",
     "operator_type",
     "per_example_gradients",
@@ -121,6 +126,8 @@ __all__ = [
     "restrict",
     "spectral_density",
     "static",
+    "subspace_overlap",
     "trace",
+    "trace_function",
     "tridiagonal",
 ]

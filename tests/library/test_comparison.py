@@ -1,0 +1,52 @@
+"""Subspace overlap: the mean squared cosine of the principal angles, against cases whose
+angles are known and against the dense Hessian's eigenvectors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import make_problem
+
+import curvature as cv
+
+
+def test_overlap_of_known_subspaces(x64):
+    n = 12
+    e = np.eye(n)
+    rng = np.random.default_rng(0)
+    u = e[:, :3]
+    assert float(cv.subspace_overlap(u, u)) == pytest.approx(1.0, abs=1e-14)
+    # Another basis of the same subspace (not orthonormal): still 1.
+    mix = u @ rng.normal(size=(3, 3))
+    assert float(cv.subspace_overlap(u, mix)) == pytest.approx(1.0, abs=1e-12)
+    assert float(cv.subspace_overlap(u, e[:, 3:6])) == pytest.approx(0.0, abs=1e-14)
+    # Principal angles 0, 0 and t: mean squared cosine (2 + cos^2 t) / 3.
+    t = 0.7
+    v = np.stack([e[:, 0], e[:, 1], np.cos(t) * e[:, 2] + np.sin(t) * e[:, 5]], axis=1)
+    assert float(cv.subspace_overlap(u, v)) == pytest.approx((2 + np.cos(t) ** 2) / 3, rel=1e-12)
+    # A smaller subspace inside a larger one: 1; of different sizes, normalised by the smaller.
+    assert float(cv.subspace_overlap(e[:, :1], u)) == pytest.approx(1.0, abs=1e-14)
+    assert float(cv.subspace_overlap(u, e[:, 2:8])) == pytest.approx(1 / 3, abs=1e-14)
+    # Random k-dimensional subspaces of R^n: k / n on average.
+    draws = [
+        float(cv.subspace_overlap(rng.normal(size=(n, 3)), rng.normal(size=(n, 3))))
+        for _ in range(400)
+    ]
+    assert np.mean(draws) == pytest.approx(3 / n, abs=0.03)
+    with pytest.raises(ValueError, match="same n"):
+        cv.subspace_overlap(u, np.ones((5, 2)))
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        cv.subspace_overlap(u, np.ones((n, 0)))
+
+
+def test_overlap_of_eigsh_with_the_dense_top_eigenvectors(x64, key):
+    params, data, _, loss, _ = make_problem("tanh", "cross_entropy")
+    H = cv.hessian(loss, params, data)
+    top = cv.eigsh(H, k=3, key=key)
+    assert bool(top.converged.all())
+    _, vectors = np.linalg.eigh(np.asarray(cv.dense(H), np.float64))
+    overlap = cv.subspace_overlap(top.eigenvectors, jnp.asarray(vectors[:, -3:]))
+    assert float(overlap) == pytest.approx(1.0, abs=1e-8)
+    # The next three eigenvectors are orthogonal to the top three.
+    assert float(cv.subspace_overlap(top.eigenvectors, vectors[:, -6:-3])) < 1e-8
+    assert jax.numpy.ndim(overlap) == 0
