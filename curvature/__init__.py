@@ -32,7 +32,9 @@ from curvature.density import logdet as logdet
 from curvature.density import spectral_density as spectral_density
 from curvature.density import trace_function as trace_function
 from curvature.fisher import EmpiricalFisher as EmpiricalFisher
+from curvature.fisher import MonteCarloFisher as MonteCarloFisher
 from curvature.fisher import empirical_fisher as empirical_fisher
+from curvature.fisher import monte_carlo_fisher as monte_carlo_fisher
 from curvature.fisher import per_example_gradients as per_example_gradients
 from curvature.krylov import EigshResult as EigshResult
 from curvature.krylov import LanczosResult as LanczosResult
@@ -92,6 +94,7 @@ __all__ = [
     "LinearOperator",
     "LossOperator",
     "Matrix",
+    "MonteCarloFisher",
     "PowerIterationResult",
     "Preconditioned",
     "Restricted",
@@ -117,6 +120,7 @@ __all__ = [
     "hessian",
     "lanczos",
     "logdet",
+    "monte_carlo_fisher",
     "layer_groups",
     "operator_type",
     "per_example_gradients",

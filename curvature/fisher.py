@@ -12,6 +12,12 @@ The *true* Fisher of a softmax classifier, $E_{y \\sim p_\\theta(\\cdot|x)}[\\na
 (``gauss_newton(..., loss="cross_entropy")``): only the name differs (Martens 2014). The empirical
 Fisher uses the observed labels instead and is a different matrix (Kunstner et al. 2019).
 
+* :func:`monte_carlo_fisher`: the true Fisher estimated with targets sampled from the model's
+  own predictive distribution, ``num_samples`` per example, $\\hat F = \\frac1N \\sum_i \\frac1S
+  \\sum_s J_i^T r_{is} r_{is}^T J_i$ with $r_{is}$ the gradient of the output loss at the sampled
+  target: an unbiased estimate of the Gauss-Newton matrix of cross-entropy or squared error, of
+  rank at most ``N S``, as K-FAC's ``fisher="mc"`` and natural-gradient methods use it.
+
 ``curvature.diagonal(F, method="exact")`` computes the diagonal $\\frac1N \\sum_i g_i^2$ from
 per-example gradients, in a few gradients' time rather than ``n`` matvecs.
 """
@@ -24,13 +30,30 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from curvature._batching import data_mean
-from curvature._checks import check_scalar, check_x64, is_traced, num_examples
-from curvature._closures import Closure
-from curvature.builders import LossOperator, loss_operator
-from curvature.linear_operator import LinearOperator, operator_type
+from curvature import streaming
+from curvature._batching import Batching, data_mean
+from curvature._checks import (
+    check_key,
+    check_scalar,
+    check_x64,
+    is_traced,
+    num_examples,
+    positive_int,
+)
+from curvature._closures import Closure, closure
+from curvature._conv import needs_rewrite
+from curvature.builders import LossOperator, _setup, loss_operator
+from curvature.linear_operator import LinearOperator, operator_type, static
 
-__all__ = ["EmpiricalFisher", "empirical_fisher", "per_example_gradients"]
+__all__ = [
+    "EmpiricalFisher",
+    "MonteCarloFisher",
+    "empirical_fisher",
+    "monte_carlo_fisher",
+    "per_example_gradients",
+]
+
+_LIKELIHOODS = ("cross_entropy", "mse")
 
 PyTree = Any
 
@@ -147,3 +170,134 @@ def empirical_fisher(
         check=check,
         what="empirical_fisher()",
     )
+
+
+@operator_type
+class MonteCarloFisher(LossOperator):
+    """The Fisher with sampled targets: :func:`monte_carlo_fisher`. ``data`` holds the examples
+    (``"batch"``) and their drawn samples (``"samples"``: class indices ``(N, S)`` for
+    cross-entropy, the Gaussian noise ``(N, S, ...)`` for squared error), chunked together."""
+
+    model: Closure = None
+    likelihood: str = static(default="cross_entropy")
+
+    kind: ClassVar[str] = "monte_carlo_fisher"
+
+    def _cotangent(self, out, u, samples):
+        """``(1/b) (1/S) sum_s r_s r_s^T u`` per example: ``r_s`` the output loss's gradient at
+        sample ``s`` (softmax minus the sampled one-hot; minus the noise for squared error)."""
+        if self.likelihood == "cross_entropy":
+            probs = jax.nn.softmax(out, axis=-1)
+            r = probs[:, None] - jax.nn.one_hot(samples, out.shape[-1], dtype=out.dtype)
+        else:
+            r = -samples.astype(out.dtype)
+        axes = tuple(range(2, r.ndim))
+        coef = jnp.sum(r * u[:, None], axis=axes, keepdims=True)  # (b, S, 1, ...)
+        return jnp.mean(coef * r, axis=1) / out.shape[0]
+
+    def _product(self, tangent, batch):
+        model = self.model.bind()
+        out, jvp = jax.linearize(lambda p: model(p, batch["batch"]), self.params)
+        cotangent = self._cotangent(out, jvp(tangent), batch["samples"])
+        (back,) = jax.linear_transpose(jvp, self.params)(cotangent)
+        return back
+
+    def chunk_product(self, v, batch):
+        return self.layout.ravel(self._product(self.layout.unravel(v), batch))
+
+    def linearize(self):
+        model = self.model.bind()
+        out, jvp = jax.linearize(lambda p: model(p, self.data["batch"]), self.params)
+        transpose = jax.linear_transpose(jvp, self.params)
+
+        def fisher(v):
+            cotangent = self._cotangent(out, jvp(self.layout.unravel(v)), self.data["samples"])
+            (back,) = transpose(cotangent)
+            return self.layout.ravel(back)
+
+        return fisher
+
+    def prepared(self):
+        # Outside compiled code nothing is held: a product is one linearisation and its
+        # transpose, as for the empirical Fisher.
+        return super().prepared() if is_traced(self) else self
+
+
+def monte_carlo_fisher(
+    model: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    data: PyTree,
+    *,
+    loss: str,
+    num_samples: int,
+    key: jax.Array,
+    batch_size: int | None = None,
+    check: bool = True,
+) -> LinearOperator:
+    """The Fisher information with targets drawn from the model's predictive distribution:
+    $\\hat F = \\frac1N \\sum_i \\frac1S \\sum_s J_i^T r_{is} r_{is}^T J_i$.
+
+    ``r_is`` is the gradient in the outputs of the output loss at a sampled target: for
+    ``loss="cross_entropy"`` a class drawn from ``softmax(outputs_i)`` (``r = p - onehot``), for
+    ``loss="mse"`` the target ``outputs_i + eps`` with ``eps ~ N(0, I)`` (the Gaussian likelihood
+    of ``0.5 ||y - f||^2``; ``r = -eps``). Its expectation over the samples is the Gauss-Newton
+    matrix :func:`curvature.gauss_newton` of the same loss, exactly (for these losses the GGN is
+    the true Fisher); each draw is a positive semi-definite matrix of rank at most
+    ``N * num_samples``, the estimate K-FAC's ``fisher="mc"`` and natural-gradient optimisers
+    build on. The samples are drawn once, when the operator is built, so it is a fixed matrix:
+    the same key gives the same operator.
+
+    Args:
+      model: ``model(params, batch) -> outputs`` with a leading batch axis (logits for
+        cross-entropy).
+      params: as for :func:`curvature.hessian`.
+      data: a pytree of arrays with a leading example axis, in memory (the samples are drawn
+        per example, once; a loader is refused). The targets in the data are not used.
+      loss: ``"cross_entropy"`` or ``"mse"``: the likelihood whose Fisher this is.
+      num_samples: targets drawn per example.
+      key: PRNG key of the samples.
+      batch_size: chunk the examples (and their samples), as for :func:`curvature.hessian`.
+      check: check the parameters and outputs before any work.
+
+    Returns a :class:`MonteCarloFisher`. Cost: one matvec is a linearisation, a JVP and its
+    transpose (about a gradient and a half, as :func:`curvature.gauss_newton`), plus
+    ``O(N * num_samples * outputs)``; building it is one forward pass over the data (the
+    outputs of all examples are held at once to draw the samples). Memory: the samples,
+    ``N * num_samples`` integers (cross-entropy) or ``N * num_samples * outputs`` numbers.
+    """
+    if loss not in _LIKELIHOODS:
+        raise ValueError(
+            f"monte_carlo_fisher: loss must name a likelihood to sample from, one of "
+            f"{', '.join(_LIKELIHOODS)}; got {loss!r} (a loss function has no distribution)"
+        )
+    if not callable(model):
+        raise TypeError(f"model must be a function model(params, batch), got {model!r}")
+    check_key(key)
+    num_samples = positive_int(num_samples, "num_samples")
+    if streaming.is_source(data):
+        raise ValueError(
+            "monte_carlo_fisher draws each example's targets once, so it needs the data in "
+            "memory (arrays), not a loader; pass arrays, or use gauss_newton, its expectation"
+        )
+    layout, _, data, first = _setup(params, data, batch_size, check)
+    out = jax.jit(model)(params, data)
+    if check:
+        check_scalar(lambda p, b: jnp.sum(model(p, b)), (params, first), "model(params, batch)")
+        if not bool(jnp.all(jnp.isfinite(out))):
+            raise ValueError("monte_carlo_fisher: the model's outputs are not all finite")
+    if loss == "cross_entropy":
+        if out.ndim != 2:
+            raise ValueError(
+                f"monte_carlo_fisher(loss='cross_entropy') needs logits (batch, classes), got "
+                f"outputs of shape {out.shape}"
+            )
+        samples = jax.random.categorical(
+            key, out[:, None, :], axis=-1, shape=out.shape[:1] + (num_samples,)
+        )
+    else:
+        samples = jax.random.normal(key, (out.shape[0], num_samples) + out.shape[1:], out.dtype)
+    both = {"batch": data, "samples": samples}
+    batching = Batching.of(both, batch_size)
+    model = closure(model, params, first, what="monte_carlo_fisher()")
+    convs = needs_rewrite(model.bind(), params, first)
+    return MonteCarloFisher(params, both, layout, batching, convs, model=model, likelihood=loss)

@@ -125,3 +125,105 @@ def test_bad_diagonal_arguments():
     with pytest.raises(ValueError, match="method must be 'bekas' or 'exact'"):
         cv.diagonal(op, method="hutch", num_matvecs=4, key=jax.random.key(0))
     assert np.allclose(cv.diagonal(op, method="exact").diagonal, 1.0)
+
+
+def _sampled_outer_products(F, params, model):
+    """``(1/N)(1/S) sum_i sum_s g_is g_is^T`` from per-example Jacobians and the operator's
+    own samples: ``g_is = J_i^T r_is``, ``r_is`` the output loss's gradient at sample ``s``."""
+    data, samples = F.data["batch"], F.data["samples"]
+    flat, unravel = ravel_pytree(params)
+    total = np.zeros((flat.size, flat.size))
+
+    def output(f, example):
+        return model(unravel(f), example)[0]
+
+    for i in range(samples.shape[0]):
+        example = jax.tree_util.tree_map(lambda x, i=i: x[i : i + 1], data)
+        out = np.asarray(model(params, example))[0]
+        jac = np.asarray(jax.jacobian(output)(flat, example))
+        for s in range(samples.shape[1]):
+            if F.likelihood == "cross_entropy":
+                p = np.exp(out - out.max())
+                r = p / p.sum() - np.eye(out.size)[int(samples[i, s])]
+            else:
+                r = -np.asarray(samples[i, s])
+            g = jac.T @ r
+            total += np.outer(g, g)
+    return total / samples.shape[0] / samples.shape[1]
+
+
+@pytest.mark.parametrize("likelihood", ["cross_entropy", "mse"])
+def test_monte_carlo_fisher_is_the_mean_outer_product_of_sampled_gradients(x64, key, likelihood):
+    params, data, model, _, _ = make_problem("tanh", likelihood)
+    F = cv.monte_carlo_fisher(model, params, data, loss=likelihood, num_samples=3, key=key)
+    want = _sampled_outer_products(F, params, model)
+    assert np.allclose(np.asarray(cv.dense(F)), want, atol=1e-12 * np.abs(want).max())
+    # Chunked (13 examples: 5, 5, 3): the same operator, samples and all.
+    chunked = cv.monte_carlo_fisher(
+        model, params, data, loss=likelihood, num_samples=3, key=key, batch_size=5
+    )
+    assert np.allclose(np.asarray(cv.dense(chunked)), want, atol=1e-12 * np.abs(want).max())
+
+
+def test_monte_carlo_fisher_tends_to_the_gauss_newton_matrix(x64, key):
+    """Unbiased: the mean over keys is G within its own standard error, entry by entry; and the
+    error of one draw falls as 1/sqrt(num_samples)."""
+    params, data, model, _, _ = make_problem("tanh", "cross_entropy")
+    g = np.asarray(cv.dense(cv.gauss_newton(model, params, data, loss="cross_entropy")))
+    draws = np.stack(
+        [
+            np.asarray(
+                cv.dense(
+                    cv.monte_carlo_fisher(
+                        model,
+                        params,
+                        data,
+                        loss="cross_entropy",
+                        num_samples=2,
+                        key=jax.random.key(s),
+                    )
+                )
+            )
+            for s in range(48)
+        ]
+    )
+    mean, se = draws.mean(0), draws.std(0, ddof=1) / np.sqrt(len(draws))
+    varies = se > 1e-12 * np.abs(g).max()  # entries that are exactly zero in every draw: skip
+    z = np.abs(mean - g)[varies] / se[varies]
+    assert np.mean(z < 3) > 0.97 and np.median(z) < 1.0, (np.mean(z < 3), np.median(z))
+    assert np.allclose(mean[~varies], g[~varies], atol=1e-12 * np.abs(g).max())
+
+    def error(num_samples):
+        return np.mean(
+            [
+                np.linalg.norm(
+                    np.asarray(
+                        cv.dense(
+                            cv.monte_carlo_fisher(
+                                model,
+                                params,
+                                data,
+                                loss="cross_entropy",
+                                num_samples=num_samples,
+                                key=jax.random.key(100 + s),
+                            )
+                        )
+                    )
+                    - g
+                )
+                for s in range(6)
+            ]
+        )
+
+    ratio = error(64) / error(4)
+    assert 0.15 < ratio < 0.4, ratio  # 1/4 expected
+
+
+def test_monte_carlo_fisher_refuses_what_has_no_distribution(key):
+    params, data, model, loss, output_loss = make_problem("tanh", "cross_entropy")
+    with pytest.raises(ValueError, match="must name a likelihood"):
+        cv.monte_carlo_fisher(model, params, data, loss=output_loss, num_samples=1, key=key)
+    with pytest.raises(ValueError, match="needs the data in memory"):
+        cv.monte_carlo_fisher(model, params, lambda: [data], loss="mse", num_samples=1, key=key)
+    with pytest.raises(ValueError, match="num_samples"):
+        cv.monte_carlo_fisher(model, params, data, loss="mse", num_samples=0, key=key)
