@@ -170,23 +170,14 @@ def test_monte_carlo_fisher_tends_to_the_gauss_newton_matrix(x64, key):
     error of one draw falls as 1/sqrt(num_samples)."""
     params, data, model, _, _ = make_problem("tanh", "cross_entropy")
     g = np.asarray(cv.dense(cv.gauss_newton(model, params, data, loss="cross_entropy")))
-    draws = np.stack(
-        [
-            np.asarray(
-                cv.dense(
-                    cv.monte_carlo_fisher(
-                        model,
-                        params,
-                        data,
-                        loss="cross_entropy",
-                        num_samples=2,
-                        key=jax.random.key(s),
-                    )
-                )
-            )
-            for s in range(48)
-        ]
-    )
+
+    def draw(num_samples, seed):
+        F = cv.monte_carlo_fisher(
+            model, params, data, loss="cross_entropy", num_samples=num_samples, key=seed
+        )
+        return np.asarray(cv.dense(F))
+
+    draws = np.stack([draw(2, jax.random.key(s)) for s in range(48)])
     mean, se = draws.mean(0), draws.std(0, ddof=1) / np.sqrt(len(draws))
     varies = se > 1e-12 * np.abs(g).max()  # entries that are exactly zero in every draw: skip
     z = np.abs(mean - g)[varies] / se[varies]
@@ -194,26 +185,8 @@ def test_monte_carlo_fisher_tends_to_the_gauss_newton_matrix(x64, key):
     assert np.allclose(mean[~varies], g[~varies], atol=1e-12 * np.abs(g).max())
 
     def error(num_samples):
-        return np.mean(
-            [
-                np.linalg.norm(
-                    np.asarray(
-                        cv.dense(
-                            cv.monte_carlo_fisher(
-                                model,
-                                params,
-                                data,
-                                loss="cross_entropy",
-                                num_samples=num_samples,
-                                key=jax.random.key(100 + s),
-                            )
-                        )
-                    )
-                    - g
-                )
-                for s in range(6)
-            ]
-        )
+        keys = [jax.random.key(100 + s) for s in range(6)]
+        return np.mean([np.linalg.norm(draw(num_samples, k) - g) for k in keys])
 
     ratio = error(64) / error(4)
     assert 0.15 < ratio < 0.4, ratio  # 1/4 expected
