@@ -4,7 +4,8 @@ Build an operator from a loss, parameters and data (:func:`hessian`, :func:`gaus
 estimate: :func:`eigsh` / :func:`lanczos` / :func:`power_iteration` for eigenpairs, :func:`trace`,
 :func:`diagonal` and :func:`frobenius_norm_squared` with standard errors, and
 :func:`spectral_density` (stochastic Lanczos quadrature; :func:`trace_function` and
-:func:`logdet` from it). :func:`subspace_overlap` compares eigenspaces; :func:`compare_diagonals`,
+:func:`logdet` from it). :func:`inverse` applies a damped inverse; :func:`subspace_overlap`
+compares eigenspaces; :func:`compare_diagonals`,
 :func:`preconditioned` and :func:`compare_conditioning` measure a diagonal preconditioner (Adam's
 second moment) against the curvature. :func:`batches` (and any ``lambda: loader`` as data) streams
 data that do not fit in memory (:mod:`curvature.streaming`). Plotting helpers live in
@@ -36,6 +37,8 @@ from curvature.fisher import MonteCarloFisher as MonteCarloFisher
 from curvature.fisher import empirical_fisher as empirical_fisher
 from curvature.fisher import monte_carlo_fisher as monte_carlo_fisher
 from curvature.fisher import per_example_gradients as per_example_gradients
+from curvature.inverse import CGInverse as CGInverse
+from curvature.inverse import inverse as inverse
 from curvature.krylov import EigshResult as EigshResult
 from curvature.krylov import LanczosResult as LanczosResult
 from curvature.krylov import eigsh as eigsh
@@ -77,6 +80,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockOperator",
     "BlockSummary",
+    "CGInverse",
     "Closure",
     "Combination",
     "Conditioning",
@@ -118,6 +122,7 @@ __all__ = [
     "gauss_newton",
     "hutchinson",
     "hessian",
+    "inverse",
     "lanczos",
     "logdet",
     "monte_carlo_fisher",

@@ -283,6 +283,12 @@ class LinearOperator:
         """:meth:`exact_diagonal` from the host (a pass over the data when streamed)."""
         return _host_diagonal(self)
 
+    def damped_inverse(self, damping) -> LinearOperator | None:
+        """``(A + damping I)^-1`` as an operator, exactly, for operators whose structure allows
+        it (a dense matrix; K-FAC through its factors); ``None`` otherwise, and
+        :func:`curvature.inverse` solves by conjugate gradient."""
+        return None
+
     # -- products from the host --------------------------------------------------------------
 
     def matvec(self, v: jax.Array) -> jax.Array:
@@ -526,6 +532,12 @@ class Matrix(LinearOperator):
 
     def exact_diagonal(self):
         return jnp.diagonal(self.matrix).astype(self.dtype)
+
+    def damped_inverse(self, damping):
+        # The symmetric eigendecomposition: the inverse stays symmetric to round-off.
+        values, vectors = jnp.linalg.eigh(self.matrix)
+        inverse = (vectors / (values + damping)) @ vectors.T
+        return Matrix(inverse.astype(self.dtype), self.layout)
 
 
 def from_matrix(matrix: jax.Array) -> LinearOperator:
