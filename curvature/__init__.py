@@ -4,8 +4,8 @@ Build an operator from a loss, parameters and data (:func:`hessian`, :func:`gaus
 estimate: :func:`eigsh` / :func:`lanczos` / :func:`power_iteration` for eigenpairs, :func:`trace`,
 :func:`diagonal` and :func:`frobenius_norm_squared` with standard errors, and
 :func:`spectral_density` (stochastic Lanczos quadrature; :func:`trace_function` and
-:func:`logdet` from it). :func:`inverse` applies a damped inverse; :func:`subspace_overlap`
-compares eigenspaces; :func:`compare_diagonals`,
+:func:`logdet` from it). :func:`inverse` applies a damped inverse; :func:`compare` and :func:`subspace_overlap`
+measure an approximation against the operator; :func:`compare_diagonals`,
 :func:`preconditioned` and :func:`compare_conditioning` measure a diagonal preconditioner (Adam's
 second moment) against the curvature. :func:`batches` (and any ``lambda: loader`` as data) streams
 data that do not fit in memory (:mod:`curvature.streaming`). Plotting helpers live in
@@ -27,6 +27,8 @@ from curvature.builders import Hessian as Hessian
 from curvature.builders import LossOperator as LossOperator
 from curvature.builders import gauss_newton as gauss_newton
 from curvature.builders import hessian as hessian
+from curvature.comparison import Comparison as Comparison
+from curvature.comparison import compare as compare
 from curvature.comparison import subspace_overlap as subspace_overlap
 from curvature.density import SpectralDensity as SpectralDensity
 from curvature.density import logdet as logdet
@@ -83,6 +85,7 @@ __all__ = [
     "CGInverse",
     "Closure",
     "Combination",
+    "Comparison",
     "Conditioning",
     "ConditioningComparison",
     "DiagonalComparison",
@@ -109,6 +112,7 @@ __all__ = [
     "block_densities",
     "block_summary",
     "closure",
+    "compare",
     "compare_conditioning",
     "compare_diagonals",
     "conditioning",

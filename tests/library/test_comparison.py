@@ -50,3 +50,28 @@ def test_overlap_of_eigsh_with_the_dense_top_eigenvectors(x64, key):
     # The next three eigenvectors are orthogonal to the top three.
     assert float(cv.subspace_overlap(top.eigenvectors, vectors[:, -6:-3])) < 1e-8
     assert jax.numpy.ndim(overlap) == 0
+
+
+def test_compare_against_dense_algebra(x64, key):
+    """The Gauss-Newton part against the Hessian: the eigenspace overlap of the dense top
+    eigenvectors, the relative Frobenius error within its stated error; an operator against
+    itself: overlap 1, error 0."""
+    params, data, model, loss, _ = make_problem("tanh", "cross_entropy")
+    H = cv.hessian(loss, params, data)
+    G = cv.gauss_newton(model, params, data, loss="cross_entropy")
+    h, g = (np.asarray(cv.dense(op), np.float64) for op in (H, G))
+    same = cv.compare(G, G, k=3, key=key)
+    assert same.overlap == pytest.approx(1.0, abs=1e-8)
+    assert same.relative_error == 0.0 and same.relative_error_se == 0.0
+    result = cv.compare(H, G, k=3, key=key, num_matvecs=64, num_steps=40)
+    assert bool(result.exact_top.converged.all() and result.approx_top.converged.all())
+    top_h, top_g = np.linalg.eigh(h)[1][:, -3:], np.linalg.eigh(g)[1][:, -3:]
+    want = float(np.sum((top_h.T @ top_g) ** 2) / 3)
+    assert result.overlap == pytest.approx(want, abs=1e-6)
+    assert 0.05 < want < 0.999  # a case where the answer is neither 0 nor 1
+    exact_error = np.linalg.norm(h - g) / np.linalg.norm(h)
+    assert abs(result.relative_error - exact_error) <= 4 * result.relative_error_se
+    assert 0 < result.relative_error_se < 0.5 * exact_error
+    np.testing.assert_allclose(result.approx_top.eigenvalues, np.linalg.eigvalsh(g)[::-1][:3])
+    with pytest.raises(ValueError, match="different shapes"):
+        cv.compare(H, cv.from_matrix(jnp.eye(3)), k=1, key=key)
