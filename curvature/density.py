@@ -72,8 +72,7 @@ class SpectralDensity(NamedTuple):
 
         Exact per probe (``v^T A^p v``) for ``power < 2 * num_steps``.
         """
-        per_probe = np.sum(np.asarray(self.weights) * np.asarray(self.nodes) ** power, axis=1)
-        return self._estimate(*_mean_error(per_probe))
+        return self._estimate(*self._quadrature(lambda x: x**power))
 
     def trace(self) -> TraceResult:
         """``tr(A)`` with its standard error, a :class:`~curvature.TraceResult` as
@@ -97,17 +96,21 @@ class SpectralDensity(NamedTuple):
         is that of the probes' mean; it does not include the quadrature error, which more
         steps make small. Cost: none beyond the density's.
         """
-        nodes = np.asarray(self.nodes, np.float64) + shift
+        mean, error = self._quadrature(lambda x: f(x + shift))
+        n = int(self.dimension)
+        return self._estimate(mean * n, error * n)
+
+    def _quadrature(self, f) -> tuple[float, float]:
+        """The mean over probes of ``sum_k tau_k^2 f(theta_k)`` (``(1/n) v^T f(A) v``) and its
+        standard error."""
+        nodes = np.asarray(self.nodes, np.float64)
         values = np.asarray(f(nodes), np.float64)
         if values.shape != nodes.shape:
             raise ValueError(
                 f"trace_function: f must map an array of Ritz values to one of the same shape "
                 f"{nodes.shape}, got {values.shape}"
             )
-        per_probe = np.sum(np.asarray(self.weights, np.float64) * values, axis=1)
-        mean, error = _mean_error(per_probe)
-        n = int(self.dimension)
-        return self._estimate(mean * n, error * n)
+        return _mean_error(np.sum(np.asarray(self.weights, np.float64) * values, axis=1))
 
     def mass_below(self, threshold: float | None = None) -> TraceResult:
         """Fraction of the spectral mass strictly below ``threshold``, with its standard error,

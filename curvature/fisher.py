@@ -24,6 +24,7 @@ per-example gradients, in a few gradients' time rather than ``n`` matvecs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -223,6 +224,20 @@ class MonteCarloFisher(LossOperator):
         return super().prepared() if is_traced(self) else self
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _draw(model: Closure, params, data, key, num_samples: int, likelihood: str):
+    """Each example's ``num_samples`` targets from the model's predictive distribution, and
+    whether its outputs are finite: one compiled program for every model of the same structure
+    (a fresh lambda or new parameters of the same shapes do not recompile)."""
+    out = model.bind()(params, data)
+    if likelihood == "cross_entropy":
+        shape = out.shape[:1] + (num_samples,)
+        samples = jax.random.categorical(key, out[:, None, :], axis=-1, shape=shape)
+    else:
+        samples = jax.random.normal(key, (out.shape[0], num_samples) + out.shape[1:], out.dtype)
+    return samples, jnp.all(jnp.isfinite(out))
+
+
 def monte_carlo_fisher(
     model: Callable[[PyTree, PyTree], jax.Array],
     params: PyTree,
@@ -280,24 +295,19 @@ def monte_carlo_fisher(
             "memory (arrays), not a loader; pass arrays, or use gauss_newton, its expectation"
         )
     layout, _, data, first = _setup(params, data, batch_size, check)
-    out = jax.jit(model)(params, data)
     if check:
         check_scalar(lambda p, b: jnp.sum(model(p, b)), (params, first), "model(params, batch)")
-        if not bool(jnp.all(jnp.isfinite(out))):
-            raise ValueError("monte_carlo_fisher: the model's outputs are not all finite")
-    if loss == "cross_entropy":
-        if out.ndim != 2:
-            raise ValueError(
-                f"monte_carlo_fisher(loss='cross_entropy') needs logits (batch, classes), got "
-                f"outputs of shape {out.shape}"
-            )
-        samples = jax.random.categorical(
-            key, out[:, None, :], axis=-1, shape=out.shape[:1] + (num_samples,)
+    shape = jax.eval_shape(model, params, first).shape
+    if loss == "cross_entropy" and len(shape) != 2:
+        raise ValueError(
+            f"monte_carlo_fisher(loss='cross_entropy') needs logits (batch, classes), got "
+            f"outputs of shape {shape}"
         )
-    else:
-        samples = jax.random.normal(key, (out.shape[0], num_samples) + out.shape[1:], out.dtype)
+    model = closure(model, params, first, what="monte_carlo_fisher()")
+    samples, finite = _draw(model, params, data, key, num_samples, loss)
+    if check and not bool(finite):
+        raise ValueError("monte_carlo_fisher: the model's outputs are not all finite")
     both = {"batch": data, "samples": samples}
     batching = Batching.of(both, batch_size)
-    model = closure(model, params, first, what="monte_carlo_fisher()")
     convs = needs_rewrite(model.bind(), params, first)
     return MonteCarloFisher(params, both, layout, batching, convs, model=model, likelihood=loss)

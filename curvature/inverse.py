@@ -44,29 +44,24 @@ class CGInverse(LinearOperator):
         """The CG solve of ``(A + damping I) x = b``: ``x`` with ``residual_norm``,
         ``converged``, ``num_steps`` and ``stop_reason`` (a :class:`curvature.optim.CGResult`).
         Cost: at most ``max_steps`` products with the inner operator."""
-        return _solve(self, jnp.asarray(b, self.dtype))
+        return _cg.conjugate_gradient(
+            self.inner, b, damping=self.damping, max_steps=self.max_steps, tol=self.tol
+        )
 
     def apply(self, v):
-        return self._solve(v.astype(self.dtype)).x
-
-    def _solve(self, b):
-        return _cg.solve(
+        solved = _cg.solve(
             self.inner.apply,
-            b,
+            v.astype(self.dtype),
             None,
             damping=self.damping,
             max_steps=self.max_steps,
             tol=self.tol,
         )
+        return solved.x
 
     def prepared(self):
         # Every CG step multiplies by the inner operator: prepare it once.
         return CGInverse(self.inner.prepared(), self.damping, self.tol, self.max_steps)
-
-
-@jax.jit
-def _solve(op: CGInverse, b):
-    return op.prepared()._solve(b)
 
 
 def inverse(

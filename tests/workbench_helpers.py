@@ -101,6 +101,20 @@ def smoke_run(tmp_path_factory):
     return _SMOKE["run"]
 
 
+def write_swept_run(workdir, record, *, sweep, quantities, seeds=None, activations=None):
+    """:func:`write_run` of the smoke config with ``sweep`` and ``measure.quantities`` set (and
+    ``seeds``, ``activations`` when given): a run whose records a test chooses."""
+    config = load_config()
+    with config.unlocked():
+        if seeds is not None:
+            config.seeds = seeds
+        if activations is not None:
+            config.activations = activations
+        config.sweep = sweep
+        config.measure.quantities = quantities
+    return write_run(workdir, config, record)
+
+
 def write_run(workdir, config, record):
     """A run directory of ``config``'s members written from chosen records, without training:
     ``record(spec, step)`` gives the fields of a member's record at each step of its schedule

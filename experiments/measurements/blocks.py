@@ -34,11 +34,10 @@ class Blocks:
     frobenius_sq: dict[str, tuple[tuple[float, ...], ...]]
     frobenius_sq_se: dict[str, tuple[tuple[float, ...], ...]]
 
-    def same_layer_share(self, operator: str = "residual") -> Estimate:
-        """The share of ``||A||_F^2`` in same-layer blocks (the diagonal of the table), with a
-        delta-method standard error (blocks estimated independently)."""
+    def summary(self, operator: str = "residual") -> cv.BlockSummary:
+        """The library's summary of one operator's table (no top eigenvalues: NaN)."""
         nan = np.full(len(self.names), np.nan)
-        summary = cv.BlockSummary(
+        return cv.BlockSummary(
             names=self.names,
             sizes=np.asarray(self.sizes),
             trace=np.asarray(self.trace[operator]),
@@ -48,7 +47,12 @@ class Blocks:
             frobenius_sq=np.asarray(self.frobenius_sq[operator]),
             frobenius_sq_se=np.asarray(self.frobenius_sq_se[operator]),
         )
-        share, error = summary.same_group_share()
+
+    def same_layer_share(self, operator: str = "residual") -> Estimate:
+        """The share of ``||A||_F^2`` in same-layer blocks (the diagonal of the table), with a
+        delta-method standard error (``cv.BlockSummary.same_group_share``), never below the
+        float32 round-off of the share."""
+        share, error = self.summary(operator).same_group_share()
         if math.isnan(share):
             return Estimate(math.nan, math.nan)
         return Estimate(share, max(error, ROUND_OFF_SHARE))

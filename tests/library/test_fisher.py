@@ -9,7 +9,7 @@ from helpers import make_problem
 from jax.flatten_util import ravel_pytree
 
 import curvature as cv
-from curvature import _driver
+from curvature import _driver, fisher
 
 CASES = [(a, loss) for a in ("relu", "tanh") for loss in ("mse", "cross_entropy")]
 
@@ -163,6 +163,17 @@ def test_monte_carlo_fisher_is_the_mean_outer_product_of_sampled_gradients(x64, 
         model, params, data, loss=likelihood, num_samples=3, key=key, batch_size=5
     )
     assert np.allclose(np.asarray(cv.dense(chunked)), want, atol=1e-12 * np.abs(want).max())
+
+    # Built again along training (a fresh lambda, moved parameters): the samples are drawn by
+    # the same compiled program.
+    def build(p):
+        fresh = lambda p, b: model(p, b)  # noqa: E731  (a new function object each call)
+        return cv.monte_carlo_fisher(fresh, p, data, loss=likelihood, num_samples=3, key=key)
+
+    build(params)
+    before = fisher._draw._cache_size()
+    build(jax.tree_util.tree_map(lambda p: 0.9 * p, params))
+    assert fisher._draw._cache_size() == before
 
 
 def test_monte_carlo_fisher_tends_to_the_gauss_newton_matrix(x64, key):

@@ -7,7 +7,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("flax")
-from workbench_helpers import load_config, write_run  # noqa: E402
+
+from workbench_helpers import write_swept_run  # noqa: E402
 
 import experiments  # noqa: E402
 from experiments import pages, report  # noqa: E402
@@ -21,11 +22,12 @@ def top(spec, step):
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    config = load_config()
-    with config.unlocked():
-        config.sweep = ("train.learning_rate=0.1,0.2",)
-        config.measure.quantities = ("lambda_max",)
-    workdir = write_run(tmp_path_factory.mktemp("swept"), config, top)
+    workdir = write_swept_run(
+        tmp_path_factory.mktemp("swept"),
+        top,
+        sweep=("train.learning_rate=0.1,0.2",),
+        quantities=("lambda_max",),
+    )
     return workdir, experiments.load_run(workdir)
 
 
@@ -46,12 +48,13 @@ def test_summaries_explain_only_the_columns_they_show(swept):
 
 
 def test_names_with_html_or_dollars_are_shown_as_written(tmp_path):
-    config = load_config()
-    with config.unlocked():
-        config.activations = ("relu",)
-        config.sweep = ("data.path=<script>alert(1)</script>,$\\foo$",)
-        config.measure.quantities = ("lambda_max",)
-    workdir = write_run(tmp_path / "run $\\foo$ <b>", config, top)
+    workdir = write_swept_run(
+        tmp_path / "run $\\foo$ <b>",
+        top,
+        sweep=("data.path=<script>alert(1)</script>,$\\foo$",),
+        quantities=("lambda_max",),
+        activations=("relu",),
+    )
     paths = pages.draw_all(workdir)
     assert workdir / "figures" / "eigenvalues.png" in paths
     text = (workdir / "report.md").read_text()

@@ -10,7 +10,7 @@ from absl import app
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("flax")
-from workbench_helpers import load_config, main, write_run  # noqa: E402
+from workbench_helpers import main, write_swept_run  # noqa: E402
 
 import experiments  # noqa: E402
 from experiments import pages  # noqa: E402
@@ -33,12 +33,13 @@ def top(spec, step):
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    config = load_config()
-    with config.unlocked():
-        config.seeds = (0, 1, 2)
-        config.sweep = ("train.learning_rate=0.4,0.1,0.2",)
-        config.measure.quantities = ("lambda_max",)
-    workdir = write_run(tmp_path_factory.mktemp("swept"), config, top)
+    workdir = write_swept_run(
+        tmp_path_factory.mktemp("swept"),
+        top,
+        sweep=("train.learning_rate=0.4,0.1,0.2",),
+        quantities=("lambda_max",),
+        seeds=(0, 1, 2),
+    )
     return workdir, experiments.load_run(workdir)
 
 
@@ -142,12 +143,13 @@ def test_plot_against_from_the_command_line(swept, capsys):
 
 
 def test_swept_values_with_html_or_dollars_are_shown_as_written(tmp_path):
-    config = load_config()
-    with config.unlocked():
-        config.activations = ("relu",)
-        config.sweep = ("data.path=<script>alert(1)</script>,$\\foo$",)
-        config.measure.quantities = ("lambda_max",)
-    workdir = write_run(tmp_path, config, top)
+    workdir = write_swept_run(
+        tmp_path,
+        top,
+        sweep=("data.path=<script>alert(1)</script>,$\\foo$",),
+        quantities=("lambda_max",),
+        activations=("relu",),
+    )
     # Mathtext would raise on "$\foo$" in a tick label; the table escapes HTML.
     paths, numbers = pages.draw_study(workdir, "data.path", "lambda_max")
     assert [p.name for p in paths] == ["lambda_max_vs_path.png", "lambda_max_vs_path.pdf"]
@@ -158,17 +160,19 @@ def test_swept_values_with_html_or_dollars_are_shown_as_written(tmp_path):
 def test_lambda_max_of_a_run_that_measured_top_eigenvalues_points_to_sharpness(tmp_path):
     """A run that measured ``top_eigenvalues`` but not ``lambda_max`` has λmax as ``sharpness``
     (as its summary does): the error for ``lambda_max`` says so, and ``sharpness`` plots."""
-    config = load_config()
-    with config.unlocked():
-        config.seeds = (0,)
-        config.sweep = ("train.learning_rate=0.1,0.2",)
-        config.measure.quantities = ("top_eigenvalues",)
 
     def tops(spec, step):
         value = 10 * spec.config.train.learning_rate + step / 10
         return {"top_eigenvalues": Eigenvalues((value, 0.5), (1e-7, 1e-7), (True, True))}
 
-    run = experiments.load_run(write_run(tmp_path, config, tops))
+    workdir = write_swept_run(
+        tmp_path,
+        tops,
+        sweep=("train.learning_rate=0.1,0.2",),
+        quantities=("top_eigenvalues",),
+        seeds=(0,),
+    )
+    run = experiments.load_run(workdir)
     assert "sharpness" in study.recorded(run)
     with pytest.raises(RequestError, match="sharpness is the largest eigenvalue from it or"):
         study.study(run, "learning_rate", "lambda_max")
