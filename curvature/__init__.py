@@ -4,7 +4,8 @@ Build an operator from a loss, parameters and data (:func:`hessian`, :func:`gaus
 estimate: :func:`eigsh` / :func:`lanczos` / :func:`power_iteration` for eigenpairs, :func:`trace`,
 :func:`diagonal` and :func:`frobenius_norm_squared` with standard errors, and
 :func:`spectral_density` (stochastic Lanczos quadrature; :func:`trace_function` and
-:func:`logdet` from it). :func:`inverse` applies a damped inverse; :func:`compare` and :func:`subspace_overlap`
+:func:`logdet` from it). :func:`kfac` and :func:`ekfac` approximate the Gauss-Newton matrix by
+Kronecker factors per dense layer; :func:`inverse` applies a damped inverse; :func:`compare` and :func:`subspace_overlap`
 measure an approximation against the operator; :func:`compare_diagonals`,
 :func:`preconditioned` and :func:`compare_conditioning` measure a diagonal preconditioner (Adam's
 second moment) against the curvature. :func:`batches` (and any ``lambda: loader`` as data) streams
@@ -41,17 +42,25 @@ from curvature.fisher import monte_carlo_fisher as monte_carlo_fisher
 from curvature.fisher import per_example_gradients as per_example_gradients
 from curvature.inverse import CGInverse as CGInverse
 from curvature.inverse import inverse as inverse
+from curvature.kfac import KFAC as KFAC
+from curvature.kfac import DenseLayer as DenseLayer
+from curvature.kfac import KroneckerEigen as KroneckerEigen
+from curvature.kfac import KroneckerFactors as KroneckerFactors
+from curvature.kfac import ekfac as ekfac
+from curvature.kfac import kfac as kfac
 from curvature.krylov import EigshResult as EigshResult
 from curvature.krylov import LanczosResult as LanczosResult
 from curvature.krylov import eigsh as eigsh
 from curvature.krylov import lanczos as lanczos
 from curvature.krylov import tridiagonal as tridiagonal
 from curvature.linear_operator import Combination as Combination
+from curvature.linear_operator import Diagonal as Diagonal
 from curvature.linear_operator import FunctionOperator as FunctionOperator
 from curvature.linear_operator import Layout as Layout
 from curvature.linear_operator import LinearOperator as LinearOperator
 from curvature.linear_operator import Matrix as Matrix
 from curvature.linear_operator import dense as dense
+from curvature.linear_operator import from_diagonal as from_diagonal
 from curvature.linear_operator import from_function as from_function
 from curvature.linear_operator import from_matrix as from_matrix
 from curvature.linear_operator import operator_type as operator_type
@@ -90,12 +99,17 @@ __all__ = [
     "ConditioningComparison",
     "DiagonalComparison",
     "DiagonalCorrelation",
+    "DenseLayer",
+    "Diagonal",
     "DiagonalResult",
     "EigshResult",
     "EmpiricalFisher",
     "FunctionOperator",
     "GaussNewton",
     "Hessian",
+    "KFAC",
+    "KroneckerEigen",
+    "KroneckerFactors",
     "LanczosResult",
     "Layout",
     "LinearOperator",
@@ -119,14 +133,17 @@ __all__ = [
     "dense",
     "diagonal",
     "eigsh",
+    "ekfac",
     "empirical_fisher",
     "frobenius_norm_squared",
+    "from_diagonal",
     "from_function",
     "from_matrix",
     "gauss_newton",
     "hutchinson",
     "hessian",
     "inverse",
+    "kfac",
     "lanczos",
     "logdet",
     "monte_carlo_fisher",

@@ -1,6 +1,10 @@
 """How close an approximation is to a curvature operator: their top eigenspaces compared by
 the principal angles between them (:func:`subspace_overlap`), and :func:`compare`, which adds the
-relative Frobenius error with its standard error and both top spectra.
+relative Frobenius error with its standard error and both top spectra, and, with a damping, how
+well the approximation preconditions the operator: the condition number of
+``(Â + λI)^{-1/2} (A + λI) (Â + λI)^{-1/2}``, whose eigenvalues are those of
+``(Â + λI)^{-1} (A + λI)`` (what conjugate gradient or a damped Newton step with ``Â`` as the
+preconditioner sees), against that of ``A + λI`` alone.
 
 The principal angles ``0 <= phi_1 <= ... <= phi_k <= pi/2`` between the column spaces of ``U``
 and ``V`` have cosines the singular values of ``Q_U^T Q_V`` (``Q`` orthonormal bases; Björck &
@@ -19,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from curvature.krylov import EigshResult, eigsh
-from curvature.linear_operator import LinearOperator
+from curvature.linear_operator import Layout, LinearOperator, from_diagonal, operator_type
 from curvature.stochastic_trace import frobenius_norm_squared
 
 __all__ = ["Comparison", "compare", "subspace_overlap"]
@@ -66,6 +70,14 @@ class Comparison(NamedTuple):
         probes make them).
       exact_top: ``eigsh(exact, k=k)``: eigenvalues, residuals, ``converged``.
       approx_top: ``eigsh(approx, k=k)``.
+      condition: with ``damping``: ``λmax / λmin`` of ``(Â + λI)^{-1/2} (A + λI) (Â +
+        λI)^{-1/2}`` (NaN when ``λmin <= 0``, an indefinite ``A + λI``; NaN without
+        ``damping``). 1 is a perfect preconditioner.
+      reference_condition: ``λmax / λmin`` of ``A + λI`` itself, the same way: ``condition``
+        below it means ``Â`` helps.
+      preconditioned_ends: ``eigsh(..., k=2, which="BE")`` of the preconditioned operator
+        (``None`` without ``damping``): its eigenvalues and convergence.
+      reference_ends: the same for ``A + λI``.
     """
 
     overlap: float
@@ -73,6 +85,38 @@ class Comparison(NamedTuple):
     relative_error_se: float
     exact_top: EigshResult
     approx_top: EigshResult
+    condition: float = math.nan
+    reference_condition: float = math.nan
+    preconditioned_ends: EigshResult | None = None
+    reference_ends: EigshResult | None = None
+
+
+@operator_type
+class _Congruence(LinearOperator):
+    """``S A S`` for symmetric operators ``S`` and ``A``: a product is one of ``A`` and two of
+    ``S``."""
+
+    outer: LinearOperator
+    inner: LinearOperator
+
+    @property
+    def layout(self) -> Layout:
+        return self.inner.layout
+
+    @property
+    def name(self) -> str:
+        return f"{self.inner.name} preconditioned by {self.outer.name}"
+
+    def apply(self, v):
+        return self.outer.apply(self.inner.apply(self.outer.apply(v)))
+
+    def prepared(self):
+        return _Congruence(self.outer.prepared(), self.inner.prepared())
+
+
+def _ratio(ends: EigshResult) -> float:
+    top, bottom = float(ends.eigenvalues[0]), float(ends.eigenvalues[-1])
+    return top / bottom if bottom > 0 else math.nan
 
 
 def compare(
@@ -84,6 +128,7 @@ def compare(
     key: jax.Array,
     num_matvecs: int = 32,
     num_steps: int | None = None,
+    damping: float | None = None,
 ) -> Comparison:
     """How good an approximation is: the overlap of the top-``k`` eigenspaces of ``exact`` and
     ``approx``, the relative Frobenius error ``||A - Â||_F / ||A||_F`` with its standard error,
@@ -97,15 +142,32 @@ def compare(
       key: PRNG key: the two eigsh runs and the Frobenius probes use keys folded from it.
       num_matvecs: Rademacher probes of the Frobenius norms (shared by ``A - Â`` and ``A``).
       num_steps: Lanczos steps of each eigsh (its default otherwise).
+      damping: ``λ > 0``: also the conditioning of ``A + λI`` preconditioned by ``Â + λI``
+        (``condition``) and alone (``reference_condition``). Needs ``approx`` with an exact
+        inverse square root (:meth:`~curvature.LinearOperator.damped_power`: K-FAC, EK-FAC, a
+        diagonal, a dense matrix).
 
     Returns a :class:`Comparison`. Cost: two eigsh runs (``num_steps + k + check_steps`` each)
-    and ``num_matvecs`` products with each of ``exact`` and ``approx``. The top eigenspaces are
-    only as good as their ``converged`` flags: check them before reading ``overlap``.
+    and ``num_matvecs`` products with each of ``exact`` and ``approx``; with ``damping`` two
+    more eigsh runs at both ends (the largest and the smallest eigenpair), of ``A`` preconditioned and of ``A``
+    alone. The top eigenspaces are only as good as their ``converged`` flags: check them before
+    reading ``overlap``, as the ends' flags before ``condition``.
     """
     if exact.shape != approx.shape:
         raise ValueError(
             f"compare: the operators have different shapes, {exact.shape} and {approx.shape}"
         )
+    root = None
+    if damping is not None:
+        if not float(damping) > 0:
+            raise ValueError(f"compare: damping must be > 0, got {damping!r}")
+        root = approx.damped_power(damping, -0.5)
+        if root is None:
+            raise ValueError(
+                f"compare(damping=...): {approx.name} has no exact inverse square root; "
+                "the conditioning needs an approximation with structure (curvature.kfac, "
+                "curvature.ekfac, curvature.from_diagonal, curvature.from_matrix)"
+            )
     kwargs = {} if num_steps is None else {"num_steps": num_steps}
     exact_top = eigsh(exact, k=k, key=jax.random.fold_in(key, 0), **kwargs)
     approx_top = eigsh(approx, k=k, key=jax.random.fold_in(key, 1), **kwargs)
@@ -126,4 +188,20 @@ def compare(
         error_se = 0.5 * error * math.hypot(d_se / d, a_se / a)
     else:
         error_se = math.sqrt(d_se / a)
-    return Comparison(overlap, error, error_se, exact_top, approx_top)
+    if root is None:
+        return Comparison(overlap, error, error_se, exact_top, approx_top)
+    shifted = exact + from_diagonal(jnp.full((exact.size,), damping, exact.dtype), like=exact)
+    ends = {"k": 2, "which": "BE", **kwargs}  # the largest and the smallest
+    preconditioned = eigsh(_Congruence(root, shifted), key=jax.random.fold_in(key, 3), **ends)
+    reference = eigsh(shifted, key=jax.random.fold_in(key, 4), **ends)
+    return Comparison(
+        overlap,
+        error,
+        error_se,
+        exact_top,
+        approx_top,
+        _ratio(preconditioned),
+        _ratio(reference),
+        preconditioned,
+        reference,
+    )

@@ -46,7 +46,14 @@ from curvature._closures import stable
 from curvature.linear_operator import LinearOperator
 from curvature.losses import output_loss
 
-__all__ = ["empirical_fisher", "gauss_newton", "hessian", "parameters"]
+__all__ = [
+    "empirical_fisher",
+    "gauss_newton",
+    "hessian",
+    "kfac",
+    "monte_carlo_fisher",
+    "parameters",
+]
 
 PyTree = Any
 
@@ -253,3 +260,73 @@ def gauss_newton(
             train=train,
         )
     return op
+
+
+def kfac(
+    apply: Callable[[Any, PyTree], jax.Array],
+    model,
+    data: PyTree,
+    *,
+    loss: str | Callable[[jax.Array, PyTree], jax.Array],
+    targets=None,
+    batch_size: int | None = None,
+    fisher: str = "exact",
+    num_samples: int = 1,
+    key: jax.Array | None = None,
+    train: bool = False,
+    check: bool = True,
+) -> LinearOperator:
+    """K-FAC (:func:`curvature.kfac`) of a flax model: ``nnx.Linear`` and linen ``Dense``
+    layers (any ``x @ kernel + bias`` in the computation) get Kronecker blocks, the other
+    parameters their exact Gauss-Newton diagonal.
+
+    Args:
+      apply: as for :func:`gauss_newton`.
+      model: as for :func:`hessian`.
+      data: as for :func:`hessian`.
+      loss: as for :func:`curvature.kfac`.
+      targets: as for :func:`curvature.kfac`.
+      batch_size: as for :func:`curvature.kfac`.
+      fisher: as for :func:`curvature.kfac`.
+      num_samples: as for :func:`curvature.kfac`.
+      key: as for :func:`curvature.kfac`.
+      train: as for :func:`hessian`.
+      check: as for :func:`hessian`.
+    """
+    params, bound = _prepare(apply, model, train)
+    return curvature.kfac(
+        bound, params, data, loss=loss, targets=targets, batch_size=batch_size, fisher=fisher,
+        num_samples=num_samples, key=key, check=check,
+    )  # fmt: skip
+
+
+def monte_carlo_fisher(
+    apply: Callable[[Any, PyTree], jax.Array],
+    model,
+    data: PyTree,
+    *,
+    loss: str,
+    num_samples: int,
+    key: jax.Array,
+    batch_size: int | None = None,
+    train: bool = False,
+    check: bool = True,
+) -> LinearOperator:
+    """The Monte Carlo Fisher (:func:`curvature.monte_carlo_fisher`) of a flax model.
+
+    Args:
+      apply: as for :func:`gauss_newton`.
+      model: as for :func:`hessian`.
+      data: as for :func:`curvature.monte_carlo_fisher`.
+      loss: as for :func:`curvature.monte_carlo_fisher`.
+      num_samples: as for :func:`curvature.monte_carlo_fisher`.
+      key: as for :func:`curvature.monte_carlo_fisher`.
+      batch_size: as for :func:`hessian`.
+      train: as for :func:`hessian`.
+      check: as for :func:`hessian`.
+    """
+    params, bound = _prepare(apply, model, train)
+    return curvature.monte_carlo_fisher(
+        bound, params, data, loss=loss, num_samples=num_samples, key=key,
+        batch_size=batch_size, check=check,
+    )  # fmt: skip

@@ -44,6 +44,7 @@ from curvature._driver import map_rows
 
 __all__ = [
     "Combination",
+    "Diagonal",
     "Family",
     "FunctionOperator",
     "Layout",
@@ -54,6 +55,7 @@ __all__ = [
     "dense",
     "family",
     "recipe_atoms",
+    "from_diagonal",
     "from_function",
     "from_matrix",
     "map_rows",
@@ -285,8 +287,16 @@ class LinearOperator:
 
     def damped_inverse(self, damping) -> LinearOperator | None:
         """``(A + damping I)^-1`` as an operator, exactly, for operators whose structure allows
-        it (a dense matrix; K-FAC through its factors); ``None`` otherwise, and
+        it (a dense matrix, a diagonal, K-FAC through its factors); ``None`` otherwise, and
         :func:`curvature.inverse` solves by conjugate gradient."""
+        return self.damped_power(damping, -1.0)
+
+    def damped_power(self, damping, power: float) -> LinearOperator | None:
+        """``(A + damping I)^power`` as an operator, exactly, through the eigendecomposition the
+        structure gives (a dense matrix, a diagonal, K-FAC); ``None`` otherwise.
+        :func:`curvature.compare` uses ``power=-1/2`` for the conditioning of ``A``
+        preconditioned by an approximation. The eigenvalues plus ``damping`` should be
+        positive for a fractional power."""
         return None
 
     # -- products from the host --------------------------------------------------------------
@@ -533,11 +543,11 @@ class Matrix(LinearOperator):
     def exact_diagonal(self):
         return jnp.diagonal(self.matrix).astype(self.dtype)
 
-    def damped_inverse(self, damping):
-        # The symmetric eigendecomposition: the inverse stays symmetric to round-off.
+    def damped_power(self, damping, power):
+        # The symmetric eigendecomposition: the result stays symmetric to round-off.
         values, vectors = jnp.linalg.eigh(self.matrix)
-        inverse = (vectors / (values + damping)) @ vectors.T
-        return Matrix(inverse.astype(self.dtype), self.layout)
+        result = (vectors * (values + damping) ** power) @ vectors.T
+        return Matrix(result.astype(self.dtype), self.layout)
 
 
 def from_matrix(matrix: jax.Array) -> LinearOperator:
@@ -562,6 +572,76 @@ def from_matrix(matrix: jax.Array) -> LinearOperator:
         jax.tree_util.tree_structure(0), ((matrix.shape[0],),), (np.dtype(matrix.dtype),)
     )
     return Matrix(matrix, layout)
+
+
+# --------------------------------------------------------------------------------------------
+# Diagonal matrices.
+
+
+@operator_type
+class Diagonal(LinearOperator):
+    """A diagonal matrix ``diag(values)`` on a parameter layout (:func:`from_diagonal`)."""
+
+    values: jax.Array
+    layout: Layout = static()
+    label: str = static(default="diagonal")
+    has_fast_diagonal: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def apply(self, v):
+        return self.values * v.astype(self.dtype)
+
+    def apply_rows(self, rows):
+        return rows.astype(self.dtype) * self.values
+
+    def exact_diagonal(self):
+        return self.values
+
+    def damped_power(self, damping, power):
+        values = (self.values + damping) ** power
+        return Diagonal(values.astype(self.dtype), self.layout, self.label)
+
+
+def from_diagonal(diagonal, /, *, like: PyTree | None = None, name: str = "diagonal"):
+    """``diag(d)`` as an operator: a diagonal approximation (the exact Gauss-Newton diagonal,
+    Adam's second moment) that every estimator, :func:`curvature.compare` and
+    :func:`curvature.inverse` (exactly) accept.
+
+    Args:
+      diagonal: ``d``, a pytree shaped like the parameters (its layout is the operator's), or a
+        flat vector of length ``n`` with ``like``.
+      like: the parameters (or an operator) whose layout a flat ``diagonal`` takes, so that the
+        operator combines with (and compares against) operators on those parameters; without
+        it a flat vector has a layout of its own.
+      name: what the operator is called in messages.
+
+    Cost: a product is ``n`` multiplies; its damped powers are exact.
+    """
+    if isinstance(like, LinearOperator):
+        layout = like.layout
+    elif like is not None:
+        layout = Layout.of(like, "like")
+    else:
+        layout = None
+    if (
+        layout is not None
+        and isinstance(diagonal, jax.Array | np.ndarray)
+        and np.ndim(diagonal) == 1
+    ):
+        values = jnp.asarray(diagonal)
+    elif layout is not None:
+        values = layout.ravel(diagonal)
+    else:
+        layout = Layout.of(diagonal, "diagonal")
+        values = layout.ravel(diagonal)
+    if values.shape != (layout.size,):
+        raise ValueError(
+            f"from_diagonal: the diagonal has {values.size} entries; the layout has {layout.size}"
+        )
+    return Diagonal(values.astype(layout.dtype), layout, name)
 
 
 # --------------------------------------------------------------------------------------------

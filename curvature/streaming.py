@@ -192,7 +192,7 @@ def _as_arrays(batch: PyTree, index: int) -> PyTree:
     return jax.tree_util.tree_map(jnp.asarray, batch)
 
 
-def _device_batches(source: Callable, depth: int) -> Iterator[PyTree]:
+def device_batches(source: Callable, depth: int = 2) -> Iterator[PyTree]:
     """Batches as device arrays, each put on the device one batch before it is used."""
     ahead: collections.deque = collections.deque()
     for index, batch in enumerate(_read_ahead(_iterate(source), depth)):
@@ -401,7 +401,7 @@ class Streamed(LinearOperator):
 
     def _pass(self, step, acc):
         sizes, prints, structure, first = [], [], None, None
-        for index, batch in enumerate(_device_batches(self.source, self.prefetch)):
+        for index, batch in enumerate(device_batches(self.source, self.prefetch)):
             tree = jax.tree_util.tree_structure(batch)
             if structure is None:
                 structure, first = tree, _shapes(batch)  # shapes only: no batch held
