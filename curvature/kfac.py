@@ -460,11 +460,11 @@ def _run(model, out_loss, params, data, batching, spec: _Spec, key, batch_size, 
             chunks["samples"] = _samples(model, params, batch, jax.random.fold_in(key, index), spec)
         chunking = Batching.of(chunks, batch_size)
         stats = _statistics(model, out_loss, params, chunks, chunking, spec, bases)
-        total = _accumulate(total, stats, jnp.asarray(chunking.num_examples, jnp.float32))
+        total = _accumulate(total, stats, float(chunking.num_examples))
         count += chunking.num_examples
     if total is None:
         raise ValueError("data: the loader yielded no batches")
-    return _accumulate(None, total, jnp.asarray(1.0 / count, jnp.float32))
+    return _accumulate(None, total, 1.0 / count)
 
 
 def _operator(stats, layout, spec: _Spec) -> KFAC:

@@ -75,3 +75,22 @@ def test_compare_against_dense_algebra(x64, key):
     np.testing.assert_allclose(result.approx_top.eigenvalues, np.linalg.eigvalsh(g)[::-1][:3])
     with pytest.raises(ValueError, match="different shapes"):
         cv.compare(H, cv.from_matrix(jnp.eye(3)), k=1, key=key)
+
+
+def test_the_damped_conditioning_of_the_operator_preconditioned_by_k_fac(x64, key):
+    params, data, model, _, _ = make_problem("tanh", "cross_entropy")
+    G = cv.gauss_newton(model, params, data, loss="cross_entropy")
+    K = cv.kfac(model, params, data, loss="cross_entropy")
+    lam = 1e-2
+    got = cv.compare(G, K, k=3, key=key, num_steps=83, damping=lam)
+    g, k = np.asarray(cv.dense(G)), np.asarray(cv.dense(K))
+    eye = np.eye(len(g))
+    w, v = np.linalg.eigh(k + lam * eye)
+    root = (v / np.sqrt(w)) @ v.T
+    ends = np.linalg.eigvalsh(root @ (g + lam * eye) @ root)
+    alone = np.linalg.eigvalsh(g + lam * eye)
+    assert got.condition == pytest.approx(ends[-1] / ends[0], rel=1e-6)
+    assert got.reference_condition == pytest.approx(alone[-1] / alone[0], rel=1e-6)
+    assert bool(np.all(got.preconditioned_ends.converged))
+    with pytest.raises(ValueError, match="no exact inverse square root"):
+        cv.compare(G, G, k=3, key=key, damping=lam)

@@ -66,3 +66,19 @@ def test_what_an_inverse_refuses(ggn):
     streamed = cv.gauss_newton(model, params, lambda: [data], loss="cross_entropy")
     with pytest.raises(ValueError, match="conjugate_gradient"):
         cv.inverse(streamed, damping=1.0)
+
+
+def test_a_diagonal_operator_and_its_exact_damped_powers(x64):
+    params, _, _, _, _ = make_problem("relu", "mse")
+    values = jax.tree_util.tree_map(lambda x: jnp.abs(x) + 0.1, params)
+    op = cv.from_diagonal(values, name="abs")
+    flat = op.ravel(values)
+    assert op.name == "abs" and op.layout == cv.Layout.of(params)
+    assert np.allclose(np.asarray(cv.dense(op)), np.diag(flat), rtol=0, atol=0)
+    inv = cv.inverse(op, damping=0.5)
+    assert isinstance(inv, cv.Diagonal)
+    assert np.allclose(np.asarray(inv.values), 1 / (np.asarray(flat) + 0.5), rtol=1e-14)
+    same = cv.from_diagonal(flat, like=params)  # a flat vector on the parameters' layout
+    assert same.layout == op.layout and np.array_equal(np.asarray(same.values), np.asarray(flat))
+    with pytest.raises(ValueError, match="has 3 entries; the layout has 83"):
+        cv.from_diagonal(jnp.ones(3), like=params)
