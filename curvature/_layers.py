@@ -45,8 +45,9 @@ class DenseLayer:
     """One dense layer ``s = a @ W + b`` found in a model (:func:`find_dense_layers`).
 
     Attributes:
-      name: the kernel's path in the parameter pytree, without its last key (``"layers/0"``,
-        ``"Dense_1"``); the kernel's own path when two layers would share a name.
+      name: the kernel's path in the parameter pytree without its last key (``"layers/0"``,
+        ``"Dense_1"``); the kernel's own path when it has one key (a top-level ``"w"``) or when
+        two layers would share a name.
       kernel: the kernel's leaf index in the flattened parameters.
       bias: the bias' leaf index, or ``None``.
       transposed: the kernel is stored ``(fan_out, fan_in)`` (``x @ W.T``).

@@ -537,12 +537,15 @@ def kfac(
 
     Examples:
       >>> import jax, jax.numpy as jnp, curvature
-      >>> params = {"w": jnp.ones((3, 2)) / 3, "b": jnp.zeros(2)}
-      >>> model = lambda p, batch: batch["x"] @ p["w"] + p["b"]
+      >>> params = {"dense": {"w": jnp.ones((3, 2)) / 3, "b": jnp.zeros(2)}}
+      >>> model = lambda p, batch: batch["x"] @ p["dense"]["w"] + p["dense"]["b"]
       >>> data = {"x": jnp.eye(3)[:2], "y": jnp.array([0, 1])}
       >>> op = curvature.kfac(model, params, data, loss="cross_entropy")
-      >>> op.layers[0].name, op.factors["params"].A.shape, op.factors["params"].B.shape
-      ('params', (4, 4), (2, 2))
+      >>> op.layers[0].name, op.factors["dense"].A.shape, op.factors["dense"].B.shape
+      ('dense', (4, 4), (2, 2))
+      >>> A, B = op.factors["dense"]  # A: the mean of [x, 1] [x, 1]^T over the two examples
+      >>> [float(a) for a in A[3]], round(float(B[0, 0]), 6)  # B: the mean of p (1 - p), p = 1/2
+      ([0.5, 0.5, 0.0, 1.0], 0.25)
     """
     layout, batching, data, model, out_loss, spec = _build(
         model, params, data, loss=loss, targets=targets, batch_size=batch_size, fisher=fisher,
