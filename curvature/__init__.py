@@ -65,6 +65,8 @@ from curvature.linear_operator import from_function as from_function
 from curvature.linear_operator import from_matrix as from_matrix
 from curvature.linear_operator import operator_type as operator_type
 from curvature.linear_operator import static as static
+from curvature.low_rank import LowRankPlusDiagonal as LowRankPlusDiagonal
+from curvature.low_rank import low_rank_plus_diagonal as low_rank_plus_diagonal
 from curvature.power import PowerIterationResult as PowerIterationResult
 from curvature.power import power_iteration as power_iteration
 from curvature.preconditioning import Conditioning as Conditioning
@@ -113,6 +115,7 @@ __all__ = [
     "LanczosResult",
     "Layout",
     "LinearOperator",
+    "LowRankPlusDiagonal",
     "LossOperator",
     "Matrix",
     "MonteCarloFisher",
@@ -146,6 +149,7 @@ __all__ = [
     "kfac",
     "lanczos",
     "logdet",
+    "low_rank_plus_diagonal",
     "monte_carlo_fisher",
     "layer_groups",
     "operator_type",

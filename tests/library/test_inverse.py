@@ -82,3 +82,21 @@ def test_a_diagonal_operator_and_its_exact_damped_powers(x64):
     assert same.layout == op.layout and np.array_equal(np.asarray(same.values), np.asarray(flat))
     with pytest.raises(ValueError, match="has 3 entries; the layout has 83"):
         cv.from_diagonal(jnp.ones(3), like=params)
+
+
+def test_low_rank_plus_diagonal_keeps_the_top_and_the_diagonal_and_inverts_exactly(x64, ggn, key):
+    G, dense = ggn
+    approx = cv.low_rank_plus_diagonal(G, k=4, key=key, num_steps=60)
+    values, vectors = np.linalg.eigh(dense)
+    top, basis = values[-4:], vectors[:, -4:]
+    kept = (basis * top) @ basis.T
+    correction = np.maximum(np.diag(dense) - np.diag(kept), 0.0)
+    want = kept + np.diag(correction)
+    got = np.asarray(cv.dense(approx))
+    assert np.allclose(got, want, rtol=1e-7, atol=1e-9)
+    assert np.allclose(np.diag(got), np.diag(dense), rtol=1e-7, atol=1e-9)  # nothing clipped
+    inv = cv.inverse(approx, damping=0.1)
+    assert isinstance(inv, cv.LowRankPlusDiagonal)
+    eye = np.eye(len(dense))
+    assert np.allclose(np.asarray(cv.dense(inv)), np.linalg.inv(got + 0.1 * eye), rtol=1e-8)
+    assert approx.damped_power(0.1, -0.5) is None  # no closed form: compare(damping=) refuses
