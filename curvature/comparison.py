@@ -17,6 +17,7 @@ for orthogonal ones, and ``k / n`` in expectation for a random ``k``-dimensional
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -119,9 +120,32 @@ def _ratio(ends: EigshResult) -> float:
     return top / bottom if bottom > 0 else math.nan
 
 
+def _root(approx: LinearOperator, damping, required: bool):
+    root = approx.damped_power(damping, -0.5)
+    if root is None and required:
+        raise ValueError(
+            f"compare(damping=...): {approx.name} has no exact inverse square root; the "
+            "conditioning needs an approximation with structure (curvature.kfac, curvature.ekfac, "
+            "curvature.from_diagonal, curvature.from_matrix)"
+        )
+    return root
+
+
+def _relative_error(difference, reference) -> tuple[float, float]:
+    d, d_se = float(difference.value), float(difference.standard_error)
+    a, a_se = float(reference.value), float(reference.standard_error)
+    error = math.sqrt(max(d, 0.0) / a)
+    # The delta method for sqrt(d / a): (1/2) sqrt(d / a) times the relative errors in
+    # quadrature. At d <= 0 (identical operators: exactly 0 with no spread) it has no first
+    # order; sqrt(d_se / a) bounds the error there.
+    if d > 0:
+        return error, 0.5 * error * math.hypot(d_se / d, a_se / a)
+    return error, math.sqrt(d_se / a)
+
+
 def compare(
     exact: LinearOperator,
-    approx: LinearOperator,
+    approx: LinearOperator | Sequence[LinearOperator],
     /,
     *,
     k: int,
@@ -129,79 +153,85 @@ def compare(
     num_matvecs: int = 32,
     num_steps: int | None = None,
     damping: float | None = None,
-) -> Comparison:
+) -> Comparison | tuple[Comparison, ...]:
     """How good an approximation is: the overlap of the top-``k`` eigenspaces of ``exact`` and
     ``approx``, the relative Frobenius error ``||A - Â||_F / ||A||_F`` with its standard error,
     and both top-``k`` spectra with their convergence flags.
 
     Args:
       exact: the reference operator (e.g. ``hessian`` or ``gauss_newton``).
-      approx: an operator of the same layout (a Monte Carlo Fisher, a block of it, a
-        diagonal...).
+      approx: an operator of the same layout (K-FAC, a Monte Carlo Fisher, a diagonal...), or a
+        tuple of them: then one :class:`Comparison` each, with ``exact``'s eigsh runs done once
+        and every Frobenius norm on the same probes (each result equals the one of its own
+        call with the same key).
       k: eigenpairs at the top (largest algebraic) of each.
-      key: PRNG key: the two eigsh runs and the Frobenius probes use keys folded from it.
+      key: PRNG key: the eigsh runs and the Frobenius probes use keys folded from it.
       num_matvecs: Rademacher probes of the Frobenius norms (shared by ``A - Â`` and ``A``).
       num_steps: Lanczos steps of each eigsh (its default otherwise).
       damping: ``λ > 0``: also the conditioning of ``A + λI`` preconditioned by ``Â + λI``
         (``condition``) and alone (``reference_condition``). Needs ``approx`` with an exact
         inverse square root (:meth:`~curvature.LinearOperator.damped_power`: K-FAC, EK-FAC, a
-        diagonal, a dense matrix).
+        diagonal, a dense matrix): an error for one operator without, NaN and ``None`` ends
+        for such an operator in a tuple.
 
-    Returns a :class:`Comparison`. Cost: two eigsh runs (``num_steps + k + check_steps`` each)
-    and ``num_matvecs`` products with each of ``exact`` and ``approx``; with ``damping`` two
-    more eigsh runs at both ends (the largest and the smallest eigenpair), of ``A`` preconditioned and of ``A``
-    alone. The top eigenspaces are only as good as their ``converged`` flags: check them before
-    reading ``overlap``, as the ends' flags before ``condition``.
+    Returns a :class:`Comparison` (a tuple of them for a tuple). Cost: an eigsh run of ``exact``
+    and of each approximation (``num_steps + k + check_steps`` each) and ``num_matvecs``
+    products with ``exact`` and with each approximation; with ``damping`` two more eigsh runs at
+    both ends (the largest and the smallest eigenpair) for ``A + λI`` (once) and for each
+    preconditioned form. The top eigenspaces are only as good as their ``converged`` flags:
+    check them before reading ``overlap``, as the ends' flags before ``condition``.
     """
-    if exact.shape != approx.shape:
-        raise ValueError(
-            f"compare: the operators have different shapes, {exact.shape} and {approx.shape}"
-        )
-    root = None
+    single = isinstance(approx, LinearOperator)
+    approximations = (approx,) if single else tuple(approx)
+    if not approximations or not all(isinstance(a, LinearOperator) for a in approximations):
+        raise TypeError("compare: approx must be an operator or a non-empty tuple of operators")
+    for a in approximations:
+        if exact.shape != a.shape:
+            raise ValueError(
+                f"compare: the operators have different shapes, {exact.shape} and {a.shape}"
+            )
+    roots = [None] * len(approximations)
     if damping is not None:
         if not float(damping) > 0:
             raise ValueError(f"compare: damping must be > 0, got {damping!r}")
-        root = approx.damped_power(damping, -0.5)
-        if root is None:
-            raise ValueError(
-                f"compare(damping=...): {approx.name} has no exact inverse square root; "
-                "the conditioning needs an approximation with structure (curvature.kfac, "
-                "curvature.ekfac, curvature.from_diagonal, curvature.from_matrix)"
-            )
+        roots = [_root(a, damping, required=single) for a in approximations]
     kwargs = {} if num_steps is None else {"num_steps": num_steps}
     exact_top = eigsh(exact, k=k, key=jax.random.fold_in(key, 0), **kwargs)
-    approx_top = eigsh(approx, k=k, key=jax.random.fold_in(key, 1), **kwargs)
-    overlap = float(subspace_overlap(exact_top.eigenvectors, approx_top.eigenvectors))
-    difference, reference = frobenius_norm_squared(
-        (exact - approx, exact), num_matvecs=num_matvecs, key=jax.random.fold_in(key, 2)
+    *differences, reference = frobenius_norm_squared(
+        (*(exact - a for a in approximations), exact),
+        num_matvecs=num_matvecs,
+        key=jax.random.fold_in(key, 2),
     )
-    d, d_se = float(difference.value), float(difference.standard_error)
-    a, a_se = float(reference.value), float(reference.standard_error)
+    a = float(reference.value)
     if not a > 0:
         raise ValueError(f"compare: ||exact||_F^2 is estimated at {a:.6g}; nothing to compare to")
-    ratio = max(d, 0.0) / a
-    error = math.sqrt(ratio)
-    # The delta method for sqrt(d / a): (1/2) sqrt(d / a) times the relative errors in
-    # quadrature. At d <= 0 (identical operators: exactly 0 with no spread) it has no first
-    # order; sqrt(d_se / a) bounds the error there.
-    if d > 0:
-        error_se = 0.5 * error * math.hypot(d_se / d, a_se / a)
-    else:
-        error_se = math.sqrt(d_se / a)
-    if root is None:
-        return Comparison(overlap, error, error_se, exact_top, approx_top)
-    shifted = exact + from_diagonal(jnp.full((exact.size,), damping, exact.dtype), like=exact)
+    shifted, reference_ends = None, None
+    if any(root is not None for root in roots):
+        shifted = exact + from_diagonal(jnp.full((exact.size,), damping, exact.dtype), like=exact)
     ends = {"k": 2, "which": "BE", **kwargs}  # the largest and the smallest
-    preconditioned = eigsh(_Congruence(root, shifted), key=jax.random.fold_in(key, 3), **ends)
-    reference = eigsh(shifted, key=jax.random.fold_in(key, 4), **ends)
-    return Comparison(
-        overlap,
-        error,
-        error_se,
-        exact_top,
-        approx_top,
-        _ratio(preconditioned),
-        _ratio(reference),
-        preconditioned,
-        reference,
-    )
+    results = []
+    for approximation, difference, root in zip(approximations, differences, roots, strict=True):
+        approx_top = eigsh(approximation, k=k, key=jax.random.fold_in(key, 1), **kwargs)
+        overlap = float(subspace_overlap(exact_top.eigenvectors, approx_top.eigenvectors))
+        error, error_se = _relative_error(difference, reference)
+        if root is None:
+            results.append(Comparison(overlap, error, error_se, exact_top, approx_top))
+            continue
+        if reference_ends is None:
+            reference_ends = eigsh(shifted, key=jax.random.fold_in(key, 4), **ends)
+        congruence = _Congruence(root, shifted)
+        preconditioned = eigsh(congruence, key=jax.random.fold_in(key, 3), **ends)
+        results.append(
+            Comparison(
+                overlap,
+                error,
+                error_se,
+                exact_top,
+                approx_top,
+                _ratio(preconditioned),
+                _ratio(reference_ends),
+                preconditioned,
+                reference_ends,
+            )
+        )
+    return results[0] if single else tuple(results)

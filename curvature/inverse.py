@@ -4,8 +4,9 @@ Second-order optimisers, Laplace approximations and influence functions apply da
 of a curvature, never the curvature itself. :func:`inverse` returns one as an operator that
 every estimator accepts (the top eigenvalues of ``(G + lambda I)^-1`` are ``1 / (lambda_min +
 lambda)``, say): exactly where the operator's structure allows it
-(:meth:`~curvature.LinearOperator.damped_inverse`: a dense matrix now, K-FAC through its
-factors), otherwise by conjugate gradient, a fixed number of steps at most, one compiled solve a
+(:meth:`~curvature.LinearOperator.damped_inverse`: K-FAC and EK-FAC through their factors'
+eigenbases, a diagonal, low rank plus diagonal by the Woodbury identity, a dense matrix),
+otherwise by conjugate gradient, a fixed number of steps at most, one compiled solve a
 product. :meth:`CGInverse.solve` gives a solve's residual and stop reason.
 """
 
@@ -83,14 +84,17 @@ def inverse(
       tol: CG stops at ``||r|| <= tol ||b||`` (default ``sqrt(eps)`` of the dtype).
 
     Returns ``op.damped_inverse(damping)`` when the operator's structure gives the inverse
-    exactly (a dense matrix: through its eigendecomposition, once), otherwise a
+    exactly (:func:`curvature.kfac` and :func:`curvature.ekfac`: through the factors'
+    eigendecompositions; :func:`curvature.from_diagonal`;
+    :func:`curvature.low_rank_plus_diagonal`: Woodbury; a dense matrix: its eigendecomposition;
+    each once), otherwise a
     :class:`CGInverse`, whose products are CG solves and whose :meth:`CGInverse.solve` reports
     a solve's residual norm, convergence and stop reason. A streamed operator is refused (a
     product would be a host loop of passes inside another product): use
     :func:`curvature.optim.conjugate_gradient` on it.
 
-    Cost: an exact inverse, its construction (``O(n^3)`` for a dense matrix) and then one
-    product's worth a product; by CG, at most ``max_steps`` products with ``op`` a product.
+    Cost: an exact inverse, its construction (``O(n^3)`` for a dense matrix, ``O(rows^3 +
+    fan_out^3)`` per layer for K-FAC) and then about one product's worth a product; by CG, at most ``max_steps`` products with ``op`` a product.
     """
     if not isinstance(op, LinearOperator):
         raise TypeError(f"inverse needs a LinearOperator, got {type(op).__name__}")

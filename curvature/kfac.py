@@ -290,7 +290,8 @@ def _cotangents(out_loss, fisher: str, out, example, samples):
         columns = jnp.diag(root) - probs[:, None] * root[None, :]  # U U^T = diag(p) - p p^T
         return columns.T[:, None], jnp.ones((size,), out.dtype)
     if out_loss.fn == "mse":
-        return jnp.eye(size, dtype=out.dtype).reshape((size, *out.shape)), jnp.ones((size,))
+        eye = jnp.eye(size, dtype=out.dtype).reshape((size, *out.shape))
+        return eye, jnp.ones((size,), out.dtype)
     flat = out.reshape(-1)
     hess = jax.hessian(lambda o: out_loss.value(o.reshape(out.shape), example))(flat)
     values, vectors = jnp.linalg.eigh(_symmetric(hess))

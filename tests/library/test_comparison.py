@@ -94,3 +94,22 @@ def test_the_damped_conditioning_of_the_operator_preconditioned_by_k_fac(x64, ke
     assert bool(np.all(got.preconditioned_ends.converged))
     with pytest.raises(ValueError, match="no exact inverse square root"):
         cv.compare(G, G, k=3, key=key, damping=lam)
+
+
+def test_several_approximations_share_the_exact_runs_and_the_probes(x64, key):
+    params, data, model, loss, _ = make_problem("relu", "cross_entropy")
+    G = cv.gauss_newton(model, params, data, loss="cross_entropy")
+    F = cv.empirical_fisher(loss, params, data)
+    D = cv.from_diagonal(cv.diagonal(G, method="exact").diagonal, like=G)
+    both = cv.compare(G, (F, D), k=2, key=key, num_steps=40, damping=0.05)
+    alone = (
+        cv.compare(G, F, k=2, key=key, num_steps=40),
+        cv.compare(G, D, k=2, key=key, num_steps=40, damping=0.05),
+    )
+    for one, own in zip(both, alone, strict=True):
+        assert one.overlap == pytest.approx(own.overlap, abs=1e-12)
+        assert one.relative_error == pytest.approx(own.relative_error, rel=1e-12)
+        assert one.relative_error_se == pytest.approx(own.relative_error_se, rel=1e-12)
+    assert np.isnan(both[0].condition) and both[0].preconditioned_ends is None  # F: no root
+    assert both[1].condition == pytest.approx(alone[1].condition, rel=1e-12)
+    assert both[1].reference_condition == pytest.approx(alone[1].reference_condition, rel=1e-12)
