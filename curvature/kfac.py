@@ -195,6 +195,12 @@ class KFAC(_PerLayer):
         cost, ``O(rows^3 + fan_out^3)`` per layer, once)."""
         return self.eigen().damped_power(damping, power)
 
+    def eigenvalues(self) -> jax.Array:
+        """All ``n`` eigenvalues, exactly (:meth:`KroneckerEigen.eigenvalues` of :meth:`eigen`):
+        ``jnp.sum(jnp.log(op.eigenvalues() + λ))`` is the exact ``log det(K + λI)`` a Laplace
+        approximation needs."""
+        return self.eigen().eigenvalues()
+
 
 @operator_type
 class KroneckerEigen(_PerLayer):
@@ -231,6 +237,10 @@ class KroneckerEigen(_PerLayer):
             return (qa**2) @ self.values[index] @ (qb**2).T
 
         return self._map(zeros, block, lambda _: self.diagonal)
+
+    def eigenvalues(self) -> jax.Array:
+        """All ``n`` eigenvalues, unsorted: each layer's ``values`` and the diagonal."""
+        return jnp.concatenate([v.reshape(-1) for v in self.values] + [self.diagonal])
 
     def damped_power(self, damping, power: float) -> KroneckerEigen:
         def f(x):

@@ -282,6 +282,8 @@ def test_exact_inverses_powers_and_the_eigenvalue_corrected_variant(x64):
     root = np.asarray(cv.dense(op.damped_power(0.05, -0.5)))
     assert np.allclose(root @ root, np.linalg.inv(K + 0.05 * eye), rtol=1e-9)
     assert np.allclose(np.asarray(inv.host_exact_diagonal()), np.diag(cv.dense(inv)), rtol=1e-10)
+    want = np.linalg.eigvalsh(K)
+    assert np.allclose(np.sort(np.asarray(op.eigenvalues())), want, rtol=1e-9, atol=1e-13)
     # EK-FAC: K-FAC's eigenbasis, eigenvalues the diagonal of the Gauss-Newton block in it.
     ek = cv.ekfac(model, params, data, loss="cross_entropy")
     G = np.asarray(cv.dense(cv.gauss_newton(model, params, data, loss="cross_entropy")))
