@@ -352,10 +352,13 @@ def _chunk_statistics(model, out_loss, params, chunk, spec: _Spec, bases):
             a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
         g = grads[index].reshape(n, weights.shape[1], layer.positions, layer.fan_out)
         if bases is None:
-            first.append(
-                jnp.einsum("npi,npj->ij", a, a, precision=_HIGHEST) / (n * layer.positions)
-            )
-            second.append(jnp.einsum("nkpi,nkpj,nk->ij", g, g, weights, precision=_HIGHEST) / n)
+            # Plain matmuls over all rows: XLA ran the three-operand einsum as a transpose of
+            # every cotangent first, twice as slow (benchmarks/bench_kfac.py).
+            rows = a.reshape(-1, a.shape[-1])
+            first.append(jnp.matmul(rows.T, rows, precision=_HIGHEST) / (n * layer.positions))
+            weighted = (g * weights[:, :, None, None]).reshape(-1, layer.fan_out)
+            flat = g.reshape(-1, layer.fan_out)
+            second.append(jnp.matmul(weighted.T, flat, precision=_HIGHEST) / n)
         else:
             qa, qb = bases[index]
             a = jnp.einsum("npi,ij->npj", a, qa, precision=_HIGHEST)
