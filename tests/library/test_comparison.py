@@ -77,12 +77,16 @@ def test_compare_against_dense_algebra(x64, key):
         cv.compare(H, cv.from_matrix(jnp.eye(3)), k=1, key=key)
 
 
-def test_the_damped_conditioning_of_the_operator_preconditioned_by_k_fac(x64, key):
-    params, data, model, _, _ = make_problem("tanh", "cross_entropy")
+def test_damped_conditioning_and_several_approximations_on_shared_runs(x64, key):
+    """The condition number of G + λI preconditioned by K-FAC against dense algebra; a tuple of
+    approximations gives each the numbers of its own call (one exact eigsh, shared probes);
+    an approximation without an exact inverse root: NaN in a tuple, an error alone."""
+    params, data, model, loss, _ = make_problem("tanh", "cross_entropy")
     G = cv.gauss_newton(model, params, data, loss="cross_entropy")
     K = cv.kfac(model, params, data, loss="cross_entropy")
+    F = cv.empirical_fisher(loss, params, data)
     lam = 1e-2
-    got = cv.compare(G, K, k=3, key=key, num_steps=83, damping=lam)
+    got, fisher = cv.compare(G, (K, F), k=3, key=key, num_steps=83, damping=lam)
     g, k = np.asarray(cv.dense(G)), np.asarray(cv.dense(K))
     eye = np.eye(len(g))
     w, v = np.linalg.eigh(k + lam * eye)
@@ -92,24 +96,10 @@ def test_the_damped_conditioning_of_the_operator_preconditioned_by_k_fac(x64, ke
     assert got.condition == pytest.approx(ends[-1] / ends[0], rel=1e-6)
     assert got.reference_condition == pytest.approx(alone[-1] / alone[0], rel=1e-6)
     assert bool(np.all(got.preconditioned_ends.converged))
+    assert np.isnan(fisher.condition) and fisher.preconditioned_ends is None  # F: no root
+    own = cv.compare(G, F, k=3, key=key, num_steps=83)
+    assert fisher.overlap == pytest.approx(own.overlap, abs=1e-12)
+    assert fisher.relative_error == pytest.approx(own.relative_error, rel=1e-12)
+    assert fisher.relative_error_se == pytest.approx(own.relative_error_se, rel=1e-12)
     with pytest.raises(ValueError, match="no exact inverse square root"):
-        cv.compare(G, G, k=3, key=key, damping=lam)
-
-
-def test_several_approximations_share_the_exact_runs_and_the_probes(x64, key):
-    params, data, model, loss, _ = make_problem("relu", "cross_entropy")
-    G = cv.gauss_newton(model, params, data, loss="cross_entropy")
-    F = cv.empirical_fisher(loss, params, data)
-    D = cv.from_diagonal(cv.diagonal(G, method="exact").diagonal, like=G)
-    both = cv.compare(G, (F, D), k=2, key=key, num_steps=40, damping=0.05)
-    alone = (
-        cv.compare(G, F, k=2, key=key, num_steps=40),
-        cv.compare(G, D, k=2, key=key, num_steps=40, damping=0.05),
-    )
-    for one, own in zip(both, alone, strict=True):
-        assert one.overlap == pytest.approx(own.overlap, abs=1e-12)
-        assert one.relative_error == pytest.approx(own.relative_error, rel=1e-12)
-        assert one.relative_error_se == pytest.approx(own.relative_error_se, rel=1e-12)
-    assert np.isnan(both[0].condition) and both[0].preconditioned_ends is None  # F: no root
-    assert both[1].condition == pytest.approx(alone[1].condition, rel=1e-12)
-    assert both[1].reference_condition == pytest.approx(alone[1].reference_condition, rel=1e-12)
+        cv.compare(G, F, k=3, key=key, damping=lam)
