@@ -2,50 +2,54 @@
 Hessian H and to its Gauss-Newton part G along training (issue 18, item 6).
 
 A ReLU network's residual R = H − G has no same-layer part, a smooth network's has most of it
-within layers; a block-diagonal Gauss-Newton approximation (K-FAC) therefore misses none of a
-ReLU network's same-layer curvature beyond its Kronecker factorisation, and most of a smooth
-one's. At each measured step every approximation Â in ``which`` is compared with H and with G
-by :func:`curvature.compare`: the overlap of the top-``k`` eigenspaces (mean squared cosine of
-the principal angles), the relative Frobenius error ‖A − Â‖F / ‖A‖F with its standard error, and
-against G, for the approximations with an exact inverse square root, the condition number of
-(Â + λI)^-1/2 (G + λI) (Â + λI)^-1/2 (how well Â preconditions G) next to that of G + λI, with
-the damping λ = ``damping`` × λmax(G). H is indefinite: it is compared without damping.
+within layers; a block-diagonal approximation of G (K-FAC) therefore misses none of a ReLU
+network's same-layer curvature beyond its Kronecker factorisation, and R's same-layer part of
+a smooth one's. At each measured step every approximation Â in ``which`` is compared with H
+and with G, with the numbers of :func:`curvature.compare` (its keys, so equal to what
+``compare(A, Â, key=key_for("approximations"), ...)`` returns, up to round-off): the overlap
+of the top-``k`` eigenspaces (mean squared cosine of the principal angles: 1 the same, k/n at
+random), the relative Frobenius error ‖A − Â‖F / ‖A‖F with its standard error, and, for the
+approximations in ``conditioned``, the condition number λmax / λmin of
+(Â + λI)^-1/2 (G + λI) (Â + λI)^-1/2 (how well Â + λI preconditions G + λI; 1 is perfect) next
+to that of G + λI alone, λ = ``damping`` × λmax(G). H is indefinite: no conditioning against
+it. All approximations share the probes and start vectors, and so do members that share a seed.
 
 The approximations (:data:`BUILDERS`, by name: a list to extend):
 
-* ``kfac``: K-FAC of G (Martens & Grosse 2015), :func:`curvature.kfac` with the run's loss and
-  its exact output-loss Hessian; ``kfac_mc``: the same with Monte Carlo targets
-  (``num_samples`` a example); ``ekfac``: K-FAC's eigenbases with refitted eigenvalues
-  (George et al. 2018, :func:`curvature.ekfac`);
-* ``empirical_fisher``: the empirical Fisher F of the measurement set (no damped inverse:
-  its conditioning is not measured);
+* ``kfac``: K-FAC of G (Martens & Grosse 2015), :func:`curvature.kfac` with the run's output
+  loss and its exact Hessian; ``kfac_mc``: with ``num_samples`` Monte Carlo targets per
+  example; ``ekfac``: K-FAC's eigenbases with refitted eigenvalues (George et al. 2018,
+  :func:`curvature.ekfac`);
+* ``empirical_fisher``: the empirical Fisher F = J^T J / N of the measurement set, from its
+  per-example gradients J (N × n floats, formed once a step);
 * ``diagonal_ggn``: the exact diagonal of G;
 * ``second_moment``: the optimizer's second moment ν̂ (bias-corrected for Adam) times the
   training batch size B (the measurement set's size for full-batch training), diag(B ν̂): the
-  running mean of squared minibatch gradients, scaled to one example's, estimates the empirical
-  Fisher's diagonal where the mean gradient is small against its spread. Only for an optimizer
-  with a second moment (Adam, RMSProp) and after step 0 (ν̂ is 0/0 before the first gradient):
-  elsewhere it is left out of the record, not an error. Full-batch training has no minibatch
-  noise: its B ν̂ is a running N g², no curvature estimate (the overlap, which is scale-free,
-  still reads).
+  running mean of squared minibatch gradients scaled to one example's, which estimates the
+  empirical Fisher's diagonal where the mean gradient is small against its spread. Only for an
+  optimizer with a second moment (Adam, RMSProp) and after step 0 (ν̂ is 0/0 before the first
+  gradient); elsewhere it is left out of the record, not an error (a ``which`` of it alone is
+  refused for other optimizers). Full-batch training has no minibatch noise: its B ν̂ is a
+  running N g², no curvature estimate (the overlap, which is scale-free, still reads).
 
-``low_rank_plus_diagonal`` (a top-eigenspace plus a diagonal) is not in the library yet.
+``low_rank_plus_diagonal`` (a top eigenspace plus a diagonal) is not in the library yet.
 
-K-FAC needs the model's dense layers, which :func:`curvature.kfac` finds in its computation;
-a run that shares one compiled program among its activations picks the activation with a
-``lax.switch``, inside which they are not found, so K-FAC sees the member's activation alone
-(the same network: the switch only selects it). Every comparison shares one key
-(``key_for("approximations")``): the approximations are measured on the same probes and start
-vectors, members that share a seed share them too, and each number equals what
-``curvature.compare(A, Â, key=that key, ...)`` returns.
+K-FAC needs the model's dense layers, which :func:`curvature.kfac` finds in its computation. A
+run that shares one compiled program among its activations picks the activation with a
+``lax.switch``, inside which they are not found: K-FAC sees the member's activation alone (the
+same network, the branch the switch takes). The approximations with an eigendecomposition by
+structure (Kronecker eigenbases, diagonals) give their top eigenpairs exactly; the empirical
+Fisher's come from Lanczos.
 
-Cost per step: building the approximations (K-FAC: one forward and K backward passes per
-example, K = outputs; EK-FAC twice that; the Monte Carlo K-FAC ``num_samples`` backward passes;
-G's diagonal ``K`` backward passes), then per approximation ``2 (num_steps + k + check_steps)
-+ num_matvecs`` products with H, ``num_matvecs + 3 (num_steps + check_steps) + ...`` with G for
-the damped comparison, and as many cheap products with Â: about 3 s for the six approximations
-on the 3,466 parameters and 1,348 digits of ``configs/approximations.py`` on one CPU core
-(compiled programs shared by all members of a run).
+Cost per step: building the approximations (K-FAC: a forward and, per output, a backward pass
+per example; EK-FAC twice that; G's diagonal as many; the empirical Fisher one gradient per
+example), two Lanczos runs of H and G (``num_steps + k + check_steps`` matvecs each),
+``num_matvecs`` products of H and G on the shared probes, and for the conditioning one Lanczos
+run of G per approximation in ``conditioned`` plus one (``2 condition_steps + 2`` matvecs
+each). The approximations' own products cost no pass over the data. About 4 s a step with the
+defaults on the 3,466 parameters and 1,348 digits of ``configs/approximations.py`` (6 s with
+its 100 probes and two conditionings), on one core of a shared 2-core CPU; the compiled
+programs serve every member of a run.
 """
 
 from __future__ import annotations
@@ -304,16 +308,15 @@ def _finite_top(result: cv.EigshResult, what: str) -> cv.EigshResult:
 
 def approximations(ctx: Context) -> Approximations | None:
     """Each approximation in ``which`` (K-FAC, its Monte Carlo and eigenvalue-corrected forms,
-    the empirical Fisher, G's diagonal, the optimizer's second moment) against H and G, the
-    numbers of ``curvature.compare(A, Â, key=key_for("approximations"))``: overlap of the
-    top-k eigenspaces, relative Frobenius error ± SE, and against G the condition number of
-    G + λI preconditioned by Â + λI (λ = damping × λmax(G)). Every approximation on the same
-    start vectors and probes. Cost: the approximations' construction (K-FAC: a forward and
-    K backward passes a example, K the outputs; the empirical Fisher: N x n floats of
-    per-example gradients), two Lanczos runs of H and G (num_steps + k + check_steps matvecs
-    each), num_matvecs of each on the shared probes, and for the conditioning two Lanczos runs of
-    G per damped approximation, plus one; about 2 s a step for the six on the study's
-    3,466-parameter MLP and 1,348 digits, on one CPU core."""
+    the empirical Fisher, G's diagonal, the optimizer's second moment) against H and G, with
+    ``curvature.compare``'s numbers (its keys, from ``key_for("approximations")``): the
+    overlap of the top-k eigenspaces, the relative Frobenius error ± SE, and for those in
+    ``conditioned`` the condition number of G + λI preconditioned by Â + λI, λ = damping ×
+    λmax(G). Every approximation on the same start vectors and probes. ``None`` when none
+    exists at this step (only ``second_moment`` asked for, at step 0).
+    Cost: the approximations' construction, two Lanczos runs (H, G), num_matvecs products of
+    each, and 2 condition_steps products of G per conditioned approximation, plus as many once;
+    about 4 s a step with the defaults on the study's 3,466-parameter MLP and 1,348 digits."""
     s = ctx.settings
     ops = {name: BUILDERS[name](ctx) for name in s.which}
     ops = {name: op for name, op in ops.items() if op is not None}
