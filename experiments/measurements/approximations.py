@@ -66,7 +66,7 @@ from jax.flatten_util import ravel_pytree
 import curvature as cv
 from experiments import models
 from experiments.figures import approximations as figure
-from experiments.measurements.base import Context, Measurement, steps_check
+from experiments.measurements.base import Context, Measurement, at_least, steps_check
 from experiments.optimizers import OPTIMIZERS
 from experiments.record import Eigenvalues, Estimate
 from experiments.table import Column
@@ -76,10 +76,9 @@ from experiments.table import Column
 class Match:
     """An approximation Â against a reference A (``curvature.compare``): ``overlap`` of their
     top-k eigenspaces (1 the same, k/n at random), ``relative_error`` ‖A − Â‖F / ‖A‖F with its
-    standard error; against G with a damping λ, ``condition`` = λmax / λmin of
-    (Â + λI)^-1/2 (G + λI) (Â + λI)^-1/2 (1: a perfect preconditioner) and ``ends``, those two
-    eigenvalues with their convergence (``None`` against H, or for an Â without an exact
-    inverse square root)."""
+    standard error; against G, for an approximation in ``conditioned``, ``condition`` = λmax /
+    λmin of (Â + λI)^-1/2 (G + λI) (Â + λI)^-1/2 (1: a perfect preconditioner) and ``ends``,
+    those two eigenvalues with their residuals and convergence (else ``None``)."""
 
     overlap: float
     relative_error: Estimate
@@ -108,7 +107,7 @@ class Approximations:
     hessian: Eigenvalues
     gauss_newton: Eigenvalues
     damping: float
-    reference_condition: float | None  # None: no approximation with a damped inverse
+    reference_condition: float | None  # None: none conditioned
     reference_ends: Eigenvalues | None
     approximations: dict[str, Approximation]
 
@@ -432,16 +431,15 @@ def _check(settings, info):
             )
         if name not in which:
             return f"conditioned: {name!r} is not among which={tuple(which)}"
-    message = steps_check()(settings, info) or steps_check(k_key=None, steps_key="condition_steps")(
-        settings, info
-    )
-    if message:
-        return message
-    for key in ("num_matvecs", "num_samples"):
-        value = settings[key]
-        minimum = 2 if key == "num_matvecs" else 1  # a standard error needs two probes
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            return f"{key}={value!r} must be an integer >= {minimum}"
+    for check in (
+        steps_check(),
+        steps_check(k_key=None, steps_key="condition_steps"),
+        at_least(2, "num_matvecs"),  # a standard error needs two probes
+        at_least(1, "num_samples"),
+    ):
+        message = check(settings, info)
+        if message:
+            return message
     damping = settings.damping
     if not isinstance(damping, int | float) or isinstance(damping, bool) or not damping > 0:
         return f"damping={damping!r} must be a number > 0 (relative to λmax(G))"
