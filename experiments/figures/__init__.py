@@ -14,6 +14,8 @@
 * :mod:`~experiments.figures.optim`: optimizers compared (``optimizers``, and the cost table);
 * :mod:`~experiments.figures.preconditioner`: the second moment against the curvature
   (``preconditioner``);
+* :mod:`~experiments.figures.approximations`: K-FAC and other approximations against H and G
+  (``approximations``);
 * :mod:`~experiments.figures.study`: any measurement against a swept value, seeds as error bars
   (``plot --against``; drawn on request, not with the report).
 

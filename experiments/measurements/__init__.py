@@ -12,7 +12,9 @@ A built-in measurement is one module here, listed in :data:`BUILTINS`:
   :mod:`~experiments.measurements.diagonal`, :mod:`~experiments.measurements.optimizer_state`,
   :mod:`~experiments.measurements.gradient_noise`, :mod:`~experiments.measurements.fisher`,
   :mod:`~experiments.measurements.blocks` (by layer),
-  :mod:`~experiments.measurements.preconditioner` (the second moment against the curvature);
+  :mod:`~experiments.measurements.preconditioner` (the second moment against the curvature),
+  :mod:`~experiments.measurements.approximations` (K-FAC, the Fishers, diagonals against H
+  and G);
 * :mod:`~experiments.measurements.base`: the declaration, the :class:`Context` a measurement
   sees, and shared helpers. The estimators are the library's public ones (shared probes:
   ``curvature.trace((H, G, H - G), ...)``, ``frobenius_norm_squared``, ``hutchinson``,
@@ -30,6 +32,7 @@ from collections.abc import Callable
 
 from experiments.errors import ConfigError
 from experiments.measurements import (
+    approximations,
     blocks,
     density,
     diagonal,
@@ -59,6 +62,7 @@ BUILTINS: tuple[Measurement, ...] = (
     fisher.FISHER,
     blocks.BLOCKS,
     preconditioner.PRECONDITIONER,
+    approximations.APPROXIMATIONS,
 )
 """The built-in measurement declarations (one module of ``experiments/measurements/`` each),
 registered in :data:`MEASUREMENTS` at import."""
