@@ -61,6 +61,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import curvature as cv
@@ -131,7 +132,12 @@ def _member_model(ctx: Context) -> Callable:
     shape = tuple(ctx.data["x"].shape[1:])
     found = (cfg.model.to_json_best_effort(), tuple(cfg.activations), shape, outputs)
     if found not in _MODELS:
-        graphdef, _, rest = models.build(cfg.model, tuple(cfg.activations), shape, outputs, 0)
+        build = models.MODELS.get(cfg.model.kind)
+        # Its structure alone (nnx.eval_shape: no parameters drawn): they are the member's.
+        module = nnx.eval_shape(
+            lambda: build(cfg.model, tuple(cfg.activations), shape, outputs, nnx.Rngs(params=0))
+        )
+        graphdef, _, rest = nnx.split(module, nnx.Param, ...)
         rest = jax.tree_util.tree_structure(rest)
         _MODELS[found] = models.pure_functions(graphdef, rest, cfg.train.loss)[0]
     return _MODELS[found]
