@@ -64,8 +64,11 @@ class DenseLayer:
     fan_out: int
     positions: int
     shape: tuple[int, ...] = dataclasses.field(repr=False)  # s for a batch of one example
-    dot: tuple[int, ...] = dataclasses.field(repr=False)  # path of the dot_general equation
-    output: tuple[int, ...] = dataclasses.field(repr=False)  # the equation giving s
+    # Where the layer sits in the model's jaxpr (the paths of its dot_general and of the
+    # equation giving s): not compared, so that K-FAC operators of models that differ only
+    # elsewhere (another activation) share compiled programs.
+    dot: tuple[int, ...] = dataclasses.field(repr=False, compare=False)
+    output: tuple[int, ...] = dataclasses.field(repr=False, compare=False)
 
     @property
     def rows(self) -> int:

@@ -41,6 +41,10 @@ RESUMABLE_CHANGES = ("measure.batch_size", "measure.devices", "workers", "share_
 
 MOVED_KEYS = measure.MOVED_KEYS  # keys of release 0.1 and where they went: errors only
 
+# Measurements added after the fingerprints of record format 2: their sections, unplanned and at
+# their defaults, are not part of a member's fingerprint (see drop_resumable).
+ADDED_MEASUREMENTS = ("approximations",)
+
 # Deprecated keys and their new names: ``{"measure.trace.matvecs": "measure.trace.num_matvecs"}``.
 RENAMED_KEYS = {
     f"measure.{m.name}.{old}": f"measure.{m.name}.{new}"
@@ -118,6 +122,16 @@ def drop_resumable(resolved: dict) -> dict:
         at_defaults = json.loads(json.dumps(entry.defaults))
         if entry.section and out.get("train", {}).get(entry.section) == at_defaults:
             out["train"].pop(entry.section)
+    # A measurement added since the record format's fingerprints, unplanned and at its
+    # defaults, is left out too: run directories from before it existed keep their fingerprints.
+    measure_section = out.get("measure", {})
+    planned = set(measure_section.get("quantities", ()))
+    for entry in BUILTINS:
+        if entry.name not in ADDED_MEASUREMENTS or entry.name in planned:
+            continue
+        at_defaults = json.loads(json.dumps({**measure.SCHEDULE_KEYS, **entry.defaults}))
+        if measure_section.get(entry.name) == at_defaults:
+            measure_section.pop(entry.name)
     return out
 
 
