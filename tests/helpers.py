@@ -75,7 +75,17 @@ def _make_problem(activation, loss_name, num_examples, sizes, seed, dtype):
 
 def dense_hessian(loss, params, data):
     flat, unravel = ravel_pytree(params)
-    return jax.jit(jax.hessian(lambda w, d: loss(unravel(w), d)))(flat, data)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    layout = (loss, treedef, tuple((x.shape, jnp.result_type(x)) for x in leaves))
+    if layout not in _HESSIAN_PROGRAMS:
+        # ``unravel`` depends on the layout alone: the first one serves every later call.
+        _HESSIAN_PROGRAMS[layout] = jax.jit(jax.hessian(lambda w, d: loss(unravel(w), d)))
+    return _HESSIAN_PROGRAMS[layout](flat, data)
+
+
+#: One jitted ``jax.hessian`` per loss and parameter layout, so that the tests of a module
+#: compile each dense reference once (a fresh lambda on every call compiled it again).
+_HESSIAN_PROGRAMS = {}
 
 
 def sym_eigh(matrix):
