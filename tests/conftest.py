@@ -11,6 +11,31 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, with the test modules that read the smoke run in one unit: the run
+    is made once per test process (``workbench_helpers.smoke_run``, about 17 s of CPU), and with
+    a file per unit the two processes each made it. The unit, having many tests, starts early."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    shared = {}  # test file -> whether it reads the smoke run
+
+    def reads_the_smoke_run(path):
+        if path not in shared:
+            file = config.rootpath / path
+            shared[path] = file.suffix == ".py" and "run_smoke_once(" in file.read_text()
+        return shared[path]
+
+    class SmokeRunTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            path = super()._split_scope(nodeid)
+            return "the smoke run's readers" if reads_the_smoke_run(path) else path
+
+    return SmokeRunTogether(config, log)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_programs():
     """Free every compiled program after each test module. Each XLA:CPU executable holds memory

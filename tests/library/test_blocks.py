@@ -35,14 +35,15 @@ def test_every_block_equals_the_dense_submatrix(x64, activation):
     assert list(groups) == ["0", "1", "2"]  # three layers, weight and bias each
     # Every block of H, G and R for ReLU; for tanh, R's same-layer diagonals below (the blocks
     # are the same code).
+    R = np.asarray(cv.dense(ops["R"]), np.float64)
     for name, op in ops.items() if activation == "relu" else []:
-        full = np.asarray(cv.dense(op), np.float64)
+        full = R if name == "R" else np.asarray(cv.dense(op), np.float64)
         total = 0.0
         for rows in groups.values():
             r = index_of(params, rows)
-            block = cv.restrict(op, rows)
-            assert np.allclose(np.asarray(cv.dense(block)), full[np.ix_(r, r)], atol=1e-12), name
-            total += np.trace(np.asarray(cv.dense(block)))
+            block = np.asarray(cv.dense(cv.restrict(op, rows)))
+            assert np.allclose(block, full[np.ix_(r, r)], atol=1e-12), name
+            total += np.trace(block)
             for cols in groups.values() if name == "R" else ():  # off-diagonal: R's suffice
                 c = index_of(params, cols)
                 if cols != rows:
@@ -54,7 +55,6 @@ def test_every_block_equals_the_dense_submatrix(x64, activation):
     # ReLU: the residual's same-layer blocks have a zero diagonal (so a zero trace) while its
     # cross-layer blocks do not vanish; tanh adds same-layer terms in the hidden layers. The
     # read-out layer enters linearly: a zero diagonal for both.
-    R = np.asarray(cv.dense(ops["R"]), np.float64)
     for name, rows in groups.items():
         r = index_of(params, rows)
         same = np.max(np.abs(np.diag(R[np.ix_(r, r)])))
