@@ -16,10 +16,12 @@ data that do not fit in memory (:mod:`curvature.streaming`). Plotting helpers li
 
 from curvature._closures import Closure as Closure
 from curvature._closures import closure as closure
+from curvature.blocks import BlockEigenvalues as BlockEigenvalues
 from curvature.blocks import BlockOperator as BlockOperator
 from curvature.blocks import BlockSummary as BlockSummary
 from curvature.blocks import Restricted as Restricted
 from curvature.blocks import block_densities as block_densities
+from curvature.blocks import block_eigenvalues as block_eigenvalues
 from curvature.blocks import block_summary as block_summary
 from curvature.blocks import layer_groups as layer_groups
 from curvature.blocks import restrict as restrict
@@ -91,6 +93,7 @@ from curvature.streaming import batches as batches
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockEigenvalues",
     "BlockOperator",
     "BlockSummary",
     "CGInverse",
@@ -127,6 +130,7 @@ __all__ = [
     "TraceResult",
     "batches",
     "block_densities",
+    "block_eigenvalues",
     "block_summary",
     "closure",
     "compare",

@@ -13,7 +13,8 @@ every block of a partition (per layer, by default).
   of the block, each with its standard error, from the same probes (a probe on group ``j`` yields
   every block of column ``j`` at once and group ``j``'s trace), all groups in one compiled
   program; and per group the top eigenvalue (Lanczos). For several operators on shared probes.
-* :func:`block_densities`: the spectral density (SLQ) of every diagonal block.
+* :func:`block_densities`: the spectral density (SLQ) of every diagonal block;
+  :func:`block_eigenvalues`: the top ``k`` eigenvalues of every diagonal block, with residuals.
 * :func:`layer_groups`: the default partition, one group per layer of the parameter pytree.
 """
 
@@ -54,10 +55,12 @@ from curvature.linear_operator import (
 from curvature.stochastic_trace import probe_rows
 
 __all__ = [
+    "BlockEigenvalues",
     "BlockOperator",
     "BlockSummary",
     "Restricted",
     "block_densities",
+    "block_eigenvalues",
     "block_summary",
     "layer_groups",
     "restrict",
@@ -383,12 +386,11 @@ def _group_index(layout: Layout, masks: dict) -> tuple[np.ndarray, np.ndarray, n
 
 
 @functools.cache
-def _block_top_program(num_groups: int, rows: int, check_rows: int) -> _driver.Program:
-    """The top eigenvalue of every diagonal block (Lanczos with its rank check, as
-    :func:`curvature.eigsh` with ``k=1``), all in one program: block ``g`` is the operator masked
-    to the group's entries on full-length vectors; ``num_steps`` and ``check_steps`` per group
-    are traced."""
-    size = 1
+def _block_top_program(num_groups: int, rows: int, check_rows: int, size: int) -> _driver.Program:
+    """The top ``k`` eigenvalues of every diagonal block (Lanczos with its rank check, as
+    :func:`curvature.eigsh` with ``which="LA"``), all in one program: block ``g`` is the operator
+    masked to the group's entries on full-length vectors; ``num_steps``, ``check_steps`` and
+    ``k`` (at most ``size``) per group are traced."""
     steps = eigsh_steps(rows, size, check_rows, True, None)
 
     def begin(base, g, n, dtype):
@@ -397,25 +399,26 @@ def _block_top_program(num_groups: int, rows: int, check_rows: int) -> _driver.P
         settings = {
             "tol": base["tol"],
             "num_steps": base["group_steps"][g],
-            "k": jnp.asarray(1, jnp.int32),
+            "k": base["group_k"][g],
             "which": jnp.asarray(0, jnp.int32),
             "check_steps": base["group_checks"][g],
         }
         eig = eigsh_state(key, n, dtype, rows, size, check_rows, settings, mask, base["rank"])
         return {**base, "eig": eig}
 
-    def init(specs, key, tol, group_steps, group_checks, entry_group, rank):
+    def init(specs, key, tol, group_steps, group_checks, group_k, entry_group, rank):
         n, dtype = specs[0].size, specs[0].dtype
         base = {
             "key0": key,
             "tol": tol,
             "group_steps": group_steps,
             "group_checks": group_checks,
+            "group_k": group_k,
             "entry_group": entry_group,
             "rank": rank,
-            "top": jnp.zeros((num_groups,), dtype),
-            "residual": jnp.zeros((num_groups,), dtype),
-            "converged": jnp.zeros((num_groups,), bool),
+            "top": jnp.zeros((num_groups, size), dtype),
+            "residual": jnp.zeros((num_groups, size), dtype),
+            "converged": jnp.zeros((num_groups, size), bool),
         }
         return begin(base, 0, n, dtype)
 
@@ -427,9 +430,9 @@ def _block_top_program(num_groups: int, rows: int, check_rows: int) -> _driver.P
         result = eigsh_result(state["eig"], size, check_rows)
         return {
             **state,
-            "top": state["top"].at[g].set(result.eigenvalues[0]),
-            "residual": state["residual"].at[g].set(result.residual_norms[0]),
-            "converged": state["converged"].at[g].set(result.converged[0]),
+            "top": state["top"].at[g].set(result.eigenvalues),
+            "residual": state["residual"].at[g].set(result.residual_norms),
+            "converged": state["converged"].at[g].set(result.converged),
         }
 
     def focused(node):
@@ -597,7 +600,12 @@ def block_summary(
         top, residual = np.full(len(names), np.nan), np.full(len(names), np.nan)
         converged = np.zeros(len(names), bool)
         if num_steps:
-            top, residual, converged = _block_tops(recipe_op, key, num_steps, entry_group, rank)
+            top, residual, converged = (
+                column[:, 0]
+                for column in _block_tops(
+                    recipe_op, key, num_steps, entry_group, rank, np.asarray(sizes)
+                )
+            )
         out.append(
             BlockSummary(
                 names,
@@ -614,18 +622,20 @@ def block_summary(
     return out[0] if single else tuple(out)
 
 
-def _block_tops(op, key, num_steps: int, entry_group, rank):
-    """The top eigenvalue of every diagonal block (``entry_group``'s groups), with its residual
-    and whether it is certified: one compiled program for all of them."""
-    sizes = np.bincount(entry_group)
-    steps = np.minimum(num_steps, sizes)
+def _block_tops(op, key, num_steps, entry_group, rank, sizes, k=1, what="block_summary"):
+    """The top ``k`` eigenvalues of every diagonal block (``entry_group``'s groups; at most the
+    block's size), each with its residual and whether it is certified: one compiled program for
+    all of them. Arrays ``(groups, k)``; NaN (and not converged) past a block's size."""
+    group_k = np.minimum(k, sizes)
+    steps = np.maximum(np.minimum(num_steps, sizes), group_k)
     # The rank check as eigsh's default: as many steps again, none for a block spanned already.
     checks = np.where(steps == sizes, 0, np.minimum(steps, sizes - 1))
     rows = bucket(int(steps.max()), op.size)
     check_rows = bucket(int(checks.max()), op.size) if checks.max() > 0 else 0
-    check_basis_memory(op, rows + check_rows, "block_summary")
+    check_basis_memory(op, rows + check_rows, what)
     tol = float(jnp.finfo(op.dtype).eps) ** 0.5
-    program = _block_top_program(len(sizes), rows, check_rows)
+    size = min(max(8, 1 << (k - 1).bit_length()), rows)  # as eigsh: one program per bucket
+    program = _block_top_program(len(sizes), rows, check_rows, size)
     top, residual, converged = _driver.run(
         program,
         (op,),
@@ -633,10 +643,62 @@ def _block_tops(op, key, num_steps: int, entry_group, rank):
         jnp.asarray(tol, op.dtype),
         jnp.asarray(steps, jnp.int32),
         jnp.asarray(checks, jnp.int32),
+        jnp.asarray(group_k, jnp.int32),
         jnp.asarray(entry_group),
         jnp.asarray(rank),
     )
-    top = np.asarray(top, np.float64)
-    if not np.all(np.isfinite(top)):
-        raise FloatingPointError("block_summary: a top eigenvalue is NaN or inf")
-    return top, np.asarray(residual, np.float64), np.asarray(converged)
+    valid = np.arange(k)[None, :] < group_k[:, None]
+
+    def columns(values, fill):  # (groups, size) -> (groups, k): size may be below k (small blocks)
+        values = np.asarray(values)[:, :k]
+        pad = np.full((len(group_k), k - values.shape[1]), fill, values.dtype)
+        return np.where(valid, np.concatenate([values, pad], axis=1), fill)
+
+    top = columns(np.asarray(top, np.float64), np.nan)
+    if not np.all(np.isfinite(top[valid])):
+        raise FloatingPointError(f"{what}: a top eigenvalue is NaN or inf")
+    return top, columns(np.asarray(residual, np.float64), np.nan), columns(converged, False)
+
+
+class BlockEigenvalues(NamedTuple):
+    """The top eigenvalues of every diagonal block of a partition: per group ``g`` (``names``,
+    ``sizes[g]`` parameters) ``eigenvalues[g]`` (descending), ``residual_norms[g]`` and
+    ``converged[g]`` as :class:`~curvature.EigshResult` defines them; rows are NaN (not
+    converged) past a block's size."""
+
+    names: tuple[str, ...]
+    sizes: np.ndarray
+    eigenvalues: np.ndarray
+    residual_norms: np.ndarray
+    converged: np.ndarray
+
+
+def block_eigenvalues(
+    op: LinearOperator,
+    groups: dict[str, Any] | Sequence | None = None,
+    *,
+    k: int = 1,
+    key: jax.Array,
+    num_steps: int = 20,
+    params: PyTree = None,
+) -> BlockEigenvalues:
+    """The ``k`` largest eigenvalues of every diagonal block of ``groups`` (default
+    :func:`layer_groups`; groups need not cover every leaf), each as :func:`curvature.eigsh`
+    with ``which="LA"`` would give it for ``restrict(op, group)``: Lanczos of ``num_steps``
+    steps (at most the block's size, at least ``k``), a rank check of as many steps again, and
+    the residuals ``||A_gg v - lambda v||``.
+
+    All blocks run in one compiled program (each block acts on full-length vectors masked to
+    its entries), compiled once per number of groups whatever the partition, for every ``k`` up
+    to a power of two (at least 8) and every ``num_steps`` in a size bucket. Cost: ``groups × (2 num_steps + k)`` full matvecs;
+    memory: two bases of ``num_steps`` full-length vectors."""
+    require_square(op, "block_eigenvalues")
+    check_key(key)
+    k = positive_int(k, "k")
+    num_steps = positive_int(num_steps, "num_steps")
+    masks = _partition(op, groups, params)
+    entry_group, rank, sizes = _group_index(op.layout, masks)
+    top, residual, converged = _block_tops(
+        op, key, num_steps, entry_group, rank, sizes, k, "block_eigenvalues"
+    )
+    return BlockEigenvalues(tuple(masks), np.asarray(sizes), top, residual, converged)

@@ -225,3 +225,52 @@ def test_same_group_share_against_dense_blocks(x64, key):
         else:
             assert 0.05 < want < 0.95 and se > 0
             assert abs(share - want) <= 4 * se, (share, want, se)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_block_eigenvalues_are_each_blocks_top_eigenvalues(x64, key, activation):
+    # Top 3 of every layer's block of H: the dense blocks' eigenvalues, the Ritz pairs eigsh
+    # finds on each block alone (same key per group). The top 2 of the layers in another order
+    # run the same compiled program; a partition that leaves the last layer out works too.
+    params, ops = operators(activation)
+    H = ops["H"]
+    full = np.asarray(cv.dense(H), np.float64)
+    groups = cv.layer_groups(params)
+    result = cv.block_eigenvalues(H, key=key, k=3, num_steps=40)
+    assert result.names == tuple(groups)
+    before = _driver._run_compiled._cache_size()
+    reordered = dict(reversed(groups.items()))
+    again = cv.block_eigenvalues(H, reordered, key=key, k=2, num_steps=40)
+    assert _driver._run_compiled._cache_size() == before
+    partial = {name: groups[name] for name in list(groups)[:2]}
+    fewer = cv.block_eigenvalues(H, partial, key=key, k=2, num_steps=40)
+    for g, (name, rows) in enumerate(groups.items()):
+        r = index_of(params, rows)
+        want = np.linalg.eigvalsh(full[np.ix_(r, r)])[::-1][:3]
+        assert result.sizes[g] == len(r)
+        assert np.all(result.converged[g])
+        np.testing.assert_allclose(result.eigenvalues[g], want, rtol=1e-6, atol=1e-9)
+        assert np.all(result.residual_norms[g] <= 1e-6 * max(1.0, abs(want[0])))
+        block = cv.restrict(H, rows)
+        alone = cv.eigsh(block, k=3, num_steps=min(40, block.size), key=_top_key(key, g))
+        np.testing.assert_allclose(result.eigenvalues[g], alone.eigenvalues, rtol=1e-9)
+        back = len(groups) - 1 - g
+        np.testing.assert_allclose(again.eigenvalues[back], want[:2], rtol=1e-6, atol=1e-9)
+        if name in partial:
+            np.testing.assert_allclose(fewer.eigenvalues[g], want[:2], rtol=1e-6, atol=1e-9)
+
+
+def test_block_eigenvalues_of_a_block_smaller_than_k(x64, key):
+    # The last layer's bias has 3 entries: k = 5 gives its 3 eigenvalues and two NaN, unconverged.
+    params, ops = operators("tanh")
+    H = ops["H"]
+    leaves = jax.tree_util.tree_leaves(params)
+    mask = [leaf.shape == (3,) for leaf in leaves]
+    assert sum(mask) == 1
+    small = {"bias": lambda path, leaf: leaf.shape == (3,)}
+    result = cv.block_eigenvalues(H, small, key=key, k=5, num_steps=10)
+    r = index_of(params, mask)
+    want = np.linalg.eigvalsh(np.asarray(cv.dense(H), np.float64)[np.ix_(r, r)])[::-1]
+    np.testing.assert_allclose(result.eigenvalues[0, : len(r)], want, rtol=1e-6, atol=1e-9)
+    assert np.all(np.isnan(result.eigenvalues[0, len(r) :]))
+    assert not np.any(result.converged[0, len(r) :])
