@@ -98,8 +98,12 @@ def check(config) -> None:
     require(
         d.num_train >= 0 and d.num_test >= 0, "data.num_train/num_test", "must be >= 0 (0: all)"
     )
-    require(d.context >= 1, "data.context", f"must be >= 1 (tokens per sequence), got {d.context}")
+    _check_context(d)
     _check_modular(d)
+
+
+def _check_context(d) -> None:
+    require(d.context >= 1, "data.context", f"must be >= 1 (tokens per sequence), got {d.context}")
 
 
 def _check_modular(d) -> None:
@@ -422,6 +426,7 @@ def _stream_windows(stream: np.ndarray, cfg, where: str):
     than a window is dropped): ``x = window[:-1]``, ``y = window[1:]``. The last
     ``data.test_fraction`` of the windows are the test split, contiguous, so the test text never
     overlaps the training text (``data.split_seed`` plays no part)."""
+    _check_context(cfg)
     size = cfg.context + 1
     count = len(stream) // size
     if count < 1:
