@@ -101,7 +101,9 @@ def test_new_keys_are_checked_by_name():
     checked()  # the defaults pass
     with pytest.raises(ConfigError, match=r"config key data.context: must be >= 1"):
         checked(context=0)
-    with pytest.raises(ConfigError, match=r"config key data.context: must be >= 1, got 0"):
+    with pytest.raises(
+        ConfigError, match=r"data.context: must be >= 1 \(tokens per sequence\), got 0"
+    ):
         data_lib.load(data_cfg(source="characters", context=0))
     with pytest.raises(ConfigError, match=r"config key data.modulus: must be >= 2, got 1"):
         checked(modulus=1)
