@@ -67,11 +67,13 @@ class Setup:
 
 
 def device_data(dataset, dtype) -> dict:
-    """The dataset's arrays on the device in ``dtype``, made once and shared by members."""
+    """The dataset's arrays on the device, made once and shared by members: inputs in
+    ``dtype``, except token ids (``dataset.is_tokens``), which stay int32."""
+    x_dtype = jnp.int32 if dataset.is_tokens else dtype
     return {
-        "x_train": jnp.asarray(dataset.x_train, dtype),
+        "x_train": jnp.asarray(dataset.x_train, x_dtype),
         "y_train": jnp.asarray(dataset.y_train),
-        "x_test": jnp.asarray(dataset.x_test, dtype),
+        "x_test": jnp.asarray(dataset.x_test, x_dtype),
         "y_test": jnp.asarray(dataset.y_test),
     }
 
