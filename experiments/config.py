@@ -43,7 +43,22 @@ MOVED_KEYS = measure.MOVED_KEYS  # keys of release 0.1 and where they went: erro
 
 # Measurements added after the fingerprints of record format 2: their sections, unplanned and at
 # their defaults, are not part of a member's fingerprint (see drop_resumable).
-ADDED_MEASUREMENTS = ("approximations",)
+ADDED_MEASUREMENTS = ("approximations", "block_spectra", "gradient_overlap", "landscape")
+
+# Keys added after the fingerprints of record format 2 (the sequence data and the transformer):
+# at their defaults they are not part of a member's fingerprint, so run directories from before
+# them keep theirs. Their defaults are read from the sections that own them.
+ADDED_KEYS = (
+    "data.context",
+    "data.modulus",
+    "data.operation",
+    "model.heads",
+    "model.mlp_ratio",
+    "model.context",
+    "model.pre_norm",
+    "model.readout",
+    "model.norm",
+)
 
 # Deprecated keys and their new names: ``{"measure.trace.matvecs": "measure.trace.num_matvecs"}``.
 RENAMED_KEYS = {
@@ -124,6 +139,12 @@ def drop_resumable(resolved: dict) -> dict:
             out["train"].pop(entry.section)
     # A measurement added since the record format's fingerprints, unplanned and at its
     # defaults, is left out too: run directories from before it existed keep their fingerprints.
+    defaults = {"data": data_lib.section(), "model": models.section()}
+    for path in ADDED_KEYS:
+        section, leaf = path.split(".")
+        node = out.get(section, {})
+        if leaf in node and node[leaf] == json.loads(json.dumps(defaults[section][leaf])):
+            node.pop(leaf)
     measure_section = out.get("measure", {})
     planned = set(measure_section.get("quantities", ()))
     for entry in BUILTINS:

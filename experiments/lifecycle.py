@@ -292,7 +292,7 @@ class _Training:
         optimizer = train.make_optimizer(config.train)
         self.init = {"params": s.init_params, "opt_state": optimizer.init(s.init_params)}
         self.run_train = train.trainer(s.loss, config.train, len(s.y_train), s.model)
-        self.dtype = s.x_train.dtype
+        self.dtype = jnp.dtype(config.dtype)  # the parameters' (token inputs are integers)
         names = list(train.new_log(config.train, self.dtype, self.init["opt_state"]))
         self.log = training_log.TrainingLog.load(
             folder.training, names, config.train.steps, member_fingerprint

@@ -285,8 +285,9 @@ def _warm_up(plan: Plan, workers: int) -> None:
         zero = jax.numpy.asarray(0)
         key = jax.random.key(0)
         index = jax.numpy.asarray(setup.index, jax.numpy.int32)
-        limit = jax.numpy.asarray(np.inf, setup.x_train.dtype)
-        log = train.new_log(config.train, setup.x_train.dtype, state)
+        dtype = jax.numpy.dtype(config.dtype)  # the parameters' (token inputs are integers)
+        limit = jax.numpy.asarray(np.inf, dtype)
+        log = train.new_log(config.train, dtype, state)
         args = (setup.x_train, setup.y_train, key, index, limit, log)
         jax.block_until_ready(run_train(setup.init_params, state, zero, zero, *args))
 

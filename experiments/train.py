@@ -233,7 +233,7 @@ def _train(
         return params, opt_state, step, reason, loss, order, log
 
     order = epoch_order(start, key) if not full_batch else jnp.zeros((), jnp.int32)
-    init = (params, opt_state, start, jnp.asarray(OK), jnp.asarray(0.0, x.dtype), order, log)
+    init = (params, opt_state, start, jnp.asarray(OK), jnp.asarray(0.0, limit.dtype), order, log)
     params, opt_state, step, reason, loss, _, log = jax.lax.while_loop(cond, body, init)
     return params, opt_state, step, reason, loss, log
 

@@ -14,7 +14,9 @@ A built-in measurement is one module here, listed in :data:`BUILTINS`:
   :mod:`~experiments.measurements.blocks` (by layer),
   :mod:`~experiments.measurements.preconditioner` (the second moment against the curvature),
   :mod:`~experiments.measurements.approximations` (K-FAC, the Fishers, diagonals against H
-  and G);
+  and G), :mod:`~experiments.measurements.block_spectra` (per-block spectra and their
+  heterogeneity), :mod:`~experiments.measurements.gradient_overlap` (the gradient in the top-k
+  eigenspace), :mod:`~experiments.measurements.landscape` (the loss along directions);
 * :mod:`~experiments.measurements.base`: the declaration, the :class:`Context` a measurement
   sees, and shared helpers. The estimators are the library's public ones (shared probes:
   ``curvature.trace((H, G, H - G), ...)``, ``frobenius_norm_squared``, ``hutchinson``,
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from experiments.errors import ConfigError
 from experiments.measurements import (
     approximations,
+    block_spectra,
     blocks,
     density,
     diagonal,
@@ -40,6 +43,8 @@ from experiments.measurements import (
     fisher,
     frobenius,
     gradient_noise,
+    gradient_overlap,
+    landscape,
     optimizer_state,
     preconditioner,
     traces,
@@ -63,6 +68,9 @@ BUILTINS: tuple[Measurement, ...] = (
     blocks.BLOCKS,
     preconditioner.PRECONDITIONER,
     approximations.APPROXIMATIONS,
+    block_spectra.BLOCK_SPECTRA,
+    gradient_overlap.GRADIENT_OVERLAP,
+    landscape.LANDSCAPE,
 )
 """The built-in measurement declarations (one module of ``experiments/measurements/`` each),
 registered in :data:`MEASUREMENTS` at import."""
