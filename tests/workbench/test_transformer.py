@@ -106,6 +106,7 @@ def test_hessian_blocks_equal_the_dense_hessians_blocks(x64, activation):
 @pytest.mark.parametrize("pre_norm", [True, False])
 def test_causal_and_the_last_readout_is_the_last_position(x64, pre_norm):
     model, _, params = transformer(pre_norm=pre_norm)
+    model = jax.jit(model)  # one program for the forward passes below
     data = batch(1)
     logits = model(params, data)
     assert logits.shape == (BATCH, T, VOCAB)
@@ -209,3 +210,22 @@ def test_cnn_norms_are_blocks_of_their_own_and_none_is_the_old_cnn():
         normed,
     )
     assert np.allclose(model(scaled, batch_), out, rtol=1e-4, atol=1e-5)
+
+
+def test_the_workbench_losses_average_over_every_token():
+    logits = jax.random.normal(jax.random.key(3), (BATCH, T, VOCAB))
+    y = jax.random.randint(jax.random.key(4), (BATCH, T), 0, VOCAB)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    tokens = -np.take_along_axis(np.asarray(logp), np.asarray(y)[..., None], -1)
+    ce, mse = (models.LOSSES.get(n).value for n in ("cross_entropy", "mse"))
+    assert float(ce(logits, {"y": y})) == pytest.approx(float(np.mean(tokens)), rel=1e-6)
+    # Per example, the mean of its per-token losses; then the mean over examples: the same.
+    per_example = [float(ce(logits[i : i + 1], {"y": y[i : i + 1]})) for i in range(BATCH)]
+    assert float(ce(logits, {"y": y})) == pytest.approx(np.mean(per_example), rel=1e-6)
+    sq = np.sum((np.asarray(logits) - np.eye(VOCAB)[np.asarray(y)]) ** 2, axis=-1)
+    assert float(mse(logits, {"y": y})) == pytest.approx(0.5 * float(np.mean(sq)), rel=1e-6)
+    for loss in (ce, mse):
+        with pytest.raises(
+            ValueError, match=r"labels of shape \(3,\) .* outputs of shape \(3, 4, 7"
+        ):
+            loss(logits, {"y": y[:, -1]})
