@@ -6,11 +6,16 @@ from ``batch["label"]``; ``targets`` may be a key, a position in a tuple batch, 
 ``batch -> targets``. Without ``targets`` a named loss takes the second element of an
 ``(inputs, targets)`` pair, or the one of the keys ``y``, ``label``, ``labels``, ``target``,
 ``targets`` that the batch has (an error if it has several or none).
+
+``"cross_entropy"``: softmax cross-entropy on logits ``(batch, ..., classes)`` with integer labels
+``(batch, ...)`` (per example, or per token of a sequence), the mean over every position.
+``"mse"``: half the squared error summed over each example's outputs, the mean over examples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -85,24 +90,35 @@ def _mse_hvp(out, u, y):
 
 
 def _ce_labels(out, y):
-    if out.ndim != 2 or y.shape != out.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
+    if out.ndim < 2 or y.shape != out.shape[:-1] or not jnp.issubdtype(y.dtype, jnp.integer):
         raise ValueError(
-            "cross_entropy needs logits of shape (batch, classes) and integer labels of shape "
-            f"(batch,); got logits {out.shape} and labels {y.shape} of dtype {y.dtype}"
+            "cross_entropy needs logits of shape (batch, ..., classes) and integer labels of "
+            f"shape (batch, ...), the logits' shape without its last axis; got logits {out.shape} "
+            f"and labels {y.shape} of dtype {y.dtype}"
         )
 
 
+def _positions(out) -> int:
+    # Every position of every example: batch x sequence (x ...), all axes but the classes.
+    return math.prod(out.shape[:-1])
+
+
 def _ce_value(out, y):
+    """The mean softmax cross-entropy over every position: logits ``(batch, ..., classes)``,
+    labels ``(batch, ...)``. For sequences of equal length the mean over tokens is the mean over
+    examples of the per-example means, so chunking by examples (batches weighted by their sizes)
+    stays exact."""
     _ce_labels(out, y)
     logz = jax.nn.logsumexp(out, axis=-1)
-    return jnp.mean(logz - jnp.take_along_axis(out, y[:, None], axis=-1)[:, 0])
+    return jnp.mean(logz - jnp.take_along_axis(out, y[..., None], axis=-1)[..., 0])
 
 
 def _ce_hvp(out, u, y):
-    # Hessian of the mean softmax cross-entropy w.r.t. logits: (diag(p) - p p^T) / B per example.
+    """``(diag p - p pᵀ) u / P`` at every position (``P`` positions, ``p`` the softmax): the
+    Hessian of :func:`_ce_value` in the logits, block diagonal over positions."""
     _ce_labels(out, y)
     p = jax.nn.softmax(out, axis=-1)
-    return (p * u - p * jnp.sum(p * u, axis=-1, keepdims=True)) / out.shape[0]
+    return (p * u - p * jnp.sum(p * u, axis=-1, keepdims=True)) / _positions(out)
 
 
 NAMED = {"mse": (_mse_value, _mse_hvp), "cross_entropy": (_ce_value, _ce_hvp)}
@@ -142,9 +158,13 @@ def check_labels(out_loss: OutputLoss, outputs, batch) -> None:
     host = np.asarray(labels)
     bad = np.flatnonzero((host < 0) | (host >= classes))
     if bad.size:
+        first = np.unravel_index(bad[0], host.shape)
+        where = f"example {first[0]}" + (
+            f", position {', '.join(str(int(i)) for i in first[1:])}" if host.ndim > 1 else ""
+        )
         raise ValueError(
             f"cross_entropy: {bad.size} label(s) outside 0 .. {classes - 1} (the model's "
-            f"{classes} classes), the first {host[bad[0]]} at example {bad[0]}: labels are class "
+            f"{classes} classes), the first {host[first]} at {where}: labels are class "
             "indices; drop unlabelled examples (or give them a class) before building the operator"
         )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -141,12 +142,190 @@ class CNN(nnx.Module):
     def __call__(self, x, activation=0):
         return _switch(self.activations, activation, lambda act: self._forward(x, act))
 
+    def _normalise(self, index, x):
+        return x
+
     def _forward(self, x, act):
         if x.ndim == 3:
             x = x[..., None]
-        for conv in self.convs:
-            x = act(conv(x))
+        for i, conv in enumerate(self.convs):
+            x = act(self._normalise(i, conv(x)))
         return self.readout(jnp.mean(x, axis=(1, 2)))
+
+
+class LayerNormCNN(CNN):
+    """:class:`CNN` with a LayerNorm over the channels of every pixel (scale and bias per
+    channel) after each convolution, before its activation: ``model.norm="layer"``. The norms
+    are the blocks ``norms/<i>``, apart from the convolutions' ``convs/<i>``; the convolutions and
+    the read-out start from the same parameters as the plain CNN's (the norms draw nothing)."""
+
+    def __init__(self, in_channels, channels, out_features, activations, *, rngs: nnx.Rngs):
+        super().__init__(in_channels, channels, out_features, activations, rngs=rngs)
+        self.norms = nnx.List([nnx.LayerNorm(c, rngs=rngs) for c in channels])
+
+    def _normalise(self, index, x):
+        return self.norms[index](x)
+
+
+def _scaled(init, factor: float):
+    def scaled(key, shape, dtype=jnp.float32):
+        return init(key, shape, dtype) * jnp.asarray(factor, dtype)
+
+    return scaled
+
+
+_EMBEDDING_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+class TransformerLayer(nnx.Module):
+    """Causal self-attention and an MLP, each a residual branch with a LayerNorm (``norm1``,
+    ``norm2``) before it (pre-norm) or after the residual sum (post-norm). The attention's
+    ``query``, ``key``, ``value`` and ``output`` are four ``nnx.Linear`` (``width x width``, each
+    with its bias), so that each is a parameter block of its own; the MLP is ``mlp_in`` (``width
+    x mlp_ratio width``) and ``mlp_out``."""
+
+    def __init__(self, width, heads, hidden, pre_norm, residual_scale, *, rngs: nnx.Rngs):
+        out_init = _scaled(nnx.initializers.lecun_normal(), residual_scale)
+        self.query = nnx.Linear(width, width, rngs=rngs)
+        self.key = nnx.Linear(width, width, rngs=rngs)
+        self.value = nnx.Linear(width, width, rngs=rngs)
+        self.output = nnx.Linear(width, width, kernel_init=out_init, rngs=rngs)
+        self.norm1 = nnx.LayerNorm(width, rngs=rngs)
+        self.mlp_in = nnx.Linear(width, hidden, rngs=rngs)
+        self.mlp_out = nnx.Linear(hidden, width, kernel_init=out_init, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(width, rngs=rngs)
+        self.heads = heads
+        self.pre_norm = pre_norm
+
+    def attention(self, h):
+        """Causal multi-head self-attention of ``h`` ``(batch, T, width)``: ``O(T^2 width)`` an
+        example."""
+        b, t, width = h.shape
+        split = (b, t, self.heads, width // self.heads)
+        q, k, v = (f(h).reshape(split) for f in (self.query, self.key, self.value))
+        scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(jnp.asarray(split[-1], h.dtype))
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        mixed = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+        return self.output(mixed.reshape(b, t, width))
+
+    def __call__(self, h, act):
+        def mlp(z):
+            return self.mlp_out(act(self.mlp_in(z)))
+
+        if self.pre_norm:
+            h = h + self.attention(self.norm1(h))
+            return h + mlp(self.norm2(h))
+        h = self.norm1(h + self.attention(h))
+        return self.norm2(h + mlp(h))
+
+
+class Transformer(nnx.Module):
+    """A decoder-only (GPT-style) transformer on token ids ``(batch, T)``.
+
+    Token embedding ``embed`` plus a learned position embedding ``position`` (``context``
+    positions, ``T <= context``), ``depth`` :class:`TransformerLayer` s (``layers/<i>/...``), a
+    final LayerNorm ``norm`` and an untied linear ``head`` to ``vocab`` logits: ``(batch, T,
+    vocab)`` for ``readout="all"``, the last position's ``(batch, vocab)`` for ``"last"``.
+    Every named sub-module is one parameter block of ``curvature.layer_groups``.
+
+    Initialisation (from the seed alone): embeddings normal with std 0.02, linear layers flax's
+    default (LeCun normal, zero bias), the residual branches' last layers (``output``,
+    ``mlp_out``) scaled by ``1 / sqrt(2 depth)`` as in GPT-2, LayerNorms at scale 1, bias 0.
+    Cost of a forward pass: about ``depth T width (12 width + 2 T)`` multiply-adds an example
+    (mlp_ratio 4), plus the head's ``T width vocab`` (``width vocab`` for ``"last"``).
+    """
+
+    def __init__(
+        self,
+        vocab,
+        context,
+        width,
+        depth,
+        heads,
+        mlp_ratio,
+        pre_norm,
+        readout,
+        activations,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        self.embed = nnx.Embed(vocab, width, embedding_init=_EMBEDDING_INIT, rngs=rngs)
+        self.position = nnx.Embed(context, width, embedding_init=_EMBEDDING_INIT, rngs=rngs)
+        scale = 1.0 / math.sqrt(2 * depth)
+        self.layers = nnx.List(
+            [
+                TransformerLayer(width, heads, mlp_ratio * width, pre_norm, scale, rngs=rngs)
+                for _ in range(depth)
+            ]
+        )
+        self.norm = nnx.LayerNorm(width, rngs=rngs)
+        self.head = nnx.Linear(width, vocab, rngs=rngs)
+        self.context = context
+        self.readout = readout
+        self.activations = tuple(activations)
+
+    def __call__(self, x, activation=0):
+        return _switch(self.activations, activation, lambda act: self._forward(x, act))
+
+    def _forward(self, x, act):
+        if x.ndim != 2 or x.shape[1] > self.context:
+            raise ValueError(
+                f"the transformer takes token ids of shape (batch, T) with T <= its context "
+                f"{self.context}; got inputs of shape {x.shape}"
+            )
+        # Token ids may arrive in the run's float dtype (the data's x is cast to it): exact for
+        # any vocabulary below 2**24.
+        tokens = x.astype(jnp.int32)
+        h = self.embed(tokens) + self.position(jnp.arange(x.shape[1]))[None]
+        for layer in self.layers:
+            h = layer(h, act)
+        if self.readout == "last":
+            h = h[:, -1]
+        return self.head(self.norm(h))
+
+
+TRANSFORMER_READOUTS = ("all", "last")
+
+
+def _transformer(cfg, activations, input_shape, num_classes, rngs):
+    if len(input_shape) != 1:
+        raise ConfigError(
+            f"config key model.kind='transformer' needs token sequences (T,); got inputs of shape "
+            f"{tuple(input_shape)}"
+        )
+    length = input_shape[0]
+    context = cfg.get("context", 0) or length
+    require(
+        context >= length,
+        "model.context",
+        f"{context} is shorter than the data's sequences (T = {length}); set it >= {length} "
+        "or to 0 (the data's T)",
+    )
+    heads = cfg.get("heads", 4)
+    require(
+        heads >= 1 and cfg.width % heads == 0,
+        "model.width/model.heads",
+        f"width {cfg.width} is not a multiple of heads {heads}",
+    )
+    readout = cfg.get("readout", "all")
+    require(
+        readout in TRANSFORMER_READOUTS,
+        "model.readout",
+        f"{readout!r} is not one of {', '.join(TRANSFORMER_READOUTS)}",
+    )
+    return Transformer(
+        num_classes,
+        context,
+        cfg.width,
+        cfg.depth,
+        heads,
+        cfg.get("mlp_ratio", 4),
+        bool(cfg.get("pre_norm", True)),
+        readout,
+        activations,
+        rngs=rngs,
+    )
 
 
 def _mlp(cfg, activations, input_shape, num_classes, rngs):
@@ -163,7 +342,15 @@ def _cnn(cfg, activations, input_shape, num_classes, rngs):
             "set data.image_shape"
         )
     in_channels = input_shape[2] if len(input_shape) == 3 else 1
-    return CNN(in_channels, tuple(cfg.channels), num_classes, activations, rngs=rngs)
+    norm = cfg.get("norm", "none")
+    require(norm in CNN_NORMS, "model.norm", f"{norm!r} is not one of {', '.join(CNN_NORMS)}")
+    kind = LayerNormCNN if norm == "layer" else CNN
+    return kind(in_channels, tuple(cfg.channels), num_classes, activations, rngs=rngs)
+
+
+CNN_NORMS = ("none", "layer")
+"""``model.norm`` of the CNN. No ``"batch"``: the workbench keeps no batch statistics (a model's
+non-parameter state must be empty, see :func:`pure_functions`)."""
 
 
 # ``builder(model_cfg, activations, input_shape, num_classes, rngs) -> nnx.Module`` whose call is
@@ -173,21 +360,29 @@ MODELS: Registry[Callable] = Registry("model", "model.kind")
 num_classes, rngs) -> nnx.Module``."""
 MODELS.register("mlp", _mlp)
 MODELS.register("cnn", _cnn)
+MODELS.register("transformer", _transformer)
 
 
 def section() -> ml_collections.ConfigDict:
     """The config section ``model``, at its defaults."""
     s = ml_collections.ConfigDict()
-    s.kind = "mlp"  # mlp | cnn (MODELS)
-    s.width = 32
-    s.depth = 2
+    s.kind = "mlp"  # mlp | cnn | transformer (MODELS)
+    s.width = 32  # mlp, transformer
+    s.depth = 2  # mlp, transformer (layers)
     s.channels = (8, 16)  # cnn
+    s.norm = "none"  # cnn: none | layer (a LayerNorm over channels after each convolution)
+    s.heads = 4  # transformer: attention heads, dividing width
+    s.mlp_ratio = 4  # transformer: the MLP's hidden units per unit of width
+    s.context = 0  # transformer: positions of the position embedding; 0: the data's T
+    s.pre_norm = True  # transformer: LayerNorm before each residual branch (False: after)
+    s.readout = "all"  # transformer: logits at every position (all) or the last one (last)
     return s
 
 
 def check(config) -> None:
     """Raise :class:`ConfigError` for the first bad activation name (``activations``) or key of
-    ``model``."""
+    ``model``. Checks that need the data (the transformer's ``context`` against its ``T``) are
+    the builder's."""
     require(len(config.activations) > 0, "activations", "empty")
     for name in config.activations:
         try:
@@ -195,9 +390,44 @@ def check(config) -> None:
         except ValueError as err:
             raise ConfigError(f"config key activations: {err}") from None
     require(len(set(config.activations)) == len(config.activations), "activations", "duplicates")
-    MODELS.get(config.model.kind)
+    model = config.model
+    MODELS.get(model.kind)
+    require(model.width >= 1 and model.depth >= 1, "model.width/depth", "must be >= 1")
+    norm = model.get("norm", "none")
+    require(norm in CNN_NORMS, "model.norm", f"{norm!r} is not one of {', '.join(CNN_NORMS)}")
+    if model.kind != "transformer":
+        return
+    heads, ratio, context = (
+        model.get("heads", 4),
+        model.get("mlp_ratio", 4),
+        model.get("context", 0),
+    )
     require(
-        config.model.width >= 1 and config.model.depth >= 1, "model.width/depth", "must be >= 1"
+        isinstance(heads, int) and heads >= 1, "model.heads", f"{heads!r} is not an integer >= 1"
+    )
+    require(
+        model.width % heads == 0,
+        "model.width/model.heads",
+        f"width {model.width} is not a multiple of heads {heads}",
+    )
+    require(
+        isinstance(ratio, int) and ratio >= 1,
+        "model.mlp_ratio",
+        f"{ratio!r} is not an integer >= 1",
+    )
+    require(
+        isinstance(context, int) and context >= 0,
+        "model.context",
+        f"{context!r} is not an integer >= 0",
+    )
+    require(
+        isinstance(model.get("pre_norm", True), bool), "model.pre_norm", "must be True or False"
+    )
+    readout = model.get("readout", "all")
+    require(
+        readout in TRANSFORMER_READOUTS,
+        "model.readout",
+        f"{readout!r} is not one of {', '.join(TRANSFORMER_READOUTS)}",
     )
 
 
@@ -218,13 +448,28 @@ def build(model_cfg, activations, input_shape, num_classes, seed: int):
 # Losses.
 
 
+def _label_shape(out, batch, loss: str):
+    y = batch["y"]
+    if y.shape != out.shape[:-1]:
+        raise ValueError(
+            f"train.loss={loss!r}: labels of shape {y.shape} do not match outputs of shape "
+            f"{out.shape} (labels: the outputs' shape without the classes); per-sequence labels "
+            "(batch,) need the transformer's model.readout='last'"
+        )
+    return y
+
+
 def _cross_entropy(out, batch):
+    """The mean over every position: logits ``(batch, [T,] classes)``, labels ``(batch, [T])``."""
+    y = _label_shape(out, batch, "cross_entropy")
     logz = jax.nn.logsumexp(out, axis=-1)
-    return jnp.mean(logz - jnp.take_along_axis(out, batch["y"][:, None], axis=-1)[:, 0])
+    return jnp.mean(logz - jnp.take_along_axis(out, y[..., None], axis=-1)[..., 0])
 
 
 def _mse_one_hot(out, batch):
-    target = jax.nn.one_hot(batch["y"], out.shape[-1], dtype=out.dtype)
+    """Half the squared distance to the one-hot label, the mean over every position."""
+    y = _label_shape(out, batch, "mse")
+    target = jax.nn.one_hot(y, out.shape[-1], dtype=out.dtype)
     return 0.5 * jnp.mean(jnp.sum((out - target) ** 2, axis=-1))
 
 
