@@ -86,7 +86,11 @@ def setup(spec: MemberSpec, model_activations: tuple[str, ...], dataset, arrays:
     config = spec.config
     dtype = jnp.dtype(config.dtype)
     graphdef, params, rest = _build(
-        config.model, tuple(model_activations), dataset.input_shape, dataset.num_classes, spec.seed
+        models.resolved(config.model, dataset.y_train.ndim),
+        tuple(model_activations),
+        dataset.input_shape,
+        dataset.num_classes,
+        spec.seed,
     )
     model, loss = models.pure_functions(
         graphdef, jax.tree_util.tree_structure(rest), config.train.loss

@@ -375,7 +375,9 @@ def section() -> ml_collections.ConfigDict:
     s.mlp_ratio = 4  # transformer: the MLP's hidden units per unit of width
     s.context = 0  # transformer: positions of the position embedding; 0: the data's T
     s.pre_norm = True  # transformer: LayerNorm before each residual branch (False: after)
-    s.readout = "all"  # transformer: logits at every position (all) or the last one (last)
+    # transformer: logits at every position (all) or the last one (last); auto: last for data
+    # with one label per sequence (modular_addition), all for a label per token (characters)
+    s.readout = "auto"
     return s
 
 
@@ -425,10 +427,21 @@ def check(config) -> None:
     )
     readout = model.get("readout", "all")
     require(
-        readout in TRANSFORMER_READOUTS,
+        readout in (*TRANSFORMER_READOUTS, "auto"),
         "model.readout",
-        f"{readout!r} is not one of {', '.join(TRANSFORMER_READOUTS)}",
+        f"{readout!r} is not one of auto, {', '.join(TRANSFORMER_READOUTS)}",
     )
+
+
+def resolved(model_cfg, label_ndim: int):
+    """``model_cfg`` with ``readout="auto"`` decided by the labels: ``"last"`` for one label per
+    sequence (``label_ndim == 1``), ``"all"`` for one per position; a copy, the same object when
+    there is nothing to decide."""
+    if model_cfg.get("readout", "all") != "auto":
+        return model_cfg
+    out = ml_collections.ConfigDict(model_cfg.to_dict())
+    out.readout = "last" if label_ndim == 1 else "all"
+    return out
 
 
 def build(model_cfg, activations, input_shape, num_classes, seed: int):

@@ -66,11 +66,14 @@ def _setup_line(run) -> str:
     config = run.config
     prov = (run.provenance or {}).get("invocations", [{}])[-1]
     model = config.model
-    arch = (
-        f"width {model.width}, depth {model.depth}"
-        if model.kind == "mlp"
-        else f"channels {tuple(model.channels)}"
-    )
+    arch = {
+        "mlp": lambda: f"width {model.width}, depth {model.depth}",
+        "cnn": lambda: f"channels {tuple(model.channels)}, norm {model.get('norm', 'none')}",
+        "transformer": lambda: (
+            f"width {model.width}, depth {model.depth}, heads {model.get('heads', 4)}, "
+            f"readout {model.get('readout', 'all')}"
+        ),
+    }.get(model.kind, lambda: model.kind)()
     batch = config.train.batch_size or "full"
     swept = f" Swept: {', '.join(config.sweep)}." if config.sweep else ""
     return (

@@ -133,9 +133,10 @@ def _member_model(ctx: Context) -> Callable:
     found = (cfg.model.to_json_best_effort(), tuple(cfg.activations), shape, outputs)
     if found not in _MODELS:
         build = models.MODELS.get(cfg.model.kind)
+        model_cfg = models.resolved(cfg.model, ctx.data["y"].ndim)
         # Its structure alone (nnx.eval_shape: no parameters drawn): they are the member's.
         module = nnx.eval_shape(
-            lambda: build(cfg.model, tuple(cfg.activations), shape, outputs, nnx.Rngs(params=0))
+            lambda: build(model_cfg, tuple(cfg.activations), shape, outputs, nnx.Rngs(params=0))
         )
         graphdef, _, rest = nnx.split(module, nnx.Param, ...)
         rest = jax.tree_util.tree_structure(rest)
