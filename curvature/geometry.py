@@ -297,6 +297,16 @@ def loss_landscape(
     matvec. The whole grid is one compiled program (``lax.map`` over the points), compiled once
     for every parameter layout, data shape and number of grid points: new values of any of them
     with the same shapes reuse it.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np, curvature
+      >>> loss = lambda w, batch: jnp.mean((batch["x"] @ w) ** 2)
+      >>> data = {"x": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
+      >>> land = curvature.loss_landscape(
+      ...     loss, jnp.ones(2), data, directions=jnp.array([0.0, 1.0]), grid=np.array([-1.0, 0.0])
+      ... )
+      >>> land.loss, land.center  # (1 + 4 (1 + s)^2) / 2 at s = -1, 0
+      (array([0.5, 2.5], dtype=float32), 2.5)
     """
     if not callable(loss):
         raise TypeError(
