@@ -8,7 +8,10 @@ estimate: :func:`eigsh` / :func:`lanczos` / :func:`power_iteration` for eigenpai
 Kronecker factors per dense layer; :func:`inverse` applies a damped inverse; :func:`compare` and :func:`subspace_overlap`
 measure an approximation against the operator; :func:`compare_diagonals`,
 :func:`preconditioned` and :func:`compare_conditioning` measure a diagonal preconditioner (Adam's
-second moment) against the curvature. :func:`batches` (and any ``lambda: loader`` as data) streams
+second moment) against the curvature. :func:`loss_landscape` evaluates the loss along one or two
+directions (top eigenvectors, or :func:`random_directions` normalised by filter);
+:func:`gradient_overlap` measures the gradient's share of the top-k eigenspace;
+:func:`jensen_shannon` the distances between (block) spectral densities. :func:`batches` (and any ``lambda: loader`` as data) streams
 data that do not fit in memory (:mod:`curvature.streaming`). Plotting helpers live in
 :mod:`curvature.plotting` (imports matplotlib only when used); optimisers in
 :mod:`curvature.optim` (imports optax only when used): :func:`curvature.optim.hessian_free`.
@@ -33,7 +36,9 @@ from curvature.builders import hessian as hessian
 from curvature.comparison import Comparison as Comparison
 from curvature.comparison import compare as compare
 from curvature.comparison import subspace_overlap as subspace_overlap
+from curvature.density import JensenShannon as JensenShannon
 from curvature.density import SpectralDensity as SpectralDensity
+from curvature.density import jensen_shannon as jensen_shannon
 from curvature.density import logdet as logdet
 from curvature.density import spectral_density as spectral_density
 from curvature.density import trace_function as trace_function
@@ -42,6 +47,11 @@ from curvature.fisher import MonteCarloFisher as MonteCarloFisher
 from curvature.fisher import empirical_fisher as empirical_fisher
 from curvature.fisher import monte_carlo_fisher as monte_carlo_fisher
 from curvature.fisher import per_example_gradients as per_example_gradients
+from curvature.geometry import GradientOverlap as GradientOverlap
+from curvature.geometry import Landscape as Landscape
+from curvature.geometry import gradient_overlap as gradient_overlap
+from curvature.geometry import loss_landscape as loss_landscape
+from curvature.geometry import random_directions as random_directions
 from curvature.inverse import CGInverse as CGInverse
 from curvature.inverse import inverse as inverse
 from curvature.kfac import KFAC as KFAC
@@ -111,11 +121,14 @@ __all__ = [
     "EmpiricalFisher",
     "FunctionOperator",
     "GaussNewton",
+    "GradientOverlap",
     "Hessian",
+    "JensenShannon",
     "KFAC",
     "KroneckerEigen",
     "KroneckerFactors",
     "LanczosResult",
+    "Landscape",
     "Layout",
     "LinearOperator",
     "LowRankPlusDiagonal",
@@ -147,12 +160,15 @@ __all__ = [
     "from_function",
     "from_matrix",
     "gauss_newton",
+    "gradient_overlap",
     "hutchinson",
     "hessian",
     "inverse",
+    "jensen_shannon",
     "kfac",
     "lanczos",
     "logdet",
+    "loss_landscape",
     "low_rank_plus_diagonal",
     "monte_carlo_fisher",
     "layer_groups",
@@ -161,6 +177,7 @@ __all__ = [
     "power_iteration",
     "preconditioned",
     "rademacher",
+    "random_directions",
     "restrict",
     "spectral_density",
     "static",
