@@ -420,8 +420,10 @@ def gradient_overlap(
       op: a symmetric operator, e.g. :func:`curvature.hessian`.
       grad: the gradient, a pytree shaped like the parameters (raveled with ``op.ravel``) or a
         flat vector of length ``n``.
-      k, key, num_steps: passed to ``eigsh(op, k=k, key=key, num_steps=num_steps,
-        which="LA")`` (``num_steps`` defaults to eigsh's). Required without ``result``.
+      k: the size of the top eigenspace, passed to ``eigsh(op, k=k, key=key,
+        num_steps=num_steps, which="LA")``; required without ``result``.
+      key: eigsh's PRNG key; required without ``result``.
+      num_steps: eigsh's Lanczos steps (default eigsh's, ``min(n, max(4 k, 40))``).
       result: a finished ``eigsh(op, which="LA", ...)`` run to reuse instead. Then ``key`` and
         ``num_steps`` must be left out (they would be ignored), and ``k`` left out or equal to
         the number of its pairs; its eigenvalues must be descending and its eigenvectors of
