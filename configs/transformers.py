@@ -47,8 +47,10 @@ def get_config(variant: str = "transformer"):
     c.measure.block_spectra.steps = (0, 600)
     c.measure.blocks.steps = (0, 600)
     c.measure.blocks.num_matvecs = 16
+    c.measure.block_spectra.num_steps = 20
+    c.measure.block_spectra.density_steps = 30
     c.measure.landscape.steps = (600,)
-    c.measure.landscape.radius = 2.0
+    c.measure.landscape.radius = 0.5
     c.measure.gradient_overlap.k = 10
     if variant == "transformer":
         c.data.source = "characters"

@@ -531,7 +531,9 @@ class JensenShannon(NamedTuple):
       standard_error: ``(m, m)`` the bootstrap standard error of each distance.
       mean: the mean of the ``m (m - 1) / 2`` distinct off-diagonal distances.
       mean_standard_error: its bootstrap standard error.
-      sigma: the Gaussian kernel's standard deviation used.
+      sigma: the Gaussian kernel's standard deviation used (in units of each density's own
+        spectral radius with ``scale="own"``).
+      scale: ``"shared"`` or ``"own"`` (see :func:`jensen_shannon`).
     """
 
     names: tuple
@@ -540,6 +542,7 @@ class JensenShannon(NamedTuple):
     mean: float
     mean_standard_error: float
     sigma: float
+    scale: str = "shared"
 
 
 def jensen_shannon(
@@ -549,6 +552,7 @@ def jensen_shannon(
     grid: np.ndarray | None = None,
     num_bootstrap: int = 200,
     seed: int = 0,
+    scale: str = "shared",
 ) -> JensenShannon:
     """The Jensen-Shannon distance between every pair of spectral densities: the block
     heterogeneity measure of Zhang et al. (2024, "Why Transformers need Adam: a Hessian
@@ -573,6 +577,11 @@ def jensen_shannon(
         probe rows (nodes and weights together) of every density independently, with
         replacement, and recomputes every distance.
       seed: of the bootstrap's ``numpy.random.Generator`` (host randomness, no PRNG key).
+      scale: ``"shared"`` (default): the densities as they are, so blocks differ by the scale of
+        their eigenvalues as well as by their shape. ``"own"``: each density's eigenvalues
+        divided by its own largest Ritz value in magnitude first (its spectral radius, which
+        Lanczos finds to high accuracy), so that only the shapes are compared: a block whose
+        spectrum is another's times a constant is at distance 0.
 
     Returns a :class:`JensenShannon`. The standard errors cover the probes' randomness, not the
     choice of ``sigma`` or the quadrature. A density of a single probe has zero bootstrap
@@ -596,6 +605,10 @@ def jensen_shannon(
     if len(items) < 2:
         raise ValueError(f"jensen_shannon needs at least two densities, got {len(items)}")
     num_bootstrap = positive_int(num_bootstrap, "num_bootstrap")
+    if scale not in ("shared", "own"):
+        raise ValueError(f"scale must be 'shared' or 'own', got {scale!r}")
+    if scale == "own":
+        items = [_own_scale(d) for d in items]
     nodes = np.concatenate([np.asarray(d.nodes, np.float64).ravel() for d in items])
     if not np.all(np.isfinite(nodes)):
         raise ValueError("jensen_shannon: a density has non-finite nodes")
@@ -642,4 +655,12 @@ def jensen_shannon(
         mean=float(distance[upper].mean()),
         mean_standard_error=float(means.std(ddof=1)) if num_bootstrap > 1 else float("nan"),
         sigma=sigma,
+        scale=scale,
     )
+
+
+def _own_scale(density: SpectralDensity) -> SpectralDensity:
+    """``density`` with its nodes divided by their largest magnitude (1 for an all-zero one)."""
+    nodes = np.asarray(density.nodes, np.float64)
+    radius = float(np.abs(nodes).max(initial=0.0)) or 1.0
+    return SpectralDensity(nodes / radius, density.weights, density.dimension)

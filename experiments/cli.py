@@ -114,8 +114,10 @@ def parse_flags(argv):
     argv = [_renamed(_expand_workdir(a)) for a in argv]
     sys.argv[:] = argv  # ml_collections reads the --config.* overrides from sys.argv itself
     config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if config_path is not None and not os.path.isfile(os.path.expanduser(config_path)):
-        _exit(f"config file {config_path} does not exist")
+    # ml_collections passes what follows a colon to get_config: configs/transformers.py:cnn
+    file_part = config_path.split(":", 1)[0] if config_path is not None else None
+    if file_part is not None and not os.path.isfile(os.path.expanduser(file_part)):
+        _exit(f"config file {file_part} does not exist")
     try:
         parsed = flags.FLAGS(argv)
     except (KeyError, AttributeError) as err:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 
 import jax
 import numpy as np
@@ -35,8 +36,10 @@ class BlockSpectra:
     """Per block (``names``, ``sizes`` parameters) its top eigenvalues with residuals
     (``top[b]``), and the Jensen-Shannon distances between the blocks' smoothed densities
     (``js_distance[i][j]`` ± ``js_standard_error[i][j]``, a bootstrap over the SLQ probes; kernel
-    width ``sigma``), with their mean over pairs ``js_mean`` (± its bootstrap SE). ``operator``:
-    ``hessian`` or ``gauss_newton``."""
+    width ``sigma``), with their mean over pairs ``js_mean`` (± its bootstrap SE): on one shared
+    eigenvalue scale, so blocks differ by scale and shape. ``js_shape_mean``: the same mean with
+    each block's density on its own scale (divided by its spectral radius): shape alone.
+    ``operator``: ``hessian`` or ``gauss_newton``."""
 
     operator: str
     names: tuple[str, ...]
@@ -48,6 +51,13 @@ class BlockSpectra:
     sigma: float
     num_probes: int
     num_steps: int
+    js_shape_mean: Estimate | None = None
+
+    def top_spread(self) -> float:
+        """log10 of the largest over the smallest top eigenvalue of the blocks (those with a
+        positive, converged one): how many decades the blocks' curvature scales span."""
+        tops = [t.values[0] for t in self.top if t.values and t.converged[0] and t.values[0] > 0]
+        return math.log10(max(tops) / min(tops)) if len(tops) > 1 else math.nan
 
     def densities(self, arrays: dict) -> dict[str, cv.SpectralDensity]:
         """``{block: SpectralDensity}`` from the step's spectra file (``arrays``)."""
@@ -118,7 +128,8 @@ def block_spectra(ctx: Context) -> BlockSpectra:
     (``curvature.block_densities``, ``num_probes`` probes of ``density_steps`` steps), and the
     Jensen-Shannon distances between the blocks' densities (``curvature.jensen_shannon``, kernel
     width ``sigma``, 0: 1% of the spread of all nodes) with bootstrap errors. Cost: blocks x
-    (2 num_steps + k + num_probes x density_steps) matvecs, two compiled programs."""
+    (2 num_steps + k + num_probes x density_steps) matvecs, two compiled programs. The
+    distances are also taken with each density on its own scale (``js_shape_mean``)."""
     s = ctx.settings
     op = ctx.hessian() if s.operator == "hessian" else ctx.gauss_newton()
     groups = groups_of(ctx.params, tuple(s.groups))
@@ -133,6 +144,7 @@ def block_spectra(ctx: Context) -> BlockSpectra:
         num_steps=s.density_steps,
     )
     js = cv.jensen_shannon(densities, sigma=s.sigma or None)
+    shape = cv.jensen_shannon(densities, scale="own")
     steps = max(d.nodes.shape[1] for d in densities.values())
     nodes = np.zeros((len(densities), s.num_probes, steps))
     weights = np.zeros_like(nodes)
@@ -167,6 +179,7 @@ def block_spectra(ctx: Context) -> BlockSpectra:
         sigma=float(js.sigma),
         num_probes=s.num_probes,
         num_steps=s.density_steps,
+        js_shape_mean=Estimate(float(shape.mean), float(shape.mean_standard_error)),
     )
 
 
@@ -208,7 +221,22 @@ BLOCK_SPECTRA = Measurement(
             lambda r: r.block_spectra.js_mean if r.block_spectra else None,
             rank=125,
             legend="block JS: the mean Jensen-Shannon distance between the blocks' spectral "
-            "densities (0: alike, 1: disjoint; Zhang et al. 2024), ± a bootstrap SE over probes",
+            "densities on one eigenvalue scale (0: alike, 1: disjoint; Zhang et al. 2024), ± a "
+            "bootstrap SE over probes",
+        ),
+        Column(
+            "block JS shape",
+            lambda r: r.block_spectra.js_shape_mean if r.block_spectra else None,
+            rank=126,
+            legend="block JS shape: the same with each block's density on its own scale "
+            "(divided by its largest eigenvalue): the blocks' shapes alone",
+        ),
+        Column(
+            "block λ decades",
+            lambda r: r.block_spectra.top_spread() if r.block_spectra else None,
+            rank=127,
+            legend="block λ decades: log10 of the largest over the smallest top eigenvalue of "
+            "the blocks (converged ones)",
         ),
     ),
     figures=(heterogeneity.BLOCK_SPECTRA,),

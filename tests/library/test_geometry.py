@@ -379,3 +379,25 @@ def test_plot_block_densities_overlays_every_block(axes, x64):
     assert [t.get_text() for t in axes.get_legend().get_texts()] == ["layer 0", "layer 1"]
     with pytest.raises(KeyError, match="not among the densities"):
         plot_block_densities(axes, densities, names=["layer 2"])
+
+
+def test_jensen_shannon_on_each_densitys_own_scale(x64):
+    # A density and the same one scaled by 40: far apart on a shared scale, identical in shape.
+    rng = np.random.default_rng(3)
+    a = random_density(rng, 6, 5.0)
+    scaled = cv.SpectralDensity(40.0 * a.nodes, a.weights, a.dimension)
+    b = random_density(rng, 6, -2.0)
+    shared = cv.jensen_shannon({"a": a, "scaled": scaled, "b": b}, num_bootstrap=20)
+    own = cv.jensen_shannon({"a": a, "scaled": scaled, "b": b}, num_bootstrap=20, scale="own")
+    assert shared.scale == "shared" and own.scale == "own"
+    assert shared.distance[0, 1] > 0.9
+    assert own.distance[0, 1] == pytest.approx(0.0, abs=1e-6)  # sqrt of round-off
+    # On its own scale each density is the original divided by its largest |node|.
+    by_hand = [
+        cv.SpectralDensity(d.nodes / np.abs(np.asarray(d.nodes)).max(), d.weights, d.dimension)
+        for d in (a, b)
+    ]
+    direct = cv.jensen_shannon(by_hand, num_bootstrap=20)
+    assert own.distance[0, 2] == pytest.approx(direct.distance[0, 1], rel=1e-9)
+    with pytest.raises(ValueError, match="scale must be"):
+        cv.jensen_shannon([a, b], scale="mine")
