@@ -43,7 +43,13 @@ def get_config(variant: str = "transformer"):
     c.train.batch_size = 64
     c.measure.num_examples = 64
     c.measure.steps = (0, 25, 50, 100, 200, 400, 600)
-    c.measure.quantities = ("lambda_max", "block_spectra", "gradient_overlap", "blocks", "landscape")
+    c.measure.quantities = (
+        "lambda_max",
+        "block_spectra",
+        "gradient_overlap",
+        "blocks",
+        "landscape",
+    )
     c.measure.block_spectra.steps = (0, 600)
     c.measure.blocks.steps = (0, 600)
     c.measure.blocks.num_matvecs = 16

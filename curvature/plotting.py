@@ -20,9 +20,30 @@ __all__ = [
     "series_style",
 ]
 
-OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442")
-LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (3, 1)), (0, (1, 2)), (0, (8, 2)))
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+# The eight of Okabe and Ito, then a grey: a transformer's nine kinds of block, each its own.
+OKABE_ITO = (
+    "#000000",
+    "#E69F00",
+    "#56B4E9",
+    "#009E73",
+    "#D55E00",
+    "#0072B2",
+    "#CC79A7",
+    "#F0E442",
+    "#999999",
+)
+LINESTYLES = (
+    "-",
+    "--",
+    "-.",
+    ":",
+    (0, (5, 1, 1, 1, 1, 1)),
+    (0, (3, 1)),
+    (0, (1, 2)),
+    (0, (8, 2)),
+    (0, (2, 1, 6, 1)),
+)
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h")
 
 
 def series_style(i: int) -> dict:

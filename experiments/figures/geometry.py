@@ -69,13 +69,15 @@ def landscape_figure(run):
     with plt.rc_context(common.PAPER_RC):
         if not two_d:
             fig, ax = plt.subplots(figsize=(common.WIDTH / 2, 2.6), layout="constrained")
+            lines = []
             for i, (group, record, arrays) in enumerate(found):
                 grid = record.landscape.grid(arrays)
-                plotting.plot_landscape(
+                line, _ = plotting.plot_landscape(
                     ax, grid, label=f"{group} (step {record.step})", **plotting.series_style(i)
                 )
+                lines.append(line)
             ax.set_xlabel(_axis(found[0][1].landscape))
-            ax.legend(frameon=False, fontsize=6)
+            ax.legend(handles=lines, frameon=False, fontsize=6)  # the centres: the marked points
             return fig
         fig, axes, cols = common.panels(plt, len(found), 2.6, sharex=True)
         for ax, (group, record, arrays) in zip(axes.ravel(), found, strict=False):

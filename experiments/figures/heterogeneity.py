@@ -49,10 +49,11 @@ def block_spectra_figure(run, floor: float = 1e-5):
                 spectra = record.block_spectra
                 densities = spectra.densities(arrays)
                 plotting.plot_block_densities(ax, densities, sigma=spectra.sigma, floor=floor)
-                js = spectra.js_mean
-                ax.set_title(
-                    f"{group}, step {record.step}: JS {js.value:.2f} ± {js.standard_error:.2f}"
-                )
+                js, shape = spectra.js_mean, spectra.js_shape_mean
+                title = f"{group}, step {record.step}: JS {js.value:.3f} ± {js.standard_error:.3f}"
+                if shape is not None:
+                    title += f" (shape {shape.value:.2f})"
+                ax.set_title(title)
                 ax.legend(fontsize=5, ncol=2, frameon=False, loc="upper right")
             for ax in row[len(ends) :]:
                 ax.set_visible(False)
@@ -66,6 +67,6 @@ BLOCK_SPECTRA = common.Figure(
     "Spectral densities of the parameter blocks (SLQ, one block per curve, Gaussian kernel of "
     "the recorded width), at the first and last measured step; titles: the mean Jensen-Shannon "
     "distance between the blocks' densities ± its bootstrap SE (Zhang et al. 2024: large for "
-    "heterogeneous blocks).",
+    "heterogeneous blocks), and in brackets the same with each density on its own scale.",
     rank=75,
 )

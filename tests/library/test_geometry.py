@@ -401,3 +401,36 @@ def test_jensen_shannon_on_each_densitys_own_scale(x64):
     assert own.distance[0, 2] == pytest.approx(direct.distance[0, 1], rel=1e-9)
     with pytest.raises(ValueError, match="scale must be"):
         cv.jensen_shannon([a, b], scale="mine")
+
+
+def test_a_quadratic_landscape_is_exact_in_one_and_two_directions(x64):
+    # L(θ) = mean_i ½ (θ − c_i)ᵀ A (θ − c_i) over two leaves: along θ + s d1 + r d2 it is
+    # L(θ) + s g·d1 + r g·d2 + ½ (s² d1ᵀAd1 + 2 s r d1ᵀAd2 + r² d2ᵀAd2) exactly.
+    rng = np.random.default_rng(7)
+    n = 7
+    m = rng.normal(size=(n, n))
+    A = jnp.asarray(m @ m.T - 2.0 * np.eye(n))  # indefinite: a saddle as well as a bowl
+    params = {"w": jnp.asarray(rng.normal(size=(3,))), "v": jnp.asarray(rng.normal(size=(2, 2)))}
+    layout = cv.Layout.of(params)
+    data = {"c": jnp.asarray(rng.normal(size=(6, n)))}
+
+    def loss(p, batch):
+        d = layout.ravel(p)[None, :] - batch["c"]
+        return 0.5 * jnp.mean(jnp.einsum("bi,ij,bj->b", d, A, d))
+
+    theta = layout.ravel(params)
+    g = np.asarray(A @ (theta - data["c"].mean(0)))
+    d1, d2 = (jnp.asarray(rng.normal(size=(n,))) for _ in range(2))
+    c0 = float(loss(params, data))
+    s, r = np.linspace(-1.5, 2.0, 8), np.linspace(-0.5, 0.5, 3)
+
+    def exact(s, r):
+        q = s**2 * (d1 @ A @ d1) + 2 * s * r * (d1 @ A @ d2) + r**2 * (d2 @ A @ d2)
+        return c0 + s * (g @ d1) + r * (g @ d2) + 0.5 * float(q)
+
+    one = cv.loss_landscape(loss, params, data, directions=d1, grid=s)
+    np.testing.assert_allclose(one.loss, [exact(a, 0.0) for a in s], rtol=1e-12, atol=1e-12)
+    two = cv.loss_landscape(loss, params, data, directions=[d1, layout.unravel(d2)], grid=(s, r))
+    want = np.array([[exact(a, b) for b in r] for a in s])
+    assert two.loss.shape == (8, 3)
+    np.testing.assert_allclose(two.loss, want, rtol=1e-12, atol=1e-12)
