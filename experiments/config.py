@@ -224,8 +224,16 @@ def _moved(resolved: dict, pairs) -> dict:
 def upgrade(resolved: dict) -> dict:
     """A stored config (JSON of ``config.json`` or ``member.json``) with today's key names: a run
     directory written before a rename reads as if written now. Silent: the run directory did
-    nothing wrong."""
-    return _moved(resolved, RENAMED_KEYS.items())
+    nothing wrong. Keys added since it was written (:data:`ADDED_KEYS`) read at their defaults,
+    which is what the run computed with."""
+    out = _moved(resolved, RENAMED_KEYS.items())
+    defaults = {"data": data_lib.section(), "model": models.section()}
+    for path in ADDED_KEYS:
+        section, leaf = path.split(".")
+        node = out.get(section)
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = json.loads(json.dumps(defaults[section][leaf]))
+    return out
 
 
 def fingerprint_form(resolved: dict) -> dict:

@@ -274,7 +274,7 @@ class Transformer(nnx.Module):
                 f"the transformer takes token ids of shape (batch, T) with T <= its context "
                 f"{self.context}; got inputs of shape {x.shape}"
             )
-        # Token ids may arrive in the run's float dtype (the data's x is cast to it): exact for
+        # The workbench passes int32 ids; ids in a float array (a user's) are cast, exactly for
         # any vocabulary below 2**24.
         tokens = x.astype(jnp.int32)
         h = self.embed(tokens) + self.position(jnp.arange(x.shape[1]))[None]
@@ -309,10 +309,13 @@ def _transformer(cfg, activations, input_shape, num_classes, rngs):
         f"width {cfg.width} is not a multiple of heads {heads}",
     )
     readout = cfg.get("readout", "all")
+    # "auto" is decided from the data where the workbench builds the model (resolved); built
+    # without data, the model gives every position's logits.
+    readout = "all" if readout == "auto" else readout
     require(
         readout in TRANSFORMER_READOUTS,
         "model.readout",
-        f"{readout!r} is not one of {', '.join(TRANSFORMER_READOUTS)}",
+        f"{readout!r} is not one of auto, {', '.join(TRANSFORMER_READOUTS)}",
     )
     return Transformer(
         num_classes,

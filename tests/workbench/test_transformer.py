@@ -134,7 +134,7 @@ def test_config_errors_name_their_keys():
         build(heads=3)
     with pytest.raises(ConfigError, match=r"model.context: 3 is shorter .*T = 4"):
         build(context=3)
-    with pytest.raises(ConfigError, match=r"model.readout: 'first' is not one of all, last"):
+    with pytest.raises(ConfigError, match=r"model.readout: 'first' is not one of auto, all, last"):
         build(readout="first")
     with pytest.raises(ConfigError, match=r"model.kind='transformer' needs token sequences"):
         models.build(transformer_cfg(), ("relu",), (T, 2), VOCAB, 0)
