@@ -1,7 +1,10 @@
 """Fixtures: float64 per test, a key, and compiled programs released after each module. Shared
 helpers (models, problems, dense references) live in ``tests/helpers.py``."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # The suite compiles many small programs and runs each briefly: XLA's backend optimisations cost
 # more time than they save here (about half the compile time on 2 cores). Numerics are unchanged.
@@ -9,6 +12,18 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Every compiled program of this test process is also kept on disk (JAX's persistent compilation
+# cache, in a directory of its own, removed at exit): the modules free their programs (below),
+# and a later module that compiles the same program (the same problems' estimators, the
+# experiments' training and measurements) loads it instead, about 80 s of CPU over the suite.
+# The same executable, so the same numbers. One directory per process: JAX writes an entry in
+# place, so a process sharing the directory could read one half-written; child processes (set
+# by config, not environment) compile their own as before.
+_COMPILED_PROGRAMS = tempfile.mkdtemp(prefix="curvature-tests-jax-")
+atexit.register(shutil.rmtree, _COMPILED_PROGRAMS, True)
+jax.config.update("jax_compilation_cache_dir", _COMPILED_PROGRAMS)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.02)
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -1,6 +1,7 @@
 """JAX's persistent compilation cache: programs compiled by one process are loaded by the next
 one instead of being compiled again, in a directory a variable chooses; the user's home is left
-alone by the tests (``conftest.py`` turns the cache off for them)."""
+alone by the tests (``conftest.py`` turns the cache off for them; each test process keeps its
+programs in a temporary directory of its own, ``tests/conftest.py``)."""
 
 import pathlib
 
@@ -14,11 +15,14 @@ from experiments import compilation_cache  # noqa: E402
 
 @pytest.fixture
 def jax_cache_config():
-    """JAX's cache settings as they were, restored after the test (they are process-wide)."""
+    """JAX's cache settings as they were, restored after the test (they are process-wide); the
+    test starts with no cache directory (``tests/conftest.py`` gives each test process one)."""
     from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     before = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax_cache.reset_cache()
     yield
     for name, value in before.items():
         jax.config.update(name, value)
