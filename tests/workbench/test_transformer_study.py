@@ -11,6 +11,8 @@ from workbench_helpers import load_config, quiet
 
 import curvature as cv
 import experiments
+from experiments import data as data_lib
+from experiments import lifecycle, models, sweep
 from experiments import run as run_lib
 from experiments.errors import ConfigError
 from experiments.measurements import measurement_key
@@ -157,18 +159,28 @@ def test_bad_block_groups_are_refused_by_key(tmp_path):
 
 
 def test_a_transformer_on_modular_addition_reads_the_last_position(tmp_path):
+    # One label per sequence: readout "auto" builds the model that predicts at the last
+    # position, and the training loss takes the labels as they are. Shapes only (the runs
+    # above compile and check the same model code).
     config = tiny(load_config(), ("lambda_max",), tmp_path)
     with config.unlocked():
         config.activations = ("relu",)
         config.data.source, config.data.modulus = "modular_addition", 5
         config.data.num_train = 0
         config.measure.num_examples = 0
-        config.measure.lambda_max.num_steps = 10
-    run_lib.run(config, tmp_path / "run", progress=quiet())
-    member = experiments.load_run(tmp_path / "run").members["relu-seed0"]
-    data = member.measure_data
-    assert data["x"].shape[1:] == (4,) and data["y"].ndim == 1
-    logits = member.model(member.params(STEPS), data)
-    assert logits.shape == (len(data["y"]), 7)  # the vocabulary: 5 residues, "+" and "="
-    record = member.records[-1]
-    assert record.lambda_max.converged[0] and record.lambda_max.values[0] > 0
+    spec = sweep.members(config)[0]
+    dataset = data_lib.load(spec.config.data)
+    assert dataset.is_tokens and dataset.num_classes == 7  # 5 residues, "+" and "="
+    s = lifecycle.setup(spec, ("relu",), dataset, lifecycle.device_data(dataset, jnp.float32))
+    data = s.measure_data
+    assert data["x"].shape[1:] == (4,) and data["x"].dtype == jnp.int32 and data["y"].ndim == 1
+    logits = jax.eval_shape(s.model, s.init_params, data)
+    assert logits.shape == (len(data["y"]), 7)
+    assert jax.eval_shape(s.loss, s.init_params, data).shape == ()
+    # Every position's logits ("all") do not match these labels: the loss says what to set.
+    every = jnp.zeros((len(data["y"]), 4, 7))
+    with pytest.raises(ValueError, match="model.readout='last'"):
+        models.LOSSES.get("cross_entropy").value(every, data)
+    model_cfg = spec.config.model
+    assert models.resolved(model_cfg, 1).readout == "last"
+    assert models.resolved(model_cfg, 2).readout == "all"
