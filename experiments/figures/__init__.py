@@ -16,6 +16,10 @@
   (``preconditioner``);
 * :mod:`~experiments.figures.approximations`: K-FAC and other approximations against H and G
   (``approximations``);
+* :mod:`~experiments.figures.heterogeneity`: the spectral densities of the parameter blocks
+  overlaid, with their Jensen-Shannon distances (``block_spectra``);
+* :mod:`~experiments.figures.geometry`: the gradient's share of the top eigenspace along
+  training (``gradient_overlap``) and the loss along directions (``landscape``);
 * :mod:`~experiments.figures.study`: any measurement against a swept value, seeds as error bars
   (``plot --against``; drawn on request, not with the report).
 
