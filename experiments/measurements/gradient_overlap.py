@@ -10,7 +10,7 @@ import jax
 
 import curvature as cv
 from experiments.figures import geometry
-from experiments.measurements.base import Context, Measurement, steps_check
+from experiments.measurements.base import Context, Measurement, eigenvalues, steps_check
 from experiments.record import Eigenvalues
 from experiments.table import Column
 
@@ -48,12 +48,7 @@ def gradient_overlap(ctx: Context) -> GradientOverlap:
     return GradientOverlap(
         overlap=float(out.overlap),
         shares=tuple(float(v) for v in out.shares),
-        eigenvalues=Eigenvalues(
-            tuple(float(v) for v in out.eigenvalues),
-            tuple(float(v) for v in out.residual_norms),
-            tuple(bool(c) for c in out.converged),
-            int(out.num_matvecs),
-        ),
+        eigenvalues=eigenvalues(out),  # its Ritz pairs' record, as for an eigsh result
     )
 
 

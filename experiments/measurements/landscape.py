@@ -13,7 +13,7 @@ import numpy as np
 
 import curvature as cv
 from experiments.figures import geometry
-from experiments.measurements.base import Context, Measurement
+from experiments.measurements.base import Context, Measurement, eigenvalues
 from experiments.record import Eigenvalues
 
 DIRECTIONS = ("top", "random")
@@ -59,12 +59,7 @@ def landscape(ctx: Context) -> Landscape:
             H, k=s.num_directions, which="LA", num_steps=s.num_steps, key=ctx.key_for("landscape")
         )
         directions = [out.eigenvectors[:, i] for i in range(s.num_directions)]
-        eig = Eigenvalues(
-            tuple(float(v) for v in out.eigenvalues),
-            tuple(float(v) for v in out.residual_norms),
-            tuple(bool(c) for c in out.converged),
-            int(out.num_matvecs),
-        )
+        eig = eigenvalues(out)
     else:
         directions = list(
             cv.random_directions(
