@@ -5,14 +5,15 @@ each panel titled with the mean Jensen-Shannon distance between its blocks."""
 from __future__ import annotations
 
 from curvature import plotting
-from experiments import storage
 from experiments.figures import common
 
 
 def spectra_file(member, step) -> dict | None:
-    """The arrays of ``member``'s spectra file at ``step``, or ``None``."""
-    path = member.dir / "spectra" / f"step_{step:06d}.npz"
-    return storage.read_npz(path, "spectra file") if path.exists() else None
+    """The arrays of ``member``'s spectra file at ``step`` (``Member.spectra``), or ``None``."""
+    try:
+        return member.spectra(step)
+    except KeyError:
+        return None
 
 
 def measured(member, field: str) -> list:

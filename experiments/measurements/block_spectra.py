@@ -24,7 +24,7 @@ import numpy as np
 
 import curvature as cv
 from experiments.figures import heterogeneity
-from experiments.measurements.base import Context, Measurement
+from experiments.measurements.base import Context, Measurement, at_least
 from experiments.record import Eigenvalues, Estimate
 from experiments.table import Column
 
@@ -154,19 +154,8 @@ def block_spectra(ctx: Context) -> BlockSpectra:
         nodes[b, :, m:] = np.asarray(d.nodes)[:, :1]  # padding: a node of the density, weight 0
         weights[b, :, :m] = np.asarray(d.weights)
     ctx.spectra.update(block_slq_nodes=nodes, block_slq_weights=weights)
-    matvecs = s.num_steps * 2 + s.k
     top = tuple(
-        Eigenvalues(
-            tuple(float(v) for v in tops.eigenvalues[b] if np.isfinite(v)),
-            tuple(float(v) for v in tops.residual_norms[b] if np.isfinite(v)),
-            tuple(
-                bool(c)
-                for c, v in zip(tops.converged[b], tops.eigenvalues[b], strict=True)
-                if np.isfinite(v)
-            ),
-            matvecs,
-        )
-        for b in range(len(tops.names))
+        _top_record(tops, b, s.k, s.num_steps, int(size)) for b, size in enumerate(tops.sizes)
     )
     return BlockSpectra(
         operator=s.operator,
@@ -183,13 +172,27 @@ def block_spectra(ctx: Context) -> BlockSpectra:
     )
 
 
+def _top_record(tops, b: int, k: int, num_steps: int, size: int) -> Eigenvalues:
+    """Block ``b``'s Ritz pairs (those it has: at most its size) and the matvecs they took, as
+    ``curvature.block_eigenvalues`` runs them: Lanczos of min(num_steps, size) steps (at least
+    k), a rank check of as many (none when the block is spanned) and a residual each."""
+    valid = np.isfinite(tops.eigenvalues[b])
+    steps = max(min(num_steps, size), min(k, size))
+    checks = 0 if steps == size else min(steps, size - 1)
+    return Eigenvalues(
+        tuple(float(v) for v in tops.eigenvalues[b][valid]),
+        tuple(float(v) for v in tops.residual_norms[b][valid]),
+        tuple(bool(c) for c in tops.converged[b][valid]),
+        steps + checks + int(valid.sum()),
+    )
+
+
 def _check(s, info):
     if s.operator not in OPERATORS:
         return f"operator={s.operator!r} is not one of {', '.join(OPERATORS)}"
-    for key, least in (("k", 1), ("num_steps", 1), ("num_probes", 2), ("density_steps", 2)):
-        value = s[key]
-        if not isinstance(value, int) or value < least:
-            return f"{key}={value!r} must be an integer >= {least}"
+    bad = at_least(1, "k,num_steps")(s, info) or at_least(2, "num_probes,density_steps")(s, info)
+    if bad:
+        return bad
     if s.num_steps < s.k:
         return f"num_steps={s.num_steps} must be >= k={s.k}"
     if not isinstance(s.sigma, int | float) or s.sigma < 0:

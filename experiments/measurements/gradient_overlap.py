@@ -36,12 +36,19 @@ class GradientOverlap:
         return Eigenvalues((self.overlap,), (worst * abs(self.overlap),), (self.converged(),))
 
 
+@jax.jit
+def _gradient(loss: cv.Closure, params, batch):
+    """The gradient of the mean loss: one program per architecture (closures compare by
+    structure), not an eager evaluation at every step."""
+    return jax.grad(loss.bind())(params, batch)
+
+
 def gradient_overlap(ctx: Context) -> GradientOverlap:
     """‖P_k g‖² / ‖g‖²: the share of the full-batch gradient g (on the measurement set) in the
     span of the top-``k`` Hessian eigenvectors (``curvature.gradient_overlap``; Lanczos of
     ``num_steps`` steps). Cost: one gradient and the Lanczos run's matvecs."""
     s = ctx.settings
-    grad = jax.grad(ctx.loss)(ctx.params, ctx.data)
+    grad = _gradient(cv.closure(ctx.loss), ctx.params, ctx.data)
     out = cv.gradient_overlap(
         ctx.hessian(), grad, k=s.k, key=ctx.key_for("gradient_overlap"), num_steps=s.num_steps
     )

@@ -93,6 +93,11 @@ def test_block_spectra_are_the_dense_blocks(study):
                 if converged:
                     assert value == pytest.approx(want, rel=1e-3, abs=1e-4 * abs(eigs[0]))
             assert top.converged[0], name
+            # Its cost: Lanczos to min(60, size) steps, a rank check of as many unless the
+            # block is spanned, a residual for each of its k = 2 pairs.
+            steps = min(60, block.shape[0])
+            checks = 0 if steps == block.shape[0] else steps
+            assert top.num_matvecs == steps + checks + 2, name
             # Each block's density: Ritz values within the block's spectrum, its extremes found.
             d = densities[name]
             nodes = np.asarray(d.nodes)[np.asarray(d.weights) > 1e-6]
