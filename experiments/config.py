@@ -139,11 +139,9 @@ def drop_resumable(resolved: dict) -> dict:
             out["train"].pop(entry.section)
     # A measurement added since the record format's fingerprints, unplanned and at its
     # defaults, is left out too: run directories from before it existed keep their fingerprints.
-    defaults = {"data": data_lib.section(), "model": models.section()}
-    for path in ADDED_KEYS:
-        section, leaf = path.split(".")
+    for (section, leaf), default in _added_defaults().items():
         node = out.get(section, {})
-        if leaf in node and node[leaf] == json.loads(json.dumps(defaults[section][leaf])):
+        if leaf in node and node[leaf] == default:
             node.pop(leaf)
     measure_section = out.get("measure", {})
     planned = set(measure_section.get("quantities", ()))
@@ -227,12 +225,21 @@ def upgrade(resolved: dict) -> dict:
     nothing wrong. Keys added since it was written (:data:`ADDED_KEYS`) read at their defaults,
     which is what the run computed with."""
     out = _moved(resolved, RENAMED_KEYS.items())
-    defaults = {"data": data_lib.section(), "model": models.section()}
-    for path in ADDED_KEYS:
-        section, leaf = path.split(".")
+    for (section, leaf), default in _added_defaults().items():
         node = out.get(section)
         if isinstance(node, dict) and leaf not in node:
-            node[leaf] = json.loads(json.dumps(defaults[section][leaf]))
+            node[leaf] = default
+    return out
+
+
+def _added_defaults() -> dict[tuple[str, str], object]:
+    """``{(section, key): default as JSON}`` of :data:`ADDED_KEYS`, from the sections that own
+    them."""
+    sections = {"data": data_lib.section(), "model": models.section()}
+    out = {}
+    for path in ADDED_KEYS:
+        section, leaf = path.split(".")
+        out[(section, leaf)] = json.loads(json.dumps(sections[section][leaf]))
     return out
 
 

@@ -61,18 +61,11 @@ class BlockSpectra:
 
     def densities(self, arrays: dict) -> dict[str, cv.SpectralDensity]:
         """``{block: SpectralDensity}`` from the step's spectra file (``arrays``)."""
-        return densities_from(self.names, self.sizes, arrays)
-
-    def top_eigenvalue(self, name: str) -> float:
-        return self.top[self.names.index(name)].values[0]
-
-
-def densities_from(names, sizes, arrays: dict) -> dict[str, cv.SpectralDensity]:
-    nodes, weights = arrays["block_slq_nodes"], arrays["block_slq_weights"]
-    return {
-        name: cv.SpectralDensity(nodes[b], weights[b], np.asarray(sizes[b]))
-        for b, name in enumerate(names)
-    }
+        nodes, weights = arrays["block_slq_nodes"], arrays["block_slq_weights"]
+        return {
+            name: cv.SpectralDensity(nodes[b], weights[b], np.asarray(self.sizes[b]))
+            for b, name in enumerate(self.names)
+        }
 
 
 def parse_groups(patterns) -> list[tuple[str, tuple[str, ...]]]:
